@@ -1,0 +1,145 @@
+"""Pydantic models for everything a user can configure: weight sources, pipeline settings,
+per-request generation parameters. One source of truth for the CLI, the serving app and the batch job."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MIN_SIDE = 64
+MAX_SIDE = 2048
+
+
+class Scheduler(str, Enum):
+    """Schedulers a request may pick; all share the SDXL scheduler config on disk."""
+
+    euler = "euler"
+    euler_ancestral = "euler_ancestral"
+    dpmpp_2m_karras = "dpmpp_2m_karras"
+    ddim = "ddim"
+    unipc = "unipc"
+    lcm = "lcm"
+
+
+class Style(str, Enum):
+    """Prompt style templates from the InstantID demo."""
+
+    none = "No style"
+    watercolor = "Watercolor"
+    film_noir = "Film Noir"
+    neon = "Neon"
+    jungle = "Jungle"
+    mars = "Mars"
+    vibrant_color = "Vibrant Color"
+    snow = "Snow"
+    line_art = "Line art"
+
+
+class ModelSources(BaseModel):
+    """Where each part of the weights lives: a local folder, a Hugging Face repo id
+    (optionally `repo@revision`), or an `s3://bucket/prefix`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sdxl: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description="SDXL base 1.0 in diffusers layout.")
+    identitynet: str = Field(
+        "InstantX/InstantID/ControlNetModel",
+        description="IdentityNet (ControlNet) folder; `repo/subfolder` picks a folder inside a hub repo.",
+    )
+    adapter: str = Field("InstantX/InstantID/ip-adapter.bin", description="ip-adapter.bin with image_proj + ip_adapter.")
+    face_pack: str = Field("DIAMONIKAKA/antelopev2", description="antelopev2 ONNX pack (SCRFD + ArcFace).")
+    lcm_lora: str | None = Field(None, description="Optional LCM-LoRA for SDXL (enables the `lcm` scheduler).")
+    cache_dir: str | None = Field(None, description="Where s3:// sources are cached; default ~/.cache/instantid.")
+
+    @classmethod
+    def from_root(cls, root: str) -> "ModelSources":
+        """Sources for a folder laid out like `instantid weights tiny|download DIR` writes it."""
+        root = root.rstrip("/")
+        return cls(
+            sdxl=f"{root}/sdxl",
+            identitynet=f"{root}/InstantID/ControlNetModel",
+            adapter=f"{root}/InstantID/ip-adapter.bin",
+            face_pack=f"{root}/antelopev2",
+        )
+
+
+class PipelineSettings(BaseModel):
+    """How the models run: device, precision, defaults chosen once at construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field("cpu", description="torch device for the denoiser and text encoders, e.g. `cuda`, `cuda:1`.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and activation dtype.")
+    default_scheduler: Scheduler = Scheduler.euler
+    face_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime providers for the face pack, first available wins.",
+    )
+    det_size: int = Field(640, ge=128, le=1280, description="Face detector input size (square).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Reject images that declare more pixels than this before decoding them."
+    )
+    max_image_side: int = Field(4096, ge=64, description="Larger input images are downscaled to this longest side.")
+    channels_last: bool = Field(False, description="Run UNet and IdentityNet in channels_last memory format.")
+    fuse_qkv: bool = Field(False, description="Fuse attention q/k/v projections (same result, fewer kernels).")
+    compile: bool = Field(False, description="torch.compile the UNet+IdentityNet step (GPU).")
+    compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when `compile` is on.")
+    compile_cache_dir: str | None = Field(None, description="Persistent inductor cache so restarts skip compiling.")
+    warmup_sizes: list[tuple[int, int]] = Field(
+        default_factory=list, description="(width, height) pairs a GPU denoiser compiles before it reports ready."
+    )
+    warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1], description="Batch sizes to warm up.")
+
+
+class GenerateParams(BaseModel):
+    """One generation request's parameters (the face images travel beside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw.")
+    negative_prompt: str = Field("", max_length=2000)
+    style: Style = Style.none
+    width: int | None = Field(None, description=f"Output width, multiple of 8 in [{MIN_SIDE}, {MAX_SIDE}]; "
+                              "default follows the face (or pose) photo like the reference: short side 1024.")
+    height: int | None = Field(None, description="Output height; same rules as width.")
+    steps: int = Field(30, ge=1, le=100)
+    guidance: float = Field(5.0, ge=0.0, le=20.0, description="Classifier-free guidance; <= 1 disables it.")
+    identitynet_strength: float = Field(0.8, ge=0.0, le=1.5)
+    adapter_strength: float = Field(0.8, ge=0.0, le=1.5)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; drawn and reported when omitted.")
+    num_images: int = Field(1, ge=1, le=4)
+    scheduler: Scheduler | None = Field(None, description="Default: the pipeline's default scheduler.")
+    enhance_face_region: bool = Field(True, description="Limit IdentityNet to the face box (the demo's default).")
+    face_index: int | None = Field(None, ge=0, le=63, description="Which face to use; default the largest.")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side_multiple_of_8(cls, value: int | None) -> int | None:
+        if value is None:
+            return value
+        if not MIN_SIDE <= value <= MAX_SIDE or value % 8:
+            raise ValueError(f"must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {value}")
+        return value
+
+    @field_validator("guidance", "identitynet_strength", "adapter_strength")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _both_sides_or_none(self) -> "GenerateParams":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither")
+        return self
