@@ -1,0 +1,266 @@
+"""IdentityDenoiser: SDXL UNet + IdentityNet + Resampler + VAE + scheduler, over a batch of independent requests.
+
+One call takes requests that share size, steps and scheduler; everything else (prompt, seed, guidance, strengths,
+number of images, face-region masking) is per sample. Every sample draws its noise from its own seeded generator,
+so a batched result equals the same requests run one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from .adapter import build_resampler, install_identity_adapter, load_adapter_state
+from .config import PipelineSettings, Scheduler
+from .errors import InvalidParameter
+from .text import PromptEmbeds
+
+SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
+    Scheduler.euler: (EulerDiscreteScheduler, {}),
+    Scheduler.euler_ancestral: (EulerAncestralDiscreteScheduler, {}),
+    Scheduler.dpmpp_2m_karras: (DPMSolverMultistepScheduler, {"use_karras_sigmas": True,
+                                                                "algorithm_type": "dpmsolver++"}),
+    Scheduler.ddim: (DDIMScheduler, {}),
+    Scheduler.unipc: (UniPCMultistepScheduler, {}),
+    Scheduler.lcm: (LCMScheduler, {}),
+}
+LCM_ADAPTER = "lcm"
+
+
+@dataclass(frozen=True)
+class DenoiseRequest:
+    """One request's conditioning; all arrays are plain numpy so it can cross a process boundary."""
+
+    prompt: PromptEmbeds
+    face_embedding: np.ndarray  # (512,) raw ArcFace embedding
+    kps_image: np.ndarray  # (H, W, 3) uint8 keypoint image at the output size
+    seed: int
+    num_images: int = 1
+    guidance: float = 5.0
+    identitynet_strength: float = 0.8
+    adapter_strength: float = 0.8
+    face_box: tuple[float, float, float, float] | None = None  # output pixels; IdentityNet limited to it when set
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to run in one batch."""
+
+    width: int
+    height: int
+    steps: int
+    scheduler: Scheduler
+
+
+@dataclass
+class _Samples:
+    """Per-sample tensors of one call: requests expanded by num_images."""
+
+    seeds: list[int] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # index of the request each sample belongs to
+
+
+class IdentityDenoiser:
+    """The GPU stage of InstantID: PromptEmbeds + face embedding + keypoint image -> uint8 images."""
+
+    def __init__(self, sdxl_dir: Path, identitynet_dir: Path, adapter_path: Path, settings: PipelineSettings,
+                 lcm_lora: Path | None = None) -> None:
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = getattr(torch, settings.dtype)
+        load = dict(torch_dtype=self.dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(sdxl_dir / "unet", **load)
+        self.identitynet = ControlNetModel.from_pretrained(identitynet_dir, **load)
+        self.vae = AutoencoderKL.from_pretrained(sdxl_dir / "vae", **load)
+        if self.dtype == torch.float16 and self.vae.config.force_upcast:
+            self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; decided once here, not per call
+        adapter = load_adapter_state(adapter_path)
+        self.resampler = build_resampler(self.unet, adapter["image_proj"]).to(dtype=self.dtype)
+        install_identity_adapter(self.unet, adapter["ip_adapter"])
+        self.lcm_enabled = lcm_lora is not None
+        if lcm_lora is not None:
+            self.unet.load_lora_adapter(str(lcm_lora), adapter_name=LCM_ADAPTER, prefix="unet")
+            self.unet.disable_lora()
+        for module in (self.unet, self.identitynet, self.vae, self.resampler):
+            module.to(self.device).eval().requires_grad_(False)
+        if settings.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.identitynet.to(memory_format=torch.channels_last)
+        self.scheduler_config = dict(EulerDiscreteScheduler.load_config(sdxl_dir / "scheduler"))
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.control_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
+                                                   do_normalize=False)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        # One forward at a time: requests from concurrent callers meet in batches, not in interleaved kernels,
+        # and the LCM LoRA toggle is scoped to the call that asked for it.
+        self._lock = threading.Lock()
+
+    # --- public entry -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, requests: list[DenoiseRequest], key: BatchKey) -> list[np.ndarray]:
+        """Run a batch; returns, per request, a (num_images, H, W, 3) uint8 array."""
+        self.check_inputs(requests, key)
+        samples = self.expand_samples(requests)
+        with self._lock, self.lora_scope(key.scheduler):
+            cond = self.prepare_conditioning(requests, samples, key)
+            scheduler = self.make_scheduler(key.scheduler)
+            scheduler.set_timesteps(key.steps, device=self.device)
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in samples.seeds]
+            latents = self.prepare_latents(generators, key, scheduler)
+            latents = self.denoise(latents, cond, scheduler, generators)
+            images = self.decode(latents)
+        return [images[[i for i, owner in enumerate(samples.owner) if owner == r]] for r in range(len(requests))]
+
+    # --- stages -------------------------------------------------------------------------------------------------
+    def check_inputs(self, requests: list[DenoiseRequest], key: BatchKey) -> None:
+        if not requests:
+            raise InvalidParameter("requests must not be empty", field="requests")
+        for name, side in (("width", key.width), ("height", key.height)):
+            if side % 8:
+                raise InvalidParameter(f"{name} must be a multiple of 8, got {side}", field=name)
+        if key.steps < 1:
+            raise InvalidParameter(f"steps must be >= 1, got {key.steps}", field="steps")
+        if key.scheduler == Scheduler.lcm and not self.lcm_enabled:
+            raise InvalidParameter("scheduler 'lcm' needs an LCM-LoRA in the model sources (lcm_lora)",
+                                   field="scheduler")
+        for request in requests:
+            if request.kps_image.shape != (key.height, key.width, 3):
+                raise InvalidParameter(f"kps_image has shape {request.kps_image.shape}, expected "
+                                       f"{(key.height, key.width, 3)}", field="kps_image")
+            if request.face_embedding.shape != (self.resampler.proj_in.in_features,):
+                raise InvalidParameter(f"face_embedding has shape {request.face_embedding.shape}",
+                                       field="face_embedding")
+
+    @staticmethod
+    def expand_samples(requests: list[DenoiseRequest]) -> _Samples:
+        samples = _Samples()
+        for index, request in enumerate(requests):
+            for image in range(request.num_images):
+                samples.seeds.append((request.seed + image) % 2**63)  # image i of a request uses seed + i
+                samples.owner.append(index)
+        return samples
+
+    def prepare_conditioning(self, requests: list[DenoiseRequest], samples: _Samples, key: BatchKey) -> dict:
+        """Per-sample tensors laid out [uncond samples..., cond samples...], as diffusers' pipelines do."""
+        per_sample = [requests[owner] for owner in samples.owner]
+
+        def stack(values: list[np.ndarray], dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack(values)).to(self.device, dtype)
+
+        def scalars(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, device=self.device, dtype=torch.float32)
+
+        text = torch.cat([stack([r.prompt.negative_prompt_embeds for r in per_sample]),
+                          stack([r.prompt.prompt_embeds for r in per_sample])])  # (2B, 77, C)
+        pooled = torch.cat([stack([r.prompt.negative_pooled for r in per_sample]),
+                            stack([r.prompt.pooled for r in per_sample])])  # (2B, P)
+        face = stack([r.face_embedding.astype(np.float32) for r in per_sample])[:, None, :]  # (B, 1, 512)
+        face_tokens = self.resampler(torch.cat([torch.zeros_like(face), face]))  # (2B, 16, C): zero face = uncond
+        size = (key.height, key.width)
+        time_ids = torch.tensor([size + (0, 0) + size], device=self.device, dtype=self.dtype).repeat(len(text), 1)
+        control = self.control_processor.preprocess(
+            [r.kps_image for r in per_sample], height=key.height, width=key.width
+        ).to(self.device, self.dtype)  # (B, 3, H, W) in [0, 1]
+        masks = torch.stack([self.face_mask(r.face_box, size) for r in per_sample])  # (B, 1, H, W)
+        strength = scalars([r.identitynet_strength for r in per_sample])[:, None, None, None] * masks
+        return dict(
+            text=text, face_tokens=face_tokens, unet_states=torch.cat([text, face_tokens], dim=1),
+            added={"text_embeds": pooled, "time_ids": time_ids}, control=torch.cat([control, control]),
+            identitynet_scale=torch.cat([strength, strength]).to(self.dtype),
+            adapter_scale=torch.cat([scalars([r.adapter_strength for r in per_sample])] * 2),
+            guidance=scalars([r.guidance for r in per_sample])[:, None, None, None],
+        )
+
+    def face_mask(self, box: tuple[float, float, float, float] | None, size: tuple[int, int]) -> torch.Tensor:
+        """1 inside the face box (enhance-face-region), everywhere 1 when no box is given."""
+        height, width = size
+        mask = torch.zeros(1, height, width, device=self.device) if box else torch.ones(1, height, width,
+                                                                                         device=self.device)
+        if box:
+            x1, y1, x2, y2 = (int(round(v)) for v in box)
+            mask[:, max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = 1.0
+        return mask
+
+    def make_scheduler(self, name: Scheduler) -> SchedulerMixin:
+        """A fresh scheduler per call: schedulers keep step state, so they are never shared between calls."""
+        cls, overrides = SCHEDULERS[name]
+        return cls.from_config({**self.scheduler_config, **overrides})
+
+    def prepare_latents(self, generators: list[torch.Generator], key: BatchKey,
+                        scheduler: SchedulerMixin) -> torch.Tensor:
+        shape = (len(generators), self.unet.config.in_channels, key.height // self.vae_scale_factor,
+                 key.width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        return latents * scheduler.init_noise_sigma
+
+    def denoise(self, latents: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
+                generators: list[torch.Generator]) -> torch.Tensor:
+        guidance = cond["guidance"]
+        use_cfg = bool((guidance > 1.0).any())
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if use_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.predict_noise(model_input, t, cond, use_cfg)
+            if use_cfg:
+                uncond, text = noise.chunk(2)
+                # A sample with guidance <= 1 runs unguided, as it would alone.
+                noise = torch.where(guidance > 1.0, uncond + guidance * (text - uncond), text)
+            latents = scheduler.step(noise, t, latents, generator=generators, return_dict=False)[0]
+        return latents
+
+    def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, cond: dict, use_cfg: bool) -> torch.Tensor:
+        """One UNet + IdentityNet evaluation. IdentityNet sees only the face tokens (plus pooled text and time
+        ids); the UNet sees text + face tokens, the face part scaled per sample."""
+        pick = (lambda x: x) if use_cfg else (lambda x: x[x.shape[0] // 2:])  # cond half only when unguided
+        added = {name: pick(value) for name, value in cond["added"].items()}
+        down, mid = self.identitynet(
+            model_input, t, encoder_hidden_states=pick(cond["face_tokens"]), controlnet_cond=pick(cond["control"]),
+            conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False,
+        )
+        scale = pick(cond["identitynet_scale"])
+        down = [residual * _resize_mask(scale, residual) for residual in down]
+        mid = mid * _resize_mask(scale, mid)
+        return self.unet(
+            model_input, t, encoder_hidden_states=pick(cond["unet_states"]),
+            cross_attention_kwargs={"ip_adapter_scale": pick(cond["adapter_scale"])}, added_cond_kwargs=added,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        image = self.image_processor.postprocess(image.float(), output_type="np")  # (B, H, W, 3) in [0, 1]
+        return (image * 255).round().astype(np.uint8)
+
+    @contextlib.contextmanager
+    def lora_scope(self, scheduler: Scheduler):
+        """LCM-LoRA is active only inside a call that asked for the LCM scheduler (under the call lock)."""
+        if scheduler != Scheduler.lcm:
+            yield
+            return
+        self.unet.enable_lora()
+        try:
+            yield
+        finally:
+            self.unet.disable_lora()
+
+
+def _resize_mask(scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) per-sample strength x face mask, resized to a residual's resolution."""
+    if scale.shape[-2:] == residual.shape[-2:]:
+        return scale
+    return F.interpolate(scale.float(), size=residual.shape[-2:], mode="nearest").to(residual.dtype)
+
