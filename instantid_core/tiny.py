@@ -155,6 +155,13 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed + 1)
     identitynet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    # from_unet zero-initialises the output convs (a fresh ControlNet is a no-op); a trained IdentityNet is not,
+    # so give them random weights or the tiny preset could never show IdentityNet's effect.
+    zero_convs = [*identitynet.controlnet_down_blocks, identitynet.controlnet_mid_block,
+                  identitynet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, 0.05)
     identitynet.save_pretrained(root / "InstantID" / "ControlNetModel")
 
     generator = torch.Generator().manual_seed(seed + 2)

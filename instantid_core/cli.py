@@ -1,0 +1,164 @@
+"""`instantid` command line: weights (tiny | download | check) and generate.
+
+Expected failures (no face, not an image, unreadable file, bad parameter, broken weights) exit with code 2 and one
+clear line on stderr; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pydantic import ValidationError
+
+from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
+from .errors import InstantIDError
+
+EXIT_USAGE = 2
+
+
+def _weights_tiny(args: argparse.Namespace) -> None:
+    from .tiny import write_tiny_preset
+
+    start = time.perf_counter()
+    root = write_tiny_preset(Path(args.dir))
+    print(f"wrote the tiny preset to {root} in {time.perf_counter() - start:.1f}s")
+
+
+def _weights_download(args: argparse.Namespace) -> None:
+    from .weights import download_all
+
+    resolved = download_all(Path(args.dir), _sources(args))
+    print(f"weights ready under {args.dir} ({resolved.downloaded_files} files downloaded)")
+
+
+def _weights_check(args: argparse.Namespace) -> None:
+    from .weights import resolve_weights
+
+    resolved = resolve_weights(ModelSources.from_root(args.dir))
+    print(f"ok: {resolved.sdxl}, {resolved.identitynet}, {resolved.adapter}, {resolved.face_pack}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .pipeline import InstantIDPipeline
+    from .storage import OutputStore, encode_image
+
+    params = GenerateParams(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, style=args.style, seed=args.seed, steps=args.steps,
+        guidance=args.guidance, identitynet_strength=args.identitynet_strength,
+        adapter_strength=args.adapter_strength, width=args.width, height=args.height, num_images=args.num_images,
+        scheduler=args.scheduler, enhance_face_region=not args.no_enhance_face_region, face_index=args.face_index,
+    )
+    faces = [_read(path) for path in args.face]
+    pose = _read(args.pose) if args.pose else None
+    settings = PipelineSettings(device=args.device, dtype=args.dtype)
+    sources = _sources(args) if args.weights is None else ModelSources.from_root(args.weights)
+    pipeline = InstantIDPipeline(sources, settings)
+    result = pipeline.generate(faces, params, pose)
+    request_id = uuid.uuid4().hex
+    meta = {
+        "request_id": request_id, "params": params.model_dump(mode="json"), "seed": result.seed,
+        "width": result.width, "height": result.height, "weights": pipeline.weights.revisions,
+        "timings_s": result.timings,
+        "inputs": {"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None},
+    }
+    stored = OutputStore(args.out).write_request(
+        request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
+    for uri in stored.image_uris:
+        print(uri)
+    print(stored.meta_uri)
+    print("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), file=sys.stderr)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InstantIDError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _sources(args: argparse.Namespace) -> ModelSources:
+    overrides = {k: getattr(args, k) for k in ("sdxl", "identitynet", "adapter", "face_pack") if getattr(args, k, None)}
+    return ModelSources(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instantid", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    weights = commands.add_parser("weights", help="write, download or check a weights folder")
+    weight_commands = weights.add_subparsers(dest="weights_command", required=True)
+    for name, func, text in (("tiny", _weights_tiny, "write the tiny random preset (seconds, no download)"),
+                             ("download", _weights_download, "download the published weights into DIR"),
+                             ("check", _weights_check, "validate a weights folder")):
+        sub = weight_commands.add_parser(name, help=text)
+        sub.add_argument("dir")
+        sub.set_defaults(func=func)
+        if name == "download":
+            _add_source_flags(sub)
+
+    gen = commands.add_parser("generate", help="one face photo + prompt -> images and a sidecar")
+    gen.add_argument("--weights", help="a weights folder (tiny or downloaded); default: the sources below")
+    _add_source_flags(gen)
+    gen.add_argument("--face", action="append", required=True, help="face photo; repeat to average identities")
+    gen.add_argument("--pose", help="take the face keypoints (pose) from this photo")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--style", type=Style, default=Style.none, choices=list(Style), metavar="STYLE")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--identitynet-strength", type=float, default=0.8)
+    gen.add_argument("--adapter-strength", type=float, default=0.8)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--scheduler", type=Scheduler, choices=list(Scheduler), metavar="SCHEDULER")
+    gen.add_argument("--face-index", type=int)
+    gen.add_argument("--no-enhance-face-region", action="store_true")
+    gen.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("--out", required=True, help="output prefix: a folder, file:// or s3:// URI")
+    gen.set_defaults(func=_generate)
+
+    _add_extra_commands(commands)
+    return parser
+
+
+def _add_source_flags(parser: argparse.ArgumentParser) -> None:
+    for name in ("sdxl", "identitynet", "adapter", "face-pack"):
+        parser.add_argument(f"--{name}", dest=name.replace("-", "_"), help=f"{name} source (path, hub id, s3://)")
+
+
+def _add_extra_commands(commands: argparse._SubParsersAction) -> None:
+    """Commands that live outside the core library (batch job), registered only when installed."""
+    try:
+        from jobs.batch import add_batch_command
+    except ImportError:
+        return
+    add_batch_command(commands)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except InstantIDError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "parameters"
+        print(f"error: {where}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The three InstantID stages and their glue, usable one by one (serving app, batch job) or together
+(`InstantIDPipeline`, for the CLI, tests and parity checks).
+
+    face photo(s) [+ pose photo] --prepare_face-->  FaceCondition (embedding, keypoint image, face box, size)
+    prompt, negative, style      --PromptEncoder--> PromptEmbeds
+    both + params + seed         --denoise_request--> DenoiseRequest --IdentityDenoiser--> uint8 images
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler
+from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from .errors import InvalidParameter
+from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
+from .images import load_image, resize_like_reference
+from .text import PromptEmbeds, PromptEncoder
+from .weights import ResolvedWeights, resolve_weights
+
+
+@dataclass(frozen=True)
+class FaceCondition:
+    """What the denoiser needs from the face stage: plain arrays, small enough to cross processes."""
+
+    embedding: np.ndarray  # (512,) identity: mean over the reference photos
+    kps_image: np.ndarray  # (H, W, 3) uint8, keypoints drawn at the output size
+    face_box: tuple[float, float, float, float]  # output pixels
+    width: int
+    height: int
+    det_score: float
+
+
+def draw_seed() -> int:
+    """A fresh seed for a request that gave none; reported back so the image can be reproduced."""
+    return secrets.randbits(62)
+
+
+def output_size(params: GenerateParams, photo_size: tuple[int, int], size_multiple: int = 8) -> tuple[int, int]:
+    """The requested size, or the reference rule applied to the pose (or face) photo."""
+    if params.width is not None and params.height is not None:
+        width, height = params.width, params.height
+    else:
+        width, height = resize_like_reference(*photo_size)
+    if width % size_multiple or height % size_multiple:
+        raise InvalidParameter(f"width and height must be multiples of {size_multiple} for these weights, "
+                               f"got {width}x{height}", field="width")
+    return width, height
+
+
+def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params: GenerateParams,
+                 pose_photo: Image.Image | None = None, size_multiple: int = 8,
+                 names: list[str] | None = None) -> FaceCondition:
+    """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo."""
+    if not face_photos:
+        raise InvalidParameter("at least one face image is required", field="face_image")
+    names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
+    faces: list[FaceInfo] = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
+                             for i, (photo, name) in enumerate(zip(face_photos, names))]
+    embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
+    layout_photo, layout_face = face_photos[0], faces[0]
+    if pose_photo is not None:
+        layout_photo, layout_face = pose_photo, analyzer.analyze(pose_photo, name="pose_image")
+    width, height = output_size(params, layout_photo.size, size_multiple)
+    kps = map_kps_to_output(layout_face.kps, layout_photo.size, (width, height))
+    x1, y1, x2, y2 = layout_face.bbox
+    corners = map_kps_to_output(np.array([[x1, y1], [x2, y2]], np.float32), layout_photo.size, (width, height))
+    box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
+    kps_image = np.asarray(draw_kps((width, height), kps), dtype=np.uint8)
+    return FaceCondition(embedding, kps_image, box, width, height, float(layout_face.det_score))
+
+
+def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
+                    default_scheduler: Scheduler) -> tuple[DenoiseRequest, BatchKey]:
+    """Everything one request brings to the denoiser, and the key of the batch it may join."""
+    request = DenoiseRequest(
+        prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
+        num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
+        adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
+    )
+    key = BatchKey(face.width, face.height, params.steps, params.scheduler or default_scheduler)
+    return request, key
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (num_images, H, W, 3) uint8
+    seed: int
+    width: int
+    height: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class InstantIDPipeline:
+    """All three stages in one process."""
+
+    def __init__(self, sources: ModelSources, settings: PipelineSettings | None = None,
+                 weights: ResolvedWeights | None = None) -> None:
+        self.settings = settings or PipelineSettings()
+        self.weights = weights or resolve_weights(sources)
+        self.face = FaceAnalyzer(self.weights.face_pack, self.settings)
+        self.text = PromptEncoder(self.weights.sdxl, self.settings)
+        self.denoiser = IdentityDenoiser(self.weights.sdxl, self.weights.identitynet, self.weights.adapter,
+                                         self.settings, lcm_lora=self.weights.lcm_lora)
+
+    @classmethod
+    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> "InstantIDPipeline":
+        return cls(ModelSources.from_root(str(root)), settings)
+
+    def load_photo(self, data: bytes, name: str) -> Image.Image:
+        return load_image(data, name=name, max_pixels=self.settings.max_image_pixels,
+                          max_side=self.settings.max_image_side)
+
+    def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
+                 seed: int | None = None) -> GenerationResult:
+        """Run face analysis, prompt encoding and denoising for one request."""
+        timings: dict[str, float] = {}
+        seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
+        start = time.perf_counter()
+        photos = [self.load_photo(data, f"face_image[{i}]") for i, data in enumerate(face_images)]
+        pose = self.load_photo(pose_image, "pose_image") if pose_image is not None else None
+        face = prepare_face(self.face, photos, params, pose, self.denoiser.size_multiple)
+        timings["face"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prompt = self.text.encode(params.prompt, params.negative_prompt, params.style)
+        timings["prompt"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler)
+        images = self.denoiser([request], key)[0]
+        timings["denoise"] = time.perf_counter() - start
+        return GenerationResult(images, seed, face.width, face.height, timings)
