@@ -103,7 +103,6 @@ class IdentityDenoiser:
         self.control_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
                                                    do_normalize=False)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         # One forward at a time: requests from concurrent callers meet in batches, not in interleaved kernels,
         # and the LCM LoRA toggle is scoped to the call that asked for it.
         self._lock = threading.Lock()

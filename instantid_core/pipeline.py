@@ -42,21 +42,15 @@ def draw_seed() -> int:
     return secrets.randbits(62)
 
 
-def output_size(params: GenerateParams, photo_size: tuple[int, int], size_multiple: int = 8) -> tuple[int, int]:
-    """The requested size, or the reference rule applied to the pose (or face) photo."""
+def output_size(params: GenerateParams, photo_size: tuple[int, int]) -> tuple[int, int]:
+    """The requested size (validated by GenerateParams), or the reference rule applied to the pose/face photo."""
     if params.width is not None and params.height is not None:
-        width, height = params.width, params.height
-    else:
-        width, height = resize_like_reference(*photo_size)
-    if width % size_multiple or height % size_multiple:
-        raise InvalidParameter(f"width and height must be multiples of {size_multiple} for these weights, "
-                               f"got {width}x{height}", field="width")
-    return width, height
+        return params.width, params.height
+    return resize_like_reference(*photo_size)
 
 
 def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params: GenerateParams,
-                 pose_photo: Image.Image | None = None, size_multiple: int = 8,
-                 names: list[str] | None = None) -> FaceCondition:
+                 pose_photo: Image.Image | None = None, names: list[str] | None = None) -> FaceCondition:
     """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo."""
     if not face_photos:
         raise InvalidParameter("at least one face image is required", field="face_image")
@@ -67,7 +61,7 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
     layout_photo, layout_face = face_photos[0], faces[0]
     if pose_photo is not None:
         layout_photo, layout_face = pose_photo, analyzer.analyze(pose_photo, name="pose_image")
-    width, height = output_size(params, layout_photo.size, size_multiple)
+    width, height = output_size(params, layout_photo.size)
     kps = map_kps_to_output(layout_face.kps, layout_photo.size, (width, height))
     x1, y1, x2, y2 = layout_face.bbox
     corners = map_kps_to_output(np.array([[x1, y1], [x2, y2]], np.float32), layout_photo.size, (width, height))
@@ -125,7 +119,7 @@ class InstantIDPipeline:
         start = time.perf_counter()
         photos = [self.load_photo(data, f"face_image[{i}]") for i, data in enumerate(face_images)]
         pose = self.load_photo(pose_image, "pose_image") if pose_image is not None else None
-        face = prepare_face(self.face, photos, params, pose, self.denoiser.size_multiple)
+        face = prepare_face(self.face, photos, params, pose)
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -9,6 +9,8 @@ the Resampler keeps depth 4 and 16 queries, the face pack keeps insightface's co
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -172,4 +174,28 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
     torch.save(adapter, root / "InstantID" / "ip-adapter.bin")
 
     write_tiny_face_pack(root / "antelopev2")
+    return root
+
+
+def ensure_tiny_preset(root: Path) -> Path:
+    """Write the tiny preset to `root` unless it is already there; safe when several processes race.
+
+    Each writer builds the preset in its own temporary folder and renames it into place; the preset is seeded, so
+    whichever rename wins, every process sees the same weights.
+    """
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    write_tiny_preset(staging)
+    (staging / ".complete").touch()
+    try:
+        staging.rename(root)
+    except OSError:  # another process won the race (or an old incomplete folder is in the way)
+        if not (root / ".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            staging.rename(root)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
     return root
