@@ -1,0 +1,273 @@
+"""The KubeRay manifests: kustomize renders every overlay, the serve config they carry is serve_config.yaml's (so the
+two cannot drift), the proxies' limits follow AppConfig, and every manifest names only fields its API has.
+
+Rendering uses `kubectl kustomize` (kubectl with kustomize v5 is on the project's machines; the test fails, it is
+not skipped, when neither `kubectl` nor `kustomize` is installed). Schemas: core kinds from the `kubernetes-validate`
+package (strict), custom resources from k8s/schemas/ (how those were written: k8s/schemas/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+from deployments.config import SERVE_CONFIG_PATH, load_serve_config
+from k8s import render
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+K8S_VERSION = "1.32"  # the strict core schemas to check against (kubernetes-validate ships 1.25 .. 1.37)
+CUSTOM_SCHEMAS = {
+    ("ray.io/v1", "RayService"): "rayservice.ray.io-v1.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.monitoring.coreos.com-v1.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com-v1.yaml",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.yaml",
+}
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize PATH` (or `kustomize build PATH`), parsed."""
+    if shutil.which("kubectl"):
+        command = ["kubectl", "kustomize", str(path)]
+    elif shutil.which("kustomize"):
+        command = ["kustomize", "build", str(path)]
+    else:
+        pytest.fail("neither kubectl nor kustomize is installed: install kubectl (it carries kustomize v5)")
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    return tuple(kustomize(K8S / "overlays" / overlay))
+
+
+def one(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def all_options(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The GPU overlay with every component on (the Gateway API route included), rendered from a temp folder."""
+    root = tmp_path_factory.mktemp("all-options")
+    rel = Path(os.path.relpath(K8S, root))
+    (root / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(rel / "overlays/gpu")],
+        "components": [str(rel / "components/gateway-api")],  # gcs-ft and monitoring: already in gpu
+    }))
+    return kustomize(root)
+
+
+# --- drift: the serve config the cluster runs is serve_config.yaml's -------------------------------------------------
+
+def test_committed_serve_configs_equal_render_output() -> None:
+    stale = render.stale_files()
+    assert not stale, f"stale generated files {stale}: run `python k8s/render.py` and commit the result"
+
+
+def test_cpu_demo_rayservice_serves_exactly_serve_config_yaml() -> None:
+    rayservice = one(rendered("cpu-demo"), "RayService")
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == load_serve_config(SERVE_CONFIG_PATH)
+
+
+def test_gpu_rayservice_serves_serve_config_yaml_with_the_gpu_patch() -> None:
+    rayservice = one(rendered("gpu"), "RayService")
+    served = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    assert served == render.render_serve_config("gpu")
+    # ... and the patch changes only what it names: everything else is serve_config.yaml's.
+    source = load_serve_config(SERVE_CONFIG_PATH)
+    assert {k: v for k, v in served.items() if k != "applications"} == \
+        {k: v for k, v in source.items() if k != "applications"}
+    args = render.app_config(served)
+    assert (args.pipeline.device, args.pipeline.dtype) == ("cuda", "bfloat16")
+    assert args.weights.tiny_preset_dir is None
+    assert args.deployments.denoiser.ray_actor_options["num_gpus"] == 1
+    assert args.deployments.denoiser.ray_actor_options["resources"] == {"gpu_node": 1}
+    assert args.deployments.face.ray_actor_options["resources"] == {"cpu_node": 1}
+
+
+def test_a_serve_config_edit_reaches_the_gpu_overlay(tmp_path: Path) -> None:
+    edited = load_serve_config(SERVE_CONFIG_PATH)
+    render.app_entry(edited)["args"]["max_batch_size"] = 2
+    source = tmp_path / "serve_config.yaml"
+    source.write_text(yaml.safe_dump(edited))
+    rendered_args = render.app_config(render.render_serve_config("gpu", source=source))
+    assert rendered_args.max_batch_size == 2
+    assert rendered_args.pipeline.device == "cuda"  # the patch still applies on top
+
+
+def test_the_configmap_the_prefetch_reads_is_the_served_config() -> None:
+    for overlay in ("cpu-demo", "gpu"):
+        docs = rendered(overlay)
+        configmap = one(docs, "ConfigMap")
+        assert configmap["metadata"]["name"] == "instantid-serve-config"  # no hash suffix: see kustomization
+        assert configmap["data"]["serve_config.yaml"] == one(docs, "RayService")["spec"]["serveConfigV2"]
+
+
+# --- shape: node groups, placement, proxies ----------------------------------------------------------------------
+
+def ray_start_resources(group: dict[str, Any]) -> dict[str, float]:
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(json.loads(raw)) if raw else {}  # KubeRay's documented quoting: '"{\"gpu_node\": 1}"'
+
+
+def test_gpu_overlay_has_head_cpu_and_gpu_groups_sized_for_sdxl() -> None:
+    cluster = one(rendered("gpu"), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == {"cpu", "gpu"}
+    assert ray_start_resources(groups["cpu"]) == {"cpu_node": 1000}
+    assert ray_start_resources(groups["gpu"]) == {"gpu_node": 1}
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu_pod = groups["gpu"]["template"]["spec"]
+    ray_container = gpu_pod["containers"][0]
+    assert ray_container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert ray_container["resources"]["requests"]["memory"] == "32Gi"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod["tolerations"]
+    assert gpu_pod["nodeSelector"]
+    for group in groups.values():  # weights are prefetched from the served config, never baked into the image
+        (init,) = group["template"]["spec"]["initContainers"]
+        assert init["command"] == ["python", "-m", "cluster.prefetch", "/etc/instantid/serve_config.yaml"]
+    redis = cluster["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert redis == {"name": "instantid-redis", "key": "password"}
+
+
+def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_group() -> None:
+    for overlay in ("cpu-demo", "gpu"):
+        rayservice = one(rendered(overlay), "RayService")
+        groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        offered = [ray_start_resources(g) for g in groups]
+        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+        for name, options in stages:
+            wanted = options.ray_actor_options.get("resources", {})
+            assert any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in offered), (overlay, name)
+
+
+def test_cpu_demo_needs_no_gpu_no_secret_and_no_extra_crd() -> None:
+    docs = rendered("cpu-demo")
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService"}
+    assert "nvidia.com/gpu" not in json.dumps(docs)
+    assert "gcsFaultToleranceOptions" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def test_proxies_enforce_the_apps_body_limit_and_outwait_its_timeouts(all_options: list[dict[str, Any]]) -> None:
+    for overlay in ("cpu-demo", "gpu"):
+        docs = rendered(overlay)
+        served = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+        app = render.app_config(served)
+        annotations = one(docs, "Ingress")["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == render.nginx_body_size(app.max_body_bytes)
+        assert render.nginx_body_size(20 * 2**20) == "20m"
+        timeout = render.proxy_timeout_s(served)
+        assert timeout > app.stage_timeout_s  # the app's JSON 504 answers first
+        for key in ("proxy-read-timeout", "proxy-send-timeout"):
+            assert annotations[f"nginx.ingress.kubernetes.io/{key}"] == str(timeout)
+        backend = one(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend == {"name": "instantid-serve-svc", "port": {"number": 8000}}
+    route = one(all_options, "HTTPRoute")
+    assert not [d for d in all_options if d["kind"] == "Ingress"]  # the route replaces the Ingress
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": "instantid-serve-svc", "port": 8000}]
+    assert rule["timeouts"]["request"] == f"{render.proxy_timeout_s(render.render_serve_config('gpu'))}s"
+
+
+def test_monitors_scrape_ray_metrics_and_the_app_metrics() -> None:
+    docs = rendered("gpu")
+    pod_monitor, service_monitor = one(docs, "PodMonitor"), one(docs, "ServiceMonitor")
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert service_monitor["spec"]["endpoints"][0] == {**service_monitor["spec"]["endpoints"][0],
+                                                       "port": "serve", "path": "/metrics"}
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    selector = pod_monitor["spec"]["selector"]["matchLabels"]
+    for template in templates:  # every Ray pod is selected and names its metrics port
+        assert selector.items() <= template["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == 8080 and ports["serve"] == 8000
+
+
+def test_secret_template_holds_placeholders_only() -> None:
+    docs = [d for d in yaml.safe_load_all((K8S / "secrets.template.yaml").read_text()) if d]
+    assert {d["metadata"]["name"] for d in docs} == {"instantid-weights", "instantid-redis"}
+    for doc in docs:
+        assert "data" not in doc
+        for key, value in doc["stringData"].items():
+            assert re.fullmatch(r"<[^<>]+>", value), f"{key} must be a <placeholder>, not a value"
+    for overlay in ("cpu-demo", "gpu"):  # never applied by kustomize: it would overwrite the real secrets
+        assert not [d for d in rendered(overlay) if d["kind"] == "Secret"]
+
+
+# --- schema: every field exists in its API ----------------------------------------------------------------------
+
+@cache
+def core_registry() -> tuple[Path, Registry]:
+    import kubernetes_validate
+
+    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}.0-local-strict"
+    definitions = json.loads((root / "_definitions.json").read_text())
+    return root, Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+
+
+def validate(doc: dict[str, Any]) -> None:
+    """Validate one manifest strictly: a core kind against kubernetes-validate's schema, a custom resource against
+    k8s/schemas/ (whose core parts resolve to the same strict core definitions)."""
+    root, registry = core_registry()
+    custom = CUSTOM_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if custom:
+        schema = yaml.safe_load((K8S / "schemas" / custom).read_text())
+    else:
+        group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
+        path = root / f"{doc['kind'].lower()}-{group_version}.json"
+        assert path.exists(), f"no schema for {doc['apiVersion']} {doc['kind']}"
+        schema = json.loads(path.read_text())
+    validator = jsonschema.Draft202012Validator(schema, registry=registry)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{doc['kind']}/{doc['metadata']['name']} at "
+                                 f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:10])
+
+
+def test_every_manifest_names_only_fields_of_its_api(all_options: list[dict[str, Any]]) -> None:
+    docs = [*rendered("cpu-demo"), *rendered("gpu"), *all_options,
+            *[d for d in yaml.safe_load_all((K8S / "secrets.template.yaml").read_text()) if d]]
+    kinds = set()
+    for doc in docs:
+        validate(doc)
+        kinds.add(doc["kind"])
+    assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "ServiceMonitor", "HTTPRoute", "Secret"}
+
+
+@pytest.mark.parametrize("where, bad", [
+    ("spec.rayClusterConfig", {"enableInTreeAutoscalling": True}),  # misspelled KubeRay field
+    ("spec.rayClusterConfig.headGroupSpec.template.spec.containers.0", {"gpus": 1}),  # not a container field
+    ("spec.rayClusterConfig.headGroupSpec.template.spec.containers.0.resources", {"limit": {"cpu": "1"}}),
+])
+def test_schema_check_rejects_a_field_the_api_does_not_have(where: str, bad: dict[str, Any]) -> None:
+    doc = json.loads(json.dumps(one(rendered("gpu"), "RayService")))
+    target = doc
+    for key in where.split("."):
+        target = target[int(key)] if key.isdigit() else target[key]
+    target.update(bad)
+    with pytest.raises(AssertionError, match=next(iter(bad))):
+        validate(doc)
+
+
+def test_nginx_body_size_uses_the_largest_exact_unit() -> None:
+    assert render.nginx_body_size(15 * 2**20) == "15m" and render.nginx_body_size(2**30) == "1g"
+    assert render.nginx_body_size(1500) == f"{math.ceil(1500 / 1024)}k"
