@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,15 +72,19 @@ class PromptEncoder:
             force_zeros_for_empty_prompt=_force_zeros(sdxl_dir),
         )
         self._pipe.set_progress_bar_config(disable=True)
+        # transformers sets padding/truncation on the shared Rust tokenizer on every call: concurrent callers
+        # would see each other's settings, so encoding is serialised (it takes milliseconds).
+        self._lock = threading.Lock()
 
     @torch.inference_mode()
     def encode(self, prompt: str, negative_prompt: str = "", style: Style = Style.none) -> PromptEmbeds:
         """Encode one prompt pair after applying the style template."""
         prompt, negative_prompt = apply_style(style, prompt, negative_prompt)
-        embeds, negative, pooled, negative_pooled = self._pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt or None,
-        )
+        with self._lock:
+            embeds, negative, pooled, negative_pooled = self._pipe.encode_prompt(
+                prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                negative_prompt=negative_prompt or None,
+            )
 
         def to_numpy(tensor: torch.Tensor) -> np.ndarray:
             return tensor[0].float().cpu().numpy()

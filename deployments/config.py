@@ -1,0 +1,106 @@
+"""AppConfig: the one pydantic model behind `serve_config.yaml`, the KubeRay manifest and `build_app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from instantid_core.config import ModelSources, PipelineSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
+APP_NAME = "instantid"
+
+
+class AutoscalingConfig(BaseModel):
+    """A subset of Ray Serve's autoscaling_config, passed through as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+
+class DeploymentOptions(BaseModel):
+    """Ray Serve options of one stage; anything Serve accepts in `serve.deployment(...)` may be added."""
+
+    model_config = ConfigDict(extra="allow")
+
+    autoscaling_config: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded; else excess requests get 503")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class StageOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        max_ongoing_requests=32, max_queued_requests=64, ray_actor_options={"num_cpus": 0.25}))
+    face: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.5}))
+    prompt: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.5}))
+    denoiser: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        max_ongoing_requests=16, ray_actor_options={"num_cpus": 1}))
+    writer: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}))
+
+
+class WeightsConfig(BaseModel):
+    """Either the tiny preset (written on first start, seconds, no download) or real model sources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tiny_preset_dir: str | None = Field(
+        "/tmp/instantid-tiny", description="Write/use the tiny preset here; set to null to use `sources`.")
+    sources: ModelSources = Field(default_factory=ModelSources)
+
+
+class AppConfig(BaseModel):
+    """Everything `build_app` needs. `serve_config.yaml`'s application `args` are exactly this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    output_uri: str = Field("file:///tmp/instantid-outputs", description="file:// or s3:// prefix for outputs.")
+    allowed_input_buckets: list[str] = Field(default_factory=list, description="s3:// inputs only from these.")
+    allow_url_inputs: bool = Field(False, description="Fetch http(s) image URLs server-side (off: SSRF risk).")
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body limit; larger bodies get 413.")
+    max_image_bytes: int = Field(15 * 2**20, ge=1024, description="Per-image limit after base64 decoding.")
+    stage_timeout_s: float = Field(300.0, gt=0, description="A stage slower than this answers 504.")
+    inline_max_pixels: int = Field(1024 * 1024, description="?inline=true returns images up to this many pixels.")
+    max_batch_size: int = Field(4, ge=1, description="Denoiser: most images per GPU batch.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Denoiser: how long a batch waits to fill.")
+    face_cache_size: int = Field(256, ge=0)
+    prompt_cache_size: int = Field(512, ge=0)
+    retry_after_s: int = Field(2, ge=1, description="Retry-After on 429/503.")
+    deployments: StageOptions = Field(default_factory=StageOptions)
+
+    @model_validator(mode="after")
+    def _denoiser_can_hold_a_batch(self) -> "AppConfig":
+        if self.deployments.denoiser.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("deployments.denoiser.max_ongoing_requests must be >= max_batch_size "
+                             "or batches can never fill")
+        return self
+
+
+def load_serve_config(path: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def app_config_from_serve_config(path: Path = SERVE_CONFIG_PATH) -> AppConfig:
+    """The AppConfig carried by the `instantid` application of a Serve config file."""
+    config = load_serve_config(path)
+    (app,) = [a for a in config["applications"] if a["name"] == APP_NAME]
+    return AppConfig.model_validate(app.get("args", {}))

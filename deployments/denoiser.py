@@ -1,0 +1,88 @@
+"""Denoiser deployment: collects requests from different callers with `@serve.batch` and runs those that share
+size, steps and scheduler as one IdentityDenoiser batch. Returns uint8 images only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from instantid_core.config import GenerateParams
+from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from instantid_core.errors import InstantIDError
+from instantid_core.pipeline import denoise_request
+
+from .config import AppConfig
+from .schemas import DenoiseResult, FaceResult, PromptResult
+from .weights import resolve_app_weights
+
+
+@dataclass(frozen=True)
+class _Item:
+    request: DenoiseRequest
+    key: BatchKey
+    enqueued: float
+
+
+def _images_in(items: list[_Item]) -> int:
+    return sum(item.request.num_images for item in items)
+
+
+class Denoiser:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        weights = resolve_app_weights(self.config)
+        self.denoiser = IdentityDenoiser(weights.sdxl, weights.identitynet, weights.adapter, self.config.pipeline,
+                                         lcm_lora=weights.lcm_lora)
+        self._run_batch.set_max_batch_size(self.config.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams,
+                       seed: int) -> DenoiseResult:
+        request, key = denoise_request(face.condition, prompt.embeds, params, seed,
+                                       self.config.pipeline.default_scheduler)
+        self.denoiser.check_inputs([request], key)  # a bad request fails alone, never its batch
+        result = await self._run_batch(_Item(request, key, time.perf_counter()))
+        if isinstance(result, Exception):
+            raise result
+        images, batch_size, queue_s, denoise_s = result
+        timings = {"face": face.seconds, "prompt": prompt.seconds, "queue": queue_s, "denoise": denoise_s}
+        return DenoiseResult(images, key.width, key.height, batch_size, timings)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_images_in)
+    async def _run_batch(self, items: list[_Item]) -> list[Any]:
+        groups: dict[BatchKey, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.key].append(index)
+        results: list[Any] = [None] * len(items)
+        for key, indices in groups.items():
+            started = time.perf_counter()
+            requests = [items[i].request for i in indices]
+            try:
+                # The forward pass blocks; a thread keeps the replica's event loop (health, new requests) alive.
+                outputs = await asyncio.to_thread(self.denoiser, requests, key)
+            except InstantIDError as exc:
+                outputs = [exc] * len(indices)
+            elapsed = time.perf_counter() - started
+            batch_images = sum(request.num_images for request in requests)
+            for i, output in zip(indices, outputs):
+                results[i] = output if isinstance(output, Exception) else (
+                    np.ascontiguousarray(output), batch_images, started - items[i].enqueued, elapsed)
+        return results
+
+    def check_health(self) -> None:
+        if self.denoiser is None:
+            raise RuntimeError("denoiser not loaded")
+        if self.denoiser.device.type == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError("CUDA device lost")
+
+    def ready(self) -> bool:
+        return True

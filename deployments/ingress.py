@@ -1,0 +1,291 @@
+"""Ingress (FastAPI): validates, assigns a request id, fans out face || prompt, then denoise, then write.
+
+Stage responses are passed straight into the next handle call (Serve resolves them in the callee), so the ingress
+awaits once, at the end. The same `generate` method serves HTTP and Python `DeploymentHandle` callers.
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` type through Serve's wrapper.)
+"""
+
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
+from instantid_core.pipeline import draw_seed
+from instantid_core.storage import OutputStore, read_uri
+
+from . import metrics
+from .config import AppConfig
+from .schemas import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, JobStatus
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="InstantID",
+    version="0.1.0",
+    description="Identity-preserving SDXL generation from one face photo and a prompt.",
+)
+
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["face_image", "params"],
+    "properties": {
+        "face_image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "pose_image": {"type": "string", "format": "binary"},
+        "params": {"type": "string", "description": "GenerateParams (and optional `output`) as a JSON object"},
+    },
+}
+GENERATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+            "multipart/form-data": {"schema": MULTIPART_SCHEMA},
+        },
+    }
+}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 403, 404, 413, 415, 422, 503, 504)}
+
+
+class ServiceOverloaded(InstantIDError):
+    http_status = 503
+    code = "overloaded"
+
+
+class StageTimeout(InstantIDError):
+    http_status = 504
+    code = "stage_timeout"
+
+
+class InternalError(InstantIDError):
+    http_status = 500
+    code = "internal"
+
+
+class JobNotFound(InstantIDError):
+    http_status = 404
+    code = "job_not_found"
+
+
+def error_response(exc: InstantIDError, retry_after_s: int) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field))
+    headers = {"Retry-After": str(retry_after_s)} if exc.http_status in (429, 503) else None
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.http_status, headers=headers)
+
+
+def validation_error(exc: ValidationError) -> InvalidParameter:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    return InvalidParameter(f"{field or 'body'}: {first['msg']}", field=field)
+
+
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
+                 writer: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
+        self.jobs = OutputStore(self.config.output_uri)
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
+    async def generate(self, request: GenerateRequest, inline: bool = False) -> GenerateResponse:
+        """Run one request through the DAG; raises typed InstantIDErrors for expected failures."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        params = request.params()
+        seed = params.seed if params.seed is not None else draw_seed()
+        face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
+        if not 1 <= len(face_sources) <= 8:
+            raise InvalidParameter("face_image: give 1 to 8 images", field="face_image")
+        faces = await asyncio.gather(*(self._read_image(src, f"face_image[{i}]") for i, src in enumerate(face_sources)))
+        pose = await self._read_image(request.pose_image, "pose_image") if request.pose_image else None
+        meta = {
+            "request_id": request_id, "params": params.model_dump(mode="json"),
+            "inputs": {"face_image_sha256": [hashlib.sha256(f).hexdigest() for f in faces],
+                       "pose_image_sha256": hashlib.sha256(pose).hexdigest() if pose else None},
+        }
+        try:
+            face = self.face.analyze.remote(faces, pose, params)
+            prompt = self.prompt.encode.remote(params.prompt, params.negative_prompt, params.style)
+            images = self.denoiser.generate.remote(face, prompt, params, seed)
+            written = self.writer.write.remote(images, request_id, seed, meta, request.output.format,
+                                               request.output.prefix, inline)
+            response: GenerateResponse = await asyncio.wait_for(written, timeout=self.config.stage_timeout_s)
+        except InstantIDError:
+            raise
+        except asyncio.TimeoutError as exc:
+            raise StageTimeout(f"the request took longer than {self.config.stage_timeout_s:.0f}s; retry later or "
+                               "ask for fewer steps/images") from exc
+        except BackPressureError as exc:
+            raise ServiceOverloaded("the service is at capacity; retry after the Retry-After delay") from exc
+        except (RayActorError, RayServeException) as exc:  # replica death, upstream crash, unavailable
+            logger.warning("request %s: a stage replica died: %s", request_id, type(exc).__name__)
+            raise ServiceOverloaded("a stage restarted while serving this request; retry it") from exc
+        except RayTaskError as exc:  # a bug in a stage: a 500 that names the request, never the internals
+            logger.error("request %s: stage error: %s", request_id, exc)
+            raise InternalError(f"internal error in request {request_id}; it has been logged") from exc
+        response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
+        metrics.observe_response(response)
+        return response
+
+    async def _read_image(self, source: str, field: str) -> bytes:
+        if source.startswith("s3://"):
+            data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets)
+        elif source.startswith(("http://", "https://")):
+            raise InputNotAllowed(f"{field}: fetching URLs is disabled on this server; send base64 or s3://",
+                                  field=field)
+        else:
+            if len(source) > self.config.max_image_bytes * 4 // 3 + 4:
+                raise ImageTooLarge(f"{field}: larger than {self.config.max_image_bytes} bytes", field=field)
+            try:
+                data = base64.b64decode(source, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidParameter(f"{field}: not valid base64 (or an s3:// URI)", field=field) from exc
+        if len(data) > self.config.max_image_bytes:
+            raise ImageTooLarge(f"{field}: {len(data)} bytes, the limit is {self.config.max_image_bytes}", field=field)
+        return data
+
+    # --- HTTP -------------------------------------------------------------------------------------------------------
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=GENERATE_BODY)
+    async def http_generate(self, request: Request, inline: bool = False) -> Response:
+        """Generate images: a JSON body (images as base64 or s3:// URIs) or a multipart upload."""
+        return await self._http(lambda: self._parse_and_generate(request, inline), "generate")
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobStatus, responses=ERROR_RESPONSES)
+    async def http_submit_job(self, body: GenerateRequest, inline: bool = False) -> Response:
+        """Queue a generation and return at once; poll GET /v1/jobs/{job_id}."""
+        async def submit() -> Response:
+            job_id = uuid.uuid4().hex
+            await self._save_job(JobStatus(job_id=job_id, status="queued"))
+            task = asyncio.create_task(self._run_job(job_id, body, inline))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return JSONResponse(JobStatus(job_id=job_id, status="queued").model_dump(mode="json"), status_code=202)
+
+        return await self._http(submit, "jobs")
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES)
+    async def http_job_status(self, job_id: str) -> Response:
+        async def status() -> Response:
+            if not job_id.isalnum() or len(job_id) > 64:
+                raise InvalidParameter("job_id must be alphanumeric", field="job_id")
+            key = f"jobs/{job_id}.json"
+            if not await asyncio.to_thread(self.jobs.exists, key):
+                raise JobNotFound(f"no job {job_id}")
+            return JSONResponse(await asyncio.to_thread(self.jobs.get_json, key))
+
+        return await self._http(status, "job_status")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        stages = {"face": self.face, "prompt": self.prompt, "denoiser": self.denoiser, "writer": self.writer}
+
+        async def probe(handle: DeploymentHandle) -> bool:
+            try:
+                return bool(await asyncio.wait_for(handle.ready.remote(), timeout=5.0))
+            except Exception:  # any failure means "not ready", which is the answer, not an error
+                return False
+
+        results = dict(zip(stages, await asyncio.gather(*(probe(h) for h in stages.values()))))
+        ready = all(results.values())
+        return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    # --- helpers ----------------------------------------------------------------------------------------------------
+    async def _http(self, run, route: str) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await run()
+        except InstantIDError as exc:
+            if exc.http_status >= 500 and exc.http_status not in (503, 504):
+                logger.error("route %s: %s", route, exc.message)
+            response = error_response(exc, self.config.retry_after_s)
+        metrics.observe_http(route, response.status_code, time.perf_counter() - started)
+        return response
+
+    async def _parse_and_generate(self, request: Request, inline: bool) -> Response:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            generate_request = await self._parse_multipart(request)  # parts are size-limited while streaming
+        else:
+            body = await self._read_body(request)
+            try:
+                generate_request = GenerateRequest.model_validate_json(body)
+            except ValidationError as exc:
+                raise validation_error(exc) from exc
+        result = await self.generate(generate_request, inline=inline)
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+
+    async def _read_body(self, request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse_multipart(self, request: Request) -> GenerateRequest:
+        try:
+            form = await request.form(max_files=9, max_fields=4, max_part_size=self.config.max_image_bytes)
+        except Exception as exc:  # starlette raises several types for a broken multipart body
+            raise InvalidParameter(f"malformed multipart body: {exc}") from exc
+        faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
+        pose = form.get("pose_image")
+        try:
+            params = json.loads(form.get("params") or "{}")
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise InvalidParameter("params: not a JSON object", field="params") from exc
+        if not isinstance(params, dict):
+            raise InvalidParameter("params: not a JSON object", field="params")
+        if not faces:
+            raise InvalidParameter("face_image: upload at least one file", field="face_image")
+        encoded = {"face_image": [base64.b64encode(f).decode() for f in faces]}
+        if pose is not None and hasattr(pose, "read"):
+            encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
+        try:
+            return GenerateRequest.model_validate({**params, **encoded})
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
+
+    async def _run_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:
+        await self._save_job(JobStatus(job_id=job_id, status="running"))
+        try:
+            result = await self.generate(body, inline=inline)
+            await self._save_job(JobStatus(job_id=job_id, status="done", result=result))
+        except InstantIDError as exc:
+            detail = ErrorDetail(code=exc.code, message=exc.message, field=exc.field)
+            await self._save_job(JobStatus(job_id=job_id, status="failed", error=detail.model_dump(exclude_none=True)))
+        except Exception as exc:  # a job must end in a terminal state the caller can read
+            logger.exception("job %s failed", job_id)
+            await self._save_job(JobStatus(job_id=job_id, status="failed",
+                                           error={"code": "internal", "message": type(exc).__name__}))
+
+    async def _save_job(self, status: JobStatus) -> None:
+        await asyncio.to_thread(self.jobs.put_json, f"jobs/{status.job_id}.json", status.model_dump(mode="json"))

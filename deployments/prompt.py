@@ -1,0 +1,39 @@
+"""PromptEncoder deployment: (prompt, negative, style) -> PromptEmbeds as numpy, cached by the strings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from instantid_core.config import Style
+from instantid_core.text import PromptEmbeds, PromptEncoder
+
+from .cache import LRUCache
+from .config import AppConfig
+from .schemas import PromptResult
+from .weights import resolve_app_weights
+
+
+class PromptEncoderDeployment:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.encoder = PromptEncoder(resolve_app_weights(self.config).sdxl, self.config.pipeline)
+        self.cache: LRUCache[PromptEmbeds] = LRUCache(self.config.prompt_cache_size)
+
+    async def encode(self, prompt: str, negative_prompt: str, style: Style) -> PromptResult:
+        start = time.perf_counter()
+        key = (prompt, negative_prompt, style)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return PromptResult(cached, time.perf_counter() - start, cache_hit=True)
+        embeds = await asyncio.to_thread(self.encoder.encode, prompt, negative_prompt, style)
+        self.cache.put(key, embeds)
+        return PromptResult(embeds, time.perf_counter() - start, cache_hit=False)
+
+    def check_health(self) -> None:
+        if self.encoder is None:
+            raise RuntimeError("prompt encoder not loaded")
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,88 @@
+"""Request/response models shared by the HTTP API and the Python handle API, and the small plain payloads that
+travel between deployments (numpy arrays and dataclasses only: never a torch tensor, never a model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from instantid_core.config import GenerateParams
+from instantid_core.pipeline import FaceCondition
+from instantid_core.text import PromptEmbeds
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str | None = Field(None, max_length=200, description="Sub-prefix under the configured output URI.")
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class GenerateRequest(GenerateParams):
+    """POST /v1/generate body and the handle API's argument: the parameters plus the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    face_image: str | list[str] = Field(
+        ..., description="Base64 image, or an s3:// URI in an allowed bucket; a list averages several photos.")
+    pose_image: str | None = Field(None, description="Take the face keypoints (pose) from this image.")
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    def params(self) -> GenerateParams:
+        return GenerateParams.model_validate(self.model_dump(exclude={"face_image", "pose_image", "output"}))
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    seed: int
+    width: int
+    height: int
+    images: list[str] = Field(description="Output URIs, one per image.")
+    metadata: str = Field(description="URI of the sidecar JSON (parameters, seed, weights, timings).")
+    timings_ms: dict[str, float] = Field(default_factory=dict, description="Per-stage wall time.")
+    batch_size: int = Field(1, description="Images in the denoiser batch this request ran in.")
+    inline_images: list[str] | None = Field(None, description="Base64 images when ?inline=true.")
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    result: GenerateResponse | None = None
+    error: dict | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# --- payloads between deployments ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FaceResult:
+    condition: FaceCondition
+    seconds: float
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    embeds: PromptEmbeds
+    seconds: float
+    cache_hit: bool
+
+
+@dataclass(frozen=True)
+class DenoiseResult:
+    images: np.ndarray  # (num_images, H, W, 3) uint8
+    width: int
+    height: int
+    batch_size: int  # images in the batch this request ran in
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: face, prompt, queue, denoise

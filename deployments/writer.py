@@ -1,0 +1,44 @@
+"""OutputWriter deployment (CPU): encodes images and writes them plus the sidecar through OutputStore."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+from instantid_core.storage import OutputStore, StoredOutput, encode_image
+
+from .config import AppConfig
+from .schemas import DenoiseResult, GenerateResponse
+
+
+class OutputWriter:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        self.store = OutputStore(self.config.output_uri)
+
+    async def write(self, result: DenoiseResult, request_id: str, seed: int, meta: dict[str, Any], fmt: str,
+                    prefix: str | None, inline: bool) -> GenerateResponse:
+        start = time.perf_counter()
+        encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in result.images])
+        timings = {**result.timings, "encode": time.perf_counter() - start}
+        meta = {**meta, "seed": seed, "width": result.width, "height": result.height,
+                "batch_size": result.batch_size, "timings_s": timings}
+        stored: StoredOutput = await asyncio.to_thread(
+            self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
+        timings["write"] = time.perf_counter() - start - timings["encode"]
+        small = result.width * result.height <= self.config.inline_max_pixels
+        return GenerateResponse(
+            request_id=request_id, seed=seed, width=result.width, height=result.height, images=stored.image_uris,
+            metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
+            batch_size=result.batch_size,
+            inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
+        )
+
+    def check_health(self) -> None:
+        if self.store is None:
+            raise RuntimeError("output store not configured")
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,102 @@
+"""Session fixtures: a real Ray instance on loopback with the `instantid` app (tiny preset) serving HTTP on
+127.0.0.1 and writing to the S3 test server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    url: str  # http://127.0.0.1:PORT
+    bucket: str
+    tiny_dir: Path
+    config: "object"  # deployments.config.AppConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+def small_stage_options(**denoiser) -> dict:
+    """CPU-light options so several apps fit on a 2-core machine."""
+    one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.1}}
+    return {"ingress": {**one, "max_ongoing_requests": 32}, "face": one, "prompt": one, "writer": one,
+            "denoiser": {**one, "max_ongoing_requests": 16, **denoiser}}
+
+
+@pytest.fixture(scope="session")
+def ray_instance(s3_server: str) -> Iterator[int]:
+    """Ray on loopback with Serve's HTTP proxy on a free 127.0.0.1 port (yielded)."""
+    import ray
+    from ray import serve
+
+    env = {name: os.environ[name] for name in AWS_VARS if name in os.environ}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # workers import tests.apps.* like the driver
+    ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
+             _node_ip_address="127.0.0.1")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from instantid_core.tiny import ensure_tiny_preset
+
+    return ensure_tiny_preset(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+def deploy(port: int, name: str, route_prefix: str, config_overrides: dict, bucket: str,
+           tiny_dir: Path) -> ServedApp:
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.config import AppConfig
+
+    config = AppConfig.model_validate({
+        "weights": {"tiny_preset_dir": str(tiny_dir)}, "output_uri": f"s3://{bucket}/out",
+        "allowed_input_buckets": [bucket], "deployments": small_stage_options(), **config_overrides,
+    })
+    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
+    url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    wait_ready(url)
+    return ServedApp(url, bucket, tiny_dir, config)
+
+
+@pytest.fixture(scope="session")
+def served_app(ray_instance: int, s3_server: str, serve_tiny_dir: Path) -> ServedApp:
+    """The app as a user runs it, with batching that waits long enough for concurrent clients to meet."""
+    bucket = f"serve-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}
+    return deploy(ray_instance, "instantid", "/", overrides, bucket, serve_tiny_dir)
