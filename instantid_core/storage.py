@@ -197,6 +197,15 @@ class OutputStore:
             raise StorageError(f"could not write {loc.uri}: {err}") from err
         return loc.uri
 
+    def write_bytes(self, key_or_uri: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Write raw bytes atomically (as put_json does); returns the object's URI."""
+        loc = self._resolve(key_or_uri)
+        try:
+            self._put(loc, data, content_type)
+        except (OSError, BotoCoreError, ClientError) as err:
+            raise StorageError(f"could not write {loc.uri}: {err}") from err
+        return loc.uri
+
     def get_json(self, key_or_uri: str) -> Any:
         """Read a JSON object; InputNotFound when it does not exist."""
         loc = self._resolve(key_or_uri)

@@ -1,0 +1,384 @@
+"""Batch generation over an image set: every photo x every prompt, on Ray Data, resumable, with a manifest.
+
+    instantid batch --input s3://bucket/faces/ --prompts prompts.yaml --output s3://bucket/out/ [--params JSON]
+    ray job submit -- python -m jobs.batch --input ... --prompts ... --output ...
+
+Stages (the core library's, not the HTTP app's): face analysis on a CPU actor pool, prompt encoding once per prompt
+(in one task before the dataset runs), the denoiser on an actor pool that asks for GPUs when the pipeline runs on
+CUDA, writing through OutputStore. Each (image, prompt) pair has a deterministic request id and seed, so a rerun
+writes the same keys and reproduces the same images; finished pairs are read back from the manifest (and from
+sidecars already written) and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import pickle
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
+from instantid_core.errors import InstantIDError, InvalidImage, NoFaceDetected, ImageTooLarge
+from instantid_core.storage import OutputStore
+
+TERMINAL = ("ok", "no_face", "bad_image")  # an `error` record is retried on the next run
+
+
+class PromptSpec(BaseModel):
+    """One prompt of the set; `params` overrides the job-wide parameters for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    prompt: str
+    negative_prompt: str = ""
+    style: Style = Style.none
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Where the models come from and how they run (from `--config` / `--weights`)."""
+
+    sources: ModelSources
+    tiny_preset_dir: str | None
+    pipeline: PipelineSettings
+
+
+def load_prompts(path: Path) -> list[PromptSpec]:
+    """A YAML list or JSONL file of prompts; ids must be unique (they name outputs)."""
+    text = path.read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+        else yaml.safe_load(text)
+    specs = [PromptSpec.model_validate(row) for row in rows]
+    duplicates = [pid for pid, n in Counter(s.id for s in specs).items() if n > 1]
+    if duplicates:
+        raise ValueError(f"duplicate prompt ids: {duplicates}")
+    return specs
+
+
+def pair_id(image_key: str, prompt_id: str) -> str:
+    """Deterministic request id of one (image, prompt) pair: the same keys on every run."""
+    return hashlib.sha256(f"{image_key}\0{prompt_id}".encode()).hexdigest()[:32]
+
+
+def pair_seed(image_key: str, prompt_id: str, base_seed: int | None) -> int:
+    digest = hashlib.sha256(f"{image_key}\0{prompt_id}\0{base_seed or 0}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+def as_uri(location: str) -> str:
+    """s3:// and file:// URIs as given; a plain folder path becomes a file:// URI."""
+    return location if "://" in location else Path(location).resolve().as_uri()
+
+
+def list_inputs(store: OutputStore, input_uri: str, limit: int | None) -> list[str]:
+    uris = sorted(u for u in store.list_uris(input_uri) if not u.rsplit("/", 1)[-1].startswith("."))
+    return uris[:limit] if limit else uris
+
+
+# --- Ray Data stages (classes: one model per actor, loaded once) ---------------------------------------------------
+def _resolve(settings: BatchSettings):
+    from instantid_core.tiny import ensure_tiny_preset
+    from instantid_core.weights import resolve_weights
+
+    if settings.tiny_preset_dir:
+        return resolve_weights(ModelSources.from_root(str(ensure_tiny_preset(Path(settings.tiny_preset_dir)))))
+    return resolve_weights(settings.sources)
+
+
+class FaceStage:
+    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams]) -> None:
+        from instantid_core.face import FaceAnalyzer
+
+        self.settings = settings
+        self.analyzer = FaceAnalyzer(_resolve(settings).face_pack, settings.pipeline)
+        self.params = params
+        self.store = OutputStore("file:///")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.images import load_image
+        from instantid_core.pipeline import prepare_face
+
+        out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
+        cache: dict[tuple, bytes] = {}  # one analysis per (image, output size / face index)
+        for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"]):
+            params = self.params[prompt_id]
+            status, message, face = "ok", "", b""
+            try:
+                key = (image_uri, params.width, params.height, params.face_index)
+                if key not in cache:
+                    data = self.store.read_bytes(image_uri)
+                    photo = load_image(data, name=image_uri, max_pixels=self.settings.pipeline.max_image_pixels,
+                                       max_side=self.settings.pipeline.max_image_side)
+                    cache[key] = pickle.dumps(prepare_face(self.analyzer, [photo], params, names=[image_uri]))
+                face = cache[key]
+            except NoFaceDetected as exc:
+                status, message = "no_face", exc.message
+            except (InvalidImage, ImageTooLarge) as exc:
+                status, message = "bad_image", exc.message
+            except Exception as exc:  # one bad input never stops the job: recorded, retried next run
+                status, message = "error", f"{type(exc).__name__}: {exc}"
+            for name, value in (("image", image_uri), ("prompt_id", prompt_id), ("status", status),
+                                ("message", message), ("face", face)):
+                out[name].append(value)
+        return out
+
+
+class DenoiseStage:
+    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams], prompts: dict[str, Any],
+                 base_seed: dict[str, int | None]) -> None:
+        from instantid_core.denoise import IdentityDenoiser
+
+        weights = _resolve(settings)
+        self.denoiser = IdentityDenoiser(weights.sdxl, weights.identitynet, weights.adapter, settings.pipeline,
+                                         lcm_lora=weights.lcm_lora)
+        self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from collections import defaultdict
+
+        from instantid_core.pipeline import denoise_request
+
+        rows = len(batch["image"])
+        images: list[bytes] = [b""] * rows
+        status, message = list(batch["status"]), list(batch["message"])
+        groups: dict[Any, list[tuple[int, Any]]] = defaultdict(list)
+        for i in range(rows):
+            if status[i] != "ok":
+                continue
+            prompt_id, image_uri = batch["prompt_id"][i], batch["image"][i]
+            seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
+            request, key = denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
+                                           self.params[prompt_id], seed, self.settings.pipeline.default_scheduler)
+            groups[key].append((i, request))
+        for key, members in groups.items():  # rows sharing size/steps/scheduler run as one GPU batch
+            try:
+                outputs = self.denoiser([request for _, request in members], key)
+                for (i, _), output in zip(members, outputs):
+                    images[i] = pickle.dumps(output)
+            except Exception as exc:  # recorded per row; the job goes on
+                for i, _ in members:
+                    status[i], message[i] = "error", f"{type(exc).__name__}: {exc}"
+        return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
+                "images": images}
+
+
+class WriteStage:
+    def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
+                 base_seed: dict[str, int | None]) -> None:
+        self.store = OutputStore(output_uri)
+        self.fmt, self.params, self.base_seed = fmt, params, base_seed
+        self.now = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.storage import encode_image
+
+        records = []
+        for i in range(len(batch["image"])):
+            image_uri, prompt_id = batch["image"][i], batch["prompt_id"][i]
+            record = {"image": image_uri, "prompt_id": prompt_id, "status": batch["status"][i],
+                      "request_id": pair_id(image_uri, prompt_id)}
+            if record["status"] == "ok":
+                try:
+                    arrays = pickle.loads(batch["images"][i])
+                    meta = {"params": self.params[prompt_id].model_dump(mode="json"), "input": image_uri,
+                            "prompt_id": prompt_id, "seed": pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])}
+                    stored = self.store.write_request(record["request_id"],
+                                                      [encode_image(a, self.fmt) for a in arrays], self.fmt, meta,
+                                                      now=self.now)
+                    record.update(outputs=stored.image_uris, metadata=stored.meta_uri)
+                except Exception as exc:
+                    record.update(status="error", message=f"{type(exc).__name__}: {exc}")
+            else:
+                record["message"] = batch["message"][i]
+            records.append(json.dumps(record))
+        return {"record": records}
+
+
+# --- the job --------------------------------------------------------------------------------------------------------
+class Manifest:
+    """JSONL parts under `{output}/manifest/` (S3 has no append), plus `summary.json` at the end."""
+
+    def __init__(self, store: OutputStore, flush_every: int = 8, flush_seconds: float = 5.0) -> None:
+        self.store, self.flush_every, self.flush_seconds = store, flush_every, flush_seconds
+        self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        self.pending: list[dict] = []
+        self.parts = 0
+        self.last_flush = time.monotonic()
+
+    def load(self) -> dict[tuple[str, str], dict]:
+        """The newest record per (image, prompt) over all earlier runs."""
+        latest: dict[tuple[str, str], dict] = {}
+        for uri in sorted(self.store.list_uris(f"{self.store.base_uri.rstrip('/')}/manifest/")):
+            for line in self.store.read_bytes(uri).decode().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    latest[(record["image"], record["prompt_id"])] = record
+        return latest
+
+    def add(self, record: dict) -> None:
+        self.pending.append(record)
+        if len(self.pending) >= self.flush_every or time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            body = "".join(json.dumps(r) + "\n" for r in self.pending).encode()
+            self.store.write_bytes(f"manifest/part-{self.run_id}-{self.parts:05d}.jsonl", body, "application/x-ndjson")
+            self.parts += 1
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+
+def recover_written(store: OutputStore, pairs: Iterable[tuple[str, str]], day: str) -> dict[tuple[str, str], dict]:
+    """Pairs whose sidecar exists (written, but the run died before its manifest part was flushed)."""
+    found = {}
+    for image_uri, prompt_id in pairs:
+        request_id = pair_id(image_uri, prompt_id)
+        meta_key = f"{day}/{request_id}/meta.json"
+        if store.exists(meta_key):
+            meta = store.get_json(meta_key)
+            found[(image_uri, prompt_id)] = {"image": image_uri, "prompt_id": prompt_id, "status": "ok",
+                                             "request_id": request_id, "outputs": meta.get("images", []),
+                                             "metadata": f"{store.base_uri.rstrip('/')}/{meta_key}"}
+    return found
+
+
+def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settings: BatchSettings,
+              params: dict[str, Any] | None = None, limit: int | None = None, fmt: str = "png",
+              denoise_actors: int = 1, face_actors: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a batch job; returns the summary that is also written to `{output}/summary.json`."""
+    import ray
+
+    started = time.perf_counter()
+    input_uri, output_uri = as_uri(input_uri), as_uri(output_uri)
+    store = OutputStore(output_uri)
+    inputs_store = OutputStore("file:///")
+    state = store.get_json("job.json") if store.exists("job.json") else {
+        "day": f"{datetime.now(timezone.utc):%Y-%m-%d}", "input": input_uri}
+    store.put_json("job.json", state)  # the date partition of the first run is kept, so reruns hit the same keys
+    per_prompt = {p.id: GenerateParams.model_validate({**(params or {}), **p.params, "prompt": p.prompt,
+                                                       "negative_prompt": p.negative_prompt, "style": p.style})
+                  for p in prompts}
+    base_seed = {pid: p.seed for pid, p in per_prompt.items()}
+    images = list_inputs(inputs_store, input_uri, limit)
+    pairs = [(image, p.id) for image in images for p in prompts]
+
+    manifest = Manifest(store)
+    done = {k: r for k, r in manifest.load().items() if r["status"] in TERMINAL}
+    recovered = recover_written(store, [pair for pair in pairs if pair not in done], state["day"])
+    for record in recovered.values():
+        manifest.add(record)
+    done.update(recovered)
+    todo = [pair for pair in pairs if pair not in done]
+    _log(f"{len(images)} images x {len(prompts)} prompts = {len(pairs)} pairs; {len(done)} done, {len(todo)} to run",
+         progress)
+
+    counts = Counter()
+    if todo:
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        on_gpu = settings.pipeline.device.startswith("cuda")
+        embeds = ray.get(ray.remote(_encode_prompts).remote(settings, per_prompt))  # once per prompt
+        dataset = ray.data.from_items([{"image": image, "prompt_id": pid} for image, pid in todo])
+        dataset = dataset.map_batches(FaceStage, fn_constructor_kwargs={"settings": settings, "params": per_prompt},
+                                      batch_size=8, concurrency=face_actors, num_cpus=1)
+        dataset = dataset.map_batches(DenoiseStage, fn_constructor_kwargs={
+            "settings": settings, "params": per_prompt, "prompts": embeds, "base_seed": base_seed},
+            batch_size=4, concurrency=denoise_actors, num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1)
+        dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
+            "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed},
+            batch_size=8, concurrency=1, num_cpus=0.5)
+        for row in dataset.iter_rows():
+            record = json.loads(row["record"])
+            counts[record["status"]] += 1
+            manifest.add(record)
+    manifest.flush()
+
+    final = {k: r for k, r in manifest.load().items() if k in set(pairs)}
+    summary = {
+        "input": input_uri, "output": output_uri, "images": len(images), "prompts": len(prompts),
+        "pairs": len(pairs), "this_run": dict(counts), "skipped": len(pairs) - len(todo),
+        "status": dict(Counter(r["status"] for r in final.values())),
+        "outputs": sum(len(r.get("outputs", [])) for r in final.values()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    store.put_json("summary.json", summary)
+    _log(f"done: {summary['status']} over {summary['pairs']} pairs; this run {dict(counts)} in {summary['seconds']}s",
+         True)
+    return summary
+
+
+def _encode_prompts(settings: BatchSettings, params: dict[str, GenerateParams]) -> dict[str, Any]:
+    from instantid_core.text import PromptEncoder
+
+    encoder = PromptEncoder(_resolve(settings).sdxl, settings.pipeline)
+    return {pid: encoder.encode(p.prompt, p.negative_prompt, p.style) for pid, p in params.items()}
+
+
+def _log(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="s3://bucket/prefix/ or a folder of face photos")
+    parser.add_argument("--prompts", required=True, type=Path, help="prompts.yaml (list) or prompts.jsonl")
+    parser.add_argument("--output", required=True, help="s3://bucket/prefix/ or a folder")
+    parser.add_argument("--params", default="{}", help="job-wide GenerateParams as JSON, e.g. '{\"steps\": 20}'")
+    parser.add_argument("--limit", type=int, help="only the first N images (sorted by key)")
+    parser.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
+    parser.add_argument("--config", type=Path, help="serve_config.yaml whose AppConfig gives weights + pipeline")
+    parser.add_argument("--weights", help="a weights folder (overrides --config's sources)")
+    parser.add_argument("--denoise-actors", type=int, default=1)
+    parser.add_argument("--face-actors", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def settings_from_args(args: argparse.Namespace) -> BatchSettings:
+    from deployments.config import SERVE_CONFIG_PATH, app_config_from_serve_config
+
+    app = app_config_from_serve_config(args.config or SERVE_CONFIG_PATH)
+    if args.weights:
+        return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline)
+    return BatchSettings(app.weights.sources, app.weights.tiny_preset_dir, app.pipeline)
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        raise InstantIDError(f"--params is not JSON: {exc}") from exc
+    run_batch(args.input, load_prompts(args.prompts), args.output, settings_from_args(args), params, args.limit,
+              args.format, args.denoise_actors, args.face_actors, progress=not args.no_progress)
+
+
+def add_batch_command(commands: argparse._SubParsersAction) -> None:
+    """Register `instantid batch` on the core CLI."""
+    parser = commands.add_parser("batch", help="every photo x every prompt over an image set (Ray Data)")
+    add_batch_arguments(parser)
+    parser.set_defaults(func=run_from_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from instantid_core.cli import main as cli_main
+
+    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

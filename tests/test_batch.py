@@ -1,0 +1,158 @@
+"""The batch job over an S3 image set: exact manifest counts, no-op rerun, kill and resume."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageOps
+
+from jobs.batch import BatchSettings, load_prompts, pair_id, run_batch
+from instantid_core.config import ModelSources, PipelineSettings
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"steps": 2, "width": 64, "height": 64}
+PROMPTS = [{"id": "oil", "prompt": "an oil painting"}, {"id": "ink", "prompt": "an ink drawing", "style": "Line art"}]
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def upload_image_set(bucket: str, astronaut: bytes) -> dict[str, str]:
+    """21 inputs: 16 photos with a face, 2 blank, 2 corrupt, 1 text file. Returns key -> expected status."""
+    s3 = boto3.client("s3")
+    portrait = Image.open(io.BytesIO(astronaut)).convert("RGB")
+    expected = {}
+    for i in range(16):
+        variant = ImageOps.mirror(portrait) if i % 2 else portrait
+        variant = variant.resize((512 - 16 * (i // 2), 512 - 16 * (i // 2)))
+        key = f"faces/face-{i:02d}.{'png' if i % 3 == 0 else 'jpg'}"
+        s3.put_object(Bucket=bucket, Key=key, Body=_encode(variant, "PNG" if i % 3 == 0 else "JPEG"))
+        expected[key] = "ok"
+    for i, colour in enumerate([(0, 0, 0), (210, 170, 140)]):
+        key = f"faces/blank-{i}.png"
+        s3.put_object(Bucket=bucket, Key=key, Body=_encode(Image.new("RGB", (256, 256), colour), "PNG"))
+        expected[key] = "no_face"
+    jpeg = _encode(portrait, "JPEG")
+    for key, body in {"faces/truncated.jpg": jpeg[: len(jpeg) // 3], "faces/zero.jpg": b"",
+                      "faces/notes.jpg": b"this is a text file, not a photo\n"}.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        expected[key] = "bad_image"
+    return expected
+
+
+def manifest_records(bucket: str) -> list[dict]:
+    s3 = boto3.client("s3")
+    records = []
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out/manifest/").get("Contents", []):
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+        records += [json.loads(line) for line in body.splitlines() if line.strip()]
+    return records
+
+
+def output_objects(bucket: str) -> list[str]:
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="out/")
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    return [k for k in keys if not k.startswith(("out/manifest/", "out/job.json", "out/summary.json"))]
+
+
+@pytest.fixture
+def batch_settings(serve_tiny_dir) -> BatchSettings:
+    return BatchSettings(ModelSources.from_root(str(serve_tiny_dir)), None, PipelineSettings())
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.yaml"
+    path.write_text(yaml.safe_dump(PROMPTS))
+    return path
+
+
+def expected_counts(expected: dict[str, str]) -> Counter:
+    return Counter({status: n * len(PROMPTS) for status, n in Counter(expected.values()).items()})
+
+
+def check_outputs_match_manifest(bucket: str, expected: dict[str, str]) -> None:
+    latest = {(r["image"], r["prompt_id"]): r for r in manifest_records(bucket)}
+    assert len(latest) == len(expected) * len(PROMPTS)
+    ok = [r for r in latest.values() if r["status"] == "ok"]
+    listed = set()
+    for record in ok:
+        listed.update(uri.removeprefix(f"s3://{bucket}/") for uri in record["outputs"] + [record["metadata"]])
+    assert set(output_objects(bucket)) == listed  # nothing lost, nothing extra (no orphans, no duplicates)
+
+
+def test_batch_job_writes_every_pair_and_an_exact_manifest(s3_bucket, astronaut_bytes, batch_settings,
+                                                           prompts_file, ray_instance):
+    expected = upload_image_set(s3_bucket, astronaut_bytes)
+    summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
+                        batch_settings, PARAMS, progress=False)
+    assert summary["images"] == 21 and summary["pairs"] == 42
+    assert Counter(summary["status"]) == expected_counts(expected)
+    records = manifest_records(s3_bucket)
+    assert Counter(r["status"] for r in records) == expected_counts(expected)
+    by_pair = {(r["image"].removeprefix(f"s3://{s3_bucket}/"), r["prompt_id"]): r for r in records}
+    for key, status in expected.items():
+        for prompt in PROMPTS:
+            assert by_pair[(key, prompt["id"])]["status"] == status
+    check_outputs_match_manifest(s3_bucket, expected)
+
+    # Rerunning the same command is a no-op: nothing generated, nothing written.
+    before = output_objects(s3_bucket)
+    again = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
+                      batch_settings, PARAMS, progress=False)
+    assert again["this_run"] == {} and again["skipped"] == 42
+    assert output_objects(s3_bucket) == before
+
+
+def test_batch_seeds_are_deterministic_per_image_and_prompt(s3_bucket, astronaut_bytes, batch_settings,
+                                                             prompts_file, ray_instance):
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="faces/a.jpg", Body=astronaut_bytes)
+    for out in ("out", "out2"):
+        run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/{out}/",
+                  batch_settings, PARAMS, progress=False)
+    request = pair_id(f"s3://{s3_bucket}/faces/a.jpg", "oil")
+    keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=s3_bucket)["Contents"] if f"{request}/0.png" in obj["Key"]]
+    first, second = (np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read())))
+                     for k in sorted(keys))
+    assert np.array_equal(first, second)
+
+
+def test_killed_batch_job_resumes_without_duplicates_or_losses(s3_bucket, astronaut_bytes, batch_settings,
+                                                                prompts_file, ray_instance, tmp_path):
+    expected = upload_image_set(s3_bucket, astronaut_bytes)
+    command = [sys.executable, "-m", "jobs.batch", "--input", f"s3://{s3_bucket}/faces/", "--prompts",
+               str(prompts_file), "--output", f"s3://{s3_bucket}/out/", "--params", json.dumps(PARAMS),
+               "--weights", str(batch_settings.sources.sdxl).removesuffix("/sdxl"), "--no-progress"]
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}
+    job = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=open(tmp_path / "job.log", "wb"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.poll() is None and len(output_objects(s3_bucket)) < 6:
+        time.sleep(0.2)
+    assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and every process it started
+    job.wait()
+    subprocess.run(["pkill", "-9", "-s", str(job.pid)], check=False)
+    assert 0 < len(output_objects(s3_bucket))
+
+    summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
+                        batch_settings, PARAMS, progress=False)
+    assert Counter(summary["status"]) == expected_counts(expected)
+    assert summary["skipped"] > 0
+    check_outputs_match_manifest(s3_bucket, expected)
