@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 
@@ -42,13 +42,21 @@ def build_resampler(unet: UNet2DConditionModel, image_proj: dict[str, torch.Tens
     return unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
 
 
+_FUSED = FusedAttnProcessor2_0()
+
+
 class SelfAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor that accepts (and ignores) the per-sample adapter scale, so self-attention
-    layers receive the same `cross_attention_kwargs` without a warning per call."""
+    layers receive the same `cross_attention_kwargs` without a warning per call. After `accel.fuse_qkv` it runs
+    diffusers' fused-projection variant (one q/k/v GEMM)."""
+
+    reads_fused_projections = True
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  ip_adapter_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if attn.fused_projections:
+            return _FUSED(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
@@ -61,6 +69,13 @@ class IdentityAttnProcessor(nn.Module):
         self.num_tokens = num_tokens
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_kv_ip: nn.Linear | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """One GEMM for the face keys and values; to_k_ip/to_v_ip become views into it (see accel.fuse_qkv)."""
+        from .accel import fuse_linears
+
+        self.to_kv_ip = fuse_linears([self.to_k_ip, self.to_v_ip])
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -87,8 +102,11 @@ class IdentityAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         if attn.norm_cross:
             text_states = attn.norm_encoder_hidden_states(text_states)
-        key = attn.to_k(text_states)
-        value = attn.to_v(text_states)
+        if attn.fused_projections:
+            key, value = attn.to_kv(text_states).chunk(2, dim=-1)
+        else:
+            key = attn.to_k(text_states)
+            value = attn.to_v(text_states)
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
@@ -104,8 +122,12 @@ class IdentityAttnProcessor(nn.Module):
         hidden_states = hidden_states.to(query.dtype)
 
         if ip_adapter_scale is not None:
-            face_key = self.to_k_ip(face_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            face_value = self.to_v_ip(face_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if self.to_kv_ip is not None:
+                face_key, face_value = self.to_kv_ip(face_states).chunk(2, dim=-1)
+            else:
+                face_key, face_value = self.to_k_ip(face_states), self.to_v_ip(face_states)
+            face_key = face_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, 16, d)
+            face_value = face_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             face_hidden = F.scaled_dot_product_attention(query, face_key, face_value, dropout_p=0.0, is_causal=False)
             face_hidden = face_hidden.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
             scale = ip_adapter_scale.to(face_hidden.dtype).view(batch_size, 1, 1)  # one strength per sample

@@ -3,12 +3,17 @@
 One call takes requests that share size, steps and scheduler; everything else (prompt, seed, guidance, strengths,
 number of images, face-region masking) is per sample. Every sample draws its noise from its own seeded generator,
 so a batched result equals the same requests run one by one.
+
+Speed switches (fused projections, channels_last, SDPA backend, torch.compile, CUDA graphs) live in `accel` and are
+applied once here, at construction; with all of them off (the default) nothing in the computation changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import accel as acc
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
 from .errors import InvalidParameter
@@ -37,6 +43,7 @@ SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
     Scheduler.lcm: (LCMScheduler, {}),
 }
 LCM_ADAPTER = "lcm"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,18 @@ class IdentityDenoiser:
     """The GPU stage of InstantID: PromptEmbeds + face embedding + keypoint image -> uint8 images."""
 
     def __init__(self, sdxl_dir: Path, identitynet_dir: Path, adapter_path: Path, settings: PipelineSettings,
-                 lcm_lora: Path | None = None) -> None:
+                 lcm_lora: Path | None = None, *, accel: acc.AccelSettings | None = None) -> None:
+        """Load the models and apply the speed switches.
+
+        Args:
+            accel: every speed switch; default `AccelSettings.from_settings(settings)` (the switches that
+                `PipelineSettings` carries). When `settings.warmup_sizes` is set, the constructor returns only
+                after a warm-up call per size and batch size (compiled shapes exist before the replica is ready).
+        """
         self.settings = settings
         self.device = torch.device(settings.device)
+        self.accel = accel if accel is not None else acc.AccelSettings.from_settings(settings)
+        self.accel.check(self.device, lora=lcm_lora is not None)
         self.dtype = getattr(torch, settings.dtype)
         load = dict(torch_dtype=self.dtype)
         self.unet = UNet2DConditionModel.from_pretrained(sdxl_dir / "unet", **load)
@@ -95,9 +111,7 @@ class IdentityDenoiser:
             self.unet.disable_lora()
         for module in (self.unet, self.identitynet, self.vae, self.resampler):
             module.to(self.device).eval().requires_grad_(False)
-        if settings.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
-            self.identitynet.to(memory_format=torch.channels_last)
+        self.apply_accel()
         self.scheduler_config = dict(EulerDiscreteScheduler.load_config(sdxl_dir / "scheduler"))
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.control_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
@@ -106,11 +120,46 @@ class IdentityDenoiser:
         # One forward at a time: requests from concurrent callers meet in batches, not in interleaved kernels,
         # and the LCM LoRA toggle is scoped to the call that asked for it.
         self._lock = threading.Lock()
+        # Inductor keeps CUDA graph trees per thread: with CUDA graphs every call runs on this one thread, whatever
+        # thread the caller (e.g. asyncio.to_thread in the Serve replica) is on.
+        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="denoiser")
+                        if self.accel.uses_cudagraphs(self.device) else None)
+        self.warmup_seconds: dict[str, float] = {}
+        if settings.warmup_sizes:
+            self.warmup_seconds = acc.warmup(self, settings.warmup_sizes, settings.warmup_batch_sizes)
+
+    def apply_accel(self) -> None:
+        """The speed switches, once; with all off, `_step`/`_decode_latents` are the plain eager methods."""
+        accel = self.accel
+        if accel.channels_last:
+            acc.to_channels_last(self.unet, self.identitynet)
+        if accel.fuse_qkv:
+            acc.fuse_qkv(self.unet)
+            acc.fuse_qkv(self.identitynet)
+        if accel.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # process-wide; only ever switched on
+        if accel.any_compile:
+            shapes = 2 * max(len(self.settings.warmup_sizes), 1) * max(len(self.settings.warmup_batch_sizes), 1)
+            acc.configure_compile(accel, shapes)
+        self._step = acc.compile_fn(self.predict_noise, accel) if accel.compile else self.predict_noise
+        self._decode_latents = acc.compile_fn(self.decode_latents, accel) if accel.compile_vae else self.decode_latents
+        self._mark_step = accel.uses_cudagraphs(self.device)
+        log.info("IdentityDenoiser on %s (%s): %s", self.device, self.settings.dtype, accel.describe())
 
     # --- public entry -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def __call__(self, requests: list[DenoiseRequest], key: BatchKey) -> list[np.ndarray]:
         """Run a batch; returns, per request, a (num_images, H, W, 3) uint8 array."""
+        if self._worker is not None:
+            return self._worker.submit(self._run, requests, key).result()
+        return self._run(requests, key)
+
+    def close(self) -> None:
+        """Stop the CUDA-graph worker thread, if any (the models stay loaded)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+
+    @torch.inference_mode()
+    def _run(self, requests: list[DenoiseRequest], key: BatchKey) -> list[np.ndarray]:
         self.check_inputs(requests, key)
         samples = self.expand_samples(requests)
         with self._lock, self.lora_scope(key.scheduler):
@@ -207,18 +256,29 @@ class IdentityDenoiser:
 
     def denoise(self, latents: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
                 generators: list[torch.Generator]) -> torch.Tensor:
-        guidance = cond["guidance"]
-        use_cfg = bool((guidance > 1.0).any())
-        for t in scheduler.timesteps:
-            model_input = torch.cat([latents] * 2) if use_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.predict_noise(model_input, t, cond, use_cfg)
-            if use_cfg:
-                uncond, text = noise.chunk(2)
-                # A sample with guidance <= 1 runs unguided, as it would alone.
-                noise = torch.where(guidance > 1.0, uncond + guidance * (text - uncond), text)
-            latents = scheduler.step(noise, t, latents, generator=generators, return_dict=False)[0]
+        use_cfg = bool((cond["guidance"] > 1.0).any())
+        with acc.sdpa_context(self.accel.sdpa_backend):
+            for t in scheduler.timesteps:
+                latents = self.denoise_step(latents, t, cond, scheduler, generators, use_cfg)
         return latents
+
+    def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
+                     generators: list[torch.Generator], use_cfg: bool) -> torch.Tensor:
+        """One scheduler step: model input, noise prediction (the compiled part when `compile`), CFG, step."""
+        guidance = cond["guidance"]
+        model_input = torch.cat([latents] * 2) if use_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        # Both CFG halves go through IdentityNet: running it on the conditional half only would change the image.
+        noise = self._step(model_input, t, cond, use_cfg)
+        if use_cfg:
+            uncond, text = noise.chunk(2)
+            # A sample with guidance <= 1 runs unguided, as it would alone. The scale takes the noise's dtype, as a
+            # Python float does in diffusers' pipelines: a float32 tensor would promote fp16/bf16 latents to float32.
+            scale = guidance.to(noise.dtype)
+            noise = torch.where(guidance > 1.0, uncond + scale * (text - uncond), text)
+        return scheduler.step(noise, t, latents, generator=generators, return_dict=False)[0]
 
     def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, cond: dict, use_cfg: bool) -> torch.Tensor:
         """One UNet + IdentityNet evaluation. IdentityNet sees only the face tokens (plus pooled text and time
@@ -239,10 +299,16 @@ class IdentityDenoiser:
         )[0]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
+        if self._mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        image = self._decode_latents(latents)
         image = self.image_processor.postprocess(image.float(), output_type="np")  # (B, H, W, 3) in [0, 1]
         return (image * 255).round().astype(np.uint8)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode: (B, 4, h, w) latents -> (B, 3, H, W) images in [-1, 1]."""
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
 
     @contextlib.contextmanager
     def lora_scope(self, scheduler: Scheduler):
