@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TINY := .cache/tiny
 OUT ?= outputs
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-cli test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,12 @@ $(TINY)/.done: | setup
 	$(PY) -m instantid_core.cli weights tiny $(TINY)
 	touch $@
 
-demo: setup $(TINY)/.done
+# The main job on the tiny preset: the serving app on Ray local, one real HTTP request, outputs under ./outputs
+# (or OUTPUT_URI). `make demo-cli` does the same through the library alone.
+demo: setup
+	$(PY) -m deployments.demo
+
+demo-cli: setup $(TINY)/.done
 	$(PY) -m instantid_core.cli generate --weights $(TINY) --face instantid_core/data/astronaut.jpg \
 		--prompt "an astronaut portrait, watercolor" --style Watercolor --steps 8 --width 512 --height 512 \
 		--seed 42 --out $(OUT)
