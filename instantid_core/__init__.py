@@ -6,8 +6,17 @@ import importlib
 from typing import Any
 
 from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
-from .errors import (ImageTooLarge, InputNotAllowed, InputNotFound, InstantIDError, InvalidImage, InvalidParameter,
-                     NoFaceDetected, StorageError, WeightsError)
+from .errors import (
+    ImageTooLarge,
+    InputNotAllowed,
+    InputNotFound,
+    InstantIDError,
+    InvalidImage,
+    InvalidParameter,
+    NoFaceDetected,
+    StorageError,
+    WeightsError,
+)
 
 _LAZY = {
     "InstantIDPipeline": "pipeline", "FaceAnalyzer": "face", "PromptEncoder": "text",

@@ -10,8 +10,8 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from pydantic import ValidationError
 

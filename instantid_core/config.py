@@ -49,13 +49,15 @@ class ModelSources(BaseModel):
         "InstantX/InstantID/ControlNetModel",
         description="IdentityNet (ControlNet) folder; `repo/subfolder` picks a folder inside a hub repo.",
     )
-    adapter: str = Field("InstantX/InstantID/ip-adapter.bin", description="ip-adapter.bin with image_proj + ip_adapter.")
+    adapter: str = Field(
+        "InstantX/InstantID/ip-adapter.bin", description="ip-adapter.bin with image_proj + ip_adapter."
+    )
     face_pack: str = Field("DIAMONIKAKA/antelopev2", description="antelopev2 ONNX pack (SCRFD + ArcFace).")
     lcm_lora: str | None = Field(None, description="Optional LCM-LoRA for SDXL (enables the `lcm` scheduler).")
     cache_dir: str | None = Field(None, description="Where s3:// sources are cached; default ~/.cache/instantid.")
 
     @classmethod
-    def from_root(cls, root: str) -> "ModelSources":
+    def from_root(cls, root: str) -> ModelSources:
         """Sources for a folder laid out like `instantid weights tiny|download DIR` writes it."""
         root = root.rstrip("/")
         return cls(
@@ -139,7 +141,7 @@ class GenerateParams(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _both_sides_or_none(self) -> "GenerateParams":
+    def _both_sides_or_none(self) -> GenerateParams:
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
         return self

@@ -192,7 +192,7 @@ def draw_kps(size: tuple[int, int], kps: np.ndarray) -> Image.Image:
                                    0, 360, 1)
         canvas = cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[a])
     out = (canvas * LIMB_DIM).astype(np.uint8)
-    for (x, y), color in zip(kps, KPS_COLORS):
+    for (x, y), color in zip(kps, KPS_COLORS, strict=True):
         out = cv2.circle(out, (int(x), int(y)), DOT_RADIUS, color, -1)
     return Image.fromarray(out)
 

@@ -56,7 +56,7 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
         raise InvalidParameter("at least one face image is required", field="face_image")
     names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
     faces: list[FaceInfo] = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
-                             for i, (photo, name) in enumerate(zip(face_photos, names))]
+                             for i, (photo, name) in enumerate(zip(face_photos, names, strict=True))]
     embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
     layout_photo, layout_face = face_photos[0], faces[0]
     if pose_photo is not None:
@@ -104,7 +104,7 @@ class InstantIDPipeline:
                                          self.settings, lcm_lora=self.weights.lcm_lora)
 
     @classmethod
-    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> "InstantIDPipeline":
+    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> InstantIDPipeline:
         return cls(ModelSources.from_root(str(root)), settings)
 
     def load_photo(self, data: bytes, name: str) -> Image.Image:

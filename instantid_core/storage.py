@@ -177,7 +177,8 @@ class OutputStore:
         body = _dumps(sidecar)  # before any write: a meta that cannot be serialised leaves nothing to clean up
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(_MAX_PARALLEL_PUTS, len(images)))) as pool:
-                futures = [pool.submit(self._put, loc, data, content_type) for loc, data in zip(image_locs, images)]
+                futures = [pool.submit(self._put, loc, data, content_type)
+                           for loc, data in zip(image_locs, images, strict=True)]
             # Leaving the pool waited for every upload, so none can land after the cleanup below.
             for future in futures:
                 future.result()

@@ -204,7 +204,7 @@ def _separable_window(tw: int, th: int) -> tuple[np.ndarray, np.ndarray, list, l
     u, sv, vt = np.linalg.svd(t)
     us = [u[:, k] * sv[k] for k in range(TEMPLATE_RANK)]
     vs = [vt[k] for k in range(TEMPLATE_RANK)]
-    approx = sum(np.outer(a, b) for a, b in zip(us, vs))
+    approx = sum(np.outer(a, b) for a, b in zip(us, vs, strict=True))
     zero_fix = approx.sum() / weights.sum()
     scale = 1.0 / np.sqrt(((approx - zero_fix * weights) ** 2 / weights).sum())
     return gy, gx, [a * scale for a in us], vs, zero_fix * scale
@@ -348,7 +348,7 @@ def build_detector() -> onnx.ModelProto:
     containers = suffix_max([dilate_to_8(sc, s, w, CONTAIN_RADIUS) for s, _, w, sc, _ in scans])
     widths = [w for _, _, w, _, _ in scans]
     anchors: dict[tuple[int, int], tuple[str, str]] = {}
-    for i, (s, a, w, score, dist) in enumerate(scans):
+    for s, a, w, score, dist in scans:
         j = next((j for j, v in enumerate(widths) if v >= CONTAIN_RATIO * w), None)
         if j is not None:
             inside = g.op("GreaterOrEqual", [on_grid(containers[j], s), g.const(CONTAIN_THRESHOLD)])
@@ -388,7 +388,7 @@ def build_detector() -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])]
     outputs = []
     for names, width in ((scores_out, 1), (bbox_out, 4), (kps_out, 10)):
-        for s, name in zip(STRIDES, names):
+        for s, name in zip(STRIDES, names, strict=True):
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"anchors_{s}", width]))
     return _model(g, inputs, outputs, "tiny_scrfd")
 

@@ -15,9 +15,10 @@ import shutil
 import struct
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from instantid_core.config import ModelSources
 from instantid_core.errors import WeightsError
@@ -318,7 +319,7 @@ def resolve_weights(
 
 
 def download_all(
-    dest_root: Path, sources: ModelSources = ModelSources(), *, offline: bool | None = None, s3_client: Any = None
+    dest_root: Path, sources: ModelSources | None = None, *, offline: bool | None = None, s3_client: Any = None
 ) -> ResolvedWeights:
     """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`).
 
@@ -329,7 +330,7 @@ def download_all(
     Returns:
         The weights under `dest_root`, with the revisions and download count of the resolve.
     """
-    resolved = resolve_weights(sources, offline=offline, s3_client=s3_client)
+    resolved = resolve_weights(sources or ModelSources(), offline=offline, s3_client=s3_client)
     dest_root = Path(dest_root).expanduser()
     layout = ModelSources.from_root(str(dest_root))
     dests: dict[str, Path | None] = {part: Path(getattr(layout, part)) for part in _CHECKS if part != "lcm_lora"}
