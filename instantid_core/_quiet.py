@@ -1,0 +1,31 @@
+"""Narrow filters for third-party messages that every run printed and that tell our users nothing they can act on.
+
+Each filter matches one known message from one module; every other warning and log record still shows. Installed
+once by `instantid_core/__init__.py`, before any submodule imports diffusers, transformers or insightface.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# transformers (5.x) logs this the first time diffusers' pipelines import CLIPImageProcessor / SiglipImageProcessor
+# without torchvision. We never use an image processor of transformers (the face stage is insightface), and the
+# PIL fallback it announces is exactly what we would want anyway.
+_TRANSFORMERS_LOGGER = "transformers.utils.import_utils"
+_TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
+
+# scikit-image 0.26 deprecated `SimilarityTransform.estimate`; insightface 2.1's face_align calls it for every face
+# it aligns, so each analysis printed a FutureWarning pointing into insightface. Alignment results are unchanged.
+_SKIMAGE_ESTIMATE = r"`estimate` is deprecated"
+_INSIGHTFACE_ALIGN = r"insightface\.utils\.face_align"
+
+
+def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:
+    return _TORCHVISION_FALLBACK not in record.getMessage()
+
+
+def silence_known_noise() -> None:
+    """Install the filters; idempotent (the same filter object or warning filter is never added twice)."""
+    logging.getLogger(_TRANSFORMERS_LOGGER).addFilter(_drop_torchvision_fallback)
+    warnings.filterwarnings("ignore", message=_SKIMAGE_ESTIMATE, category=FutureWarning, module=_INSIGHTFACE_ALIGN)
