@@ -16,16 +16,23 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
-from .errors import InstantIDError
+from .errors import InstantIDError, WeightsError
 
 EXIT_USAGE = 2
 
 
 def _weights_tiny(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    target = Path(args.dir)
+    if target.exists() and not target.is_dir():
+        raise WeightsError(f"cannot write the tiny preset to {target}: it is a file, not a folder", field="dir")
+
     from .tiny import write_tiny_preset
 
-    start = time.perf_counter()
-    root = write_tiny_preset(Path(args.dir))
+    try:
+        root = write_tiny_preset(target)
+    except OSError as exc:  # permissions, disk full, a file in the way further down
+        raise WeightsError(f"cannot write the tiny preset to {target}: {exc}", field="dir") from exc
     print(f"wrote the tiny preset to {root} in {time.perf_counter() - start:.1f}s")
 
 
@@ -39,26 +46,28 @@ def _weights_download(args: argparse.Namespace) -> None:
 def _weights_check(args: argparse.Namespace) -> None:
     from .weights import resolve_weights
 
-    resolved = resolve_weights(ModelSources.from_root(args.dir))
+    resolved = resolve_weights(ModelSources.from_root(_weights_root(args.dir)))
     print(f"ok: {resolved.sdxl}, {resolved.identitynet}, {resolved.adapter}, {resolved.face_pack}")
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .pipeline import InstantIDPipeline
-    from .storage import OutputStore, encode_image
-
+    # Everything cheap is checked before torch and diffusers are imported: a typo costs no model load.
     params = GenerateParams(
         prompt=args.prompt, negative_prompt=args.negative_prompt, style=args.style, seed=args.seed, steps=args.steps,
         guidance=args.guidance, identitynet_strength=args.identitynet_strength,
         adapter_strength=args.adapter_strength, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, enhance_face_region=not args.no_enhance_face_region, face_index=args.face_index,
     )
-    faces = [_read(path) for path in args.face]
-    pose = _read(args.pose) if args.pose else None
     settings = PipelineSettings(device=args.device, dtype=args.dtype)
-    sources = _sources(args) if args.weights is None else ModelSources.from_root(args.weights)
+    faces = [_read_image(path, settings) for path in args.face]
+    pose = _read_image(args.pose, settings) if args.pose else None
+    sources = _sources(args) if args.weights is None else ModelSources.from_root(_weights_root(args.weights))
+
+    from .pipeline import InstantIDPipeline
+    from .storage import OutputStore, encode_image
+
     pipeline = InstantIDPipeline(sources, settings)
-    result = pipeline.generate(faces, params, pose)
+    result = pipeline.generate(faces, params, pose, face_names=list(args.face), pose_name=args.pose or "pose_image")
     request_id = uuid.uuid4().hex
     meta = {
         "request_id": request_id, "params": params.model_dump(mode="json"), "seed": result.seed,
@@ -74,11 +83,29 @@ def _generate(args: argparse.Namespace) -> None:
     print("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), file=sys.stderr)
 
 
-def _read(path: str) -> bytes:
+def _read_image(path: str, settings: PipelineSettings) -> bytes:
+    """The file's bytes, once they are known to decode (with the pipeline's own limits) as an image."""
+    from .images import load_image  # PIL only
+
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise InstantIDError(f"cannot read {path}: {exc.strerror}") from exc
+    load_image(data, name=path, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+    return data
+
+
+def _weights_root(root: str) -> str:
+    """A weights folder named on the command line, as an absolute path (so the resolver never mistakes a relative
+    path for a hub id); an s3:// prefix passes through to the resolver."""
+    if root.startswith("s3://"):
+        return root
+    path = Path(root.removeprefix("file://")).expanduser()
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise WeightsError(f"weights folder {root} {what}; write one with `instantid weights tiny DIR` "
+                           "or `instantid weights download DIR`", field="weights")
+    return str(path.resolve())
 
 
 def _sources(args: argparse.Namespace) -> ModelSources:
@@ -150,14 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         func(args)
     except InstantIDError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        _fail(exc.message)
         return EXIT_USAGE
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "parameters"
-        print(f"error: {where}: {first['msg']}", file=sys.stderr)
+        _fail(f"{where}: {first['msg'].removeprefix('Value error, ')}")
         return EXIT_USAGE
     return 0
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, whatever line breaks a library put into its message."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,11 @@ def output_size(params: GenerateParams, photo_size: tuple[int, int]) -> tuple[in
 
 
 def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params: GenerateParams,
-                 pose_photo: Image.Image | None = None, names: list[str] | None = None) -> FaceCondition:
-    """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo."""
+                 pose_photo: Image.Image | None = None, names: list[str] | None = None,
+                 pose_name: str = "pose_image") -> FaceCondition:
+    """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo.
+
+    `names` and `pose_name` are what the caller calls these inputs (API fields, file paths); errors name them."""
     if not face_photos:
         raise InvalidParameter("at least one face image is required", field="face_image")
     names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
@@ -60,7 +63,7 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
     embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
     layout_photo, layout_face = face_photos[0], faces[0]
     if pose_photo is not None:
-        layout_photo, layout_face = pose_photo, analyzer.analyze(pose_photo, name="pose_image")
+        layout_photo, layout_face = pose_photo, analyzer.analyze(pose_photo, name=pose_name)
     width, height = output_size(params, layout_photo.size)
     kps = map_kps_to_output(layout_face.kps, layout_photo.size, (width, height))
     x1, y1, x2, y2 = layout_face.bbox
@@ -112,14 +115,19 @@ class InstantIDPipeline:
                           max_side=self.settings.max_image_side)
 
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
-                 seed: int | None = None) -> GenerationResult:
-        """Run face analysis, prompt encoding and denoising for one request."""
+                 seed: int | None = None, *, face_names: list[str] | None = None,
+                 pose_name: str = "pose_image") -> GenerationResult:
+        """Run face analysis, prompt encoding and denoising for one request.
+
+        `face_names` / `pose_name` name the inputs in error messages (default `face_image[i]`, `pose_image`);
+        the CLI passes the file paths."""
         timings: dict[str, float] = {}
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
+        names = face_names or [f"face_image[{i}]" for i in range(len(face_images))]
         start = time.perf_counter()
-        photos = [self.load_photo(data, f"face_image[{i}]") for i, data in enumerate(face_images)]
-        pose = self.load_photo(pose_image, "pose_image") if pose_image is not None else None
-        face = prepare_face(self.face, photos, params, pose)
+        photos = [self.load_photo(data, name) for data, name in zip(face_images, names, strict=True)]
+        pose = self.load_photo(pose_image, pose_name) if pose_image is not None else None
+        face = prepare_face(self.face, photos, params, pose, names, pose_name)
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()
