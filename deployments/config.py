@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from instantid_core.config import ModelSources, PipelineSettings
 
+from .access import AccessConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
 APP_NAME = "instantid"
@@ -84,7 +86,10 @@ class AppConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="Denoiser: how long a batch waits to fill.")
     face_cache_size: int = Field(256, ge=0)
     prompt_cache_size: int = Field(512, ge=0)
-    retry_after_s: int = Field(2, ge=1, description="Retry-After on 429/503.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
+    job_lease_s: float = Field(30.0, gt=0, description="A queued/running job not renewed for this long is resumed "
+                               "by the replica that answers its next poll.")
+    access: AccessConfig = Field(default_factory=AccessConfig)
     deployments: StageOptions = Field(default_factory=StageOptions)
 
     @model_validator(mode="after")

@@ -17,7 +17,9 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from ray import serve
@@ -30,6 +32,7 @@ from instantid_core.pipeline import draw_seed
 from instantid_core.storage import OutputStore, read_uri
 
 from . import metrics
+from .access import AccessControl, Action, RateLimited, Unauthorized
 from .config import AppConfig
 from .schemas import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, JobStatus
 
@@ -59,7 +62,7 @@ GENERATE_BODY = {
         },
     }
 }
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 403, 404, 413, 415, 422, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)}
 
 
 class ServiceOverloaded(InstantIDError):
@@ -84,14 +87,40 @@ class JobNotFound(InstantIDError):
 
 def error_response(exc: InstantIDError, retry_after_s: int) -> JSONResponse:
     body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field))
-    headers = {"Retry-After": str(retry_after_s)} if exc.http_status in (429, 503) else None
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.http_status, headers=headers)
+    headers = {}
+    if exc.http_status in (429, 503):
+        headers["Retry-After"] = str(exc.retry_after_s if isinstance(exc, RateLimited) else retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.http_status, headers=headers or None)
 
 
-def validation_error(exc: ValidationError) -> InvalidParameter:
+def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
     first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
+    field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path")) or None
     return InvalidParameter(f"{field or 'body'}: {first['msg']}", field=field)
+
+
+class RouteNotFound(InstantIDError):
+    http_status = 404
+    code = "not_found"
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own 404/405 answer in the same error format as ours.
+    error = RouteNotFound(f"no route {request.method} {request.url.path}") if exc.status_code == 404 else \
+        InstantIDError(str(exc.detail))
+    error.http_status = exc.status_code
+    if exc.status_code == 405:
+        error.code = "method_not_allowed"
+    return error_response(error, retry_after_s=1)
+
+
+@app.exception_handler(RequestValidationError)
+async def _parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own checks (query and path parameters) answer in the same error format as ours.
+    return error_response(validation_error(exc), retry_after_s=1)
 
 
 @serve.ingress(app)
@@ -101,13 +130,17 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
         self.jobs = OutputStore(self.config.output_uri)
+        self.access = AccessControl(self.config.access)
         self._tasks: set[asyncio.Task] = set()
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
-    async def generate(self, request: GenerateRequest, inline: bool = False) -> GenerateResponse:
-        """Run one request through the DAG; raises typed InstantIDErrors for expected failures."""
+    async def generate(self, request: GenerateRequest, inline: bool = False,
+                       request_id: str | None = None) -> GenerateResponse:
+        """Run one request through the DAG; raises typed InstantIDErrors for expected failures.
+
+        `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         params = request.params()
         seed = params.seed if params.seed is not None else draw_seed()
         face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
@@ -165,32 +198,46 @@ class Ingress:
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=GENERATE_BODY)
     async def http_generate(self, request: Request, inline: bool = False) -> Response:
         """Generate images: a JSON body (images as base64 or s3:// URIs) or a multipart upload."""
-        return await self._http(lambda: self._parse_and_generate(request, inline), "generate")
+        async def run() -> Response:
+            result = await self.generate(await self._parse_request(request), inline=inline)
+            return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
-    @app.post("/v1/jobs", status_code=202, response_model=JobStatus, responses=ERROR_RESPONSES)
-    async def http_submit_job(self, body: GenerateRequest, inline: bool = False) -> Response:
-        """Queue a generation and return at once; poll GET /v1/jobs/{job_id}."""
+        return await self._http(request, "generate", run, action="generate")
+
+    @app.post("/v1/jobs", status_code=202, response_model=JobStatus, responses=ERROR_RESPONSES,
+              openapi_extra=GENERATE_BODY)
+    async def http_submit_job(self, request: Request, inline: bool = False) -> Response:
+        """Queue a generation (same body as /v1/generate) and return at once; poll GET /v1/jobs/{job_id}.
+
+        The request is stored with the job, so if this replica dies the next poll resumes the job elsewhere."""
         async def submit() -> Response:
+            body = await self._parse_request(request)
+            if body.seed is None:  # fixed now, so a resumed job makes the same images
+                body = body.model_copy(update={"seed": draw_seed()})
             job_id = uuid.uuid4().hex
-            await self._save_job(JobStatus(job_id=job_id, status="queued"))
-            task = asyncio.create_task(self._run_job(job_id, body, inline))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return JSONResponse(JobStatus(job_id=job_id, status="queued").model_dump(mode="json"), status_code=202)
+            await asyncio.to_thread(self.jobs.put_json, f"jobs/{job_id}.request.json",
+                                    {"request": body.model_dump(mode="json"), "inline": inline})
+            status = JobStatus(job_id=job_id, status="queued", updated_at=time.time())
+            await self._save_job(status)
+            self._start_job(job_id, body, inline)
+            return JSONResponse(status.model_dump(mode="json"), status_code=202)
 
-        return await self._http(submit, "jobs")
+        return await self._http(request, "jobs", submit, action="jobs")
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES)
-    async def http_job_status(self, job_id: str) -> Response:
+    async def http_job_status(self, request: Request, job_id: str) -> Response:
         async def status() -> Response:
             if not job_id.isalnum() or len(job_id) > 64:
                 raise InvalidParameter("job_id must be alphanumeric", field="job_id")
             key = f"jobs/{job_id}.json"
             if not await asyncio.to_thread(self.jobs.exists, key):
                 raise JobNotFound(f"no job {job_id}")
-            return JSONResponse(await asyncio.to_thread(self.jobs.get_json, key))
+            job = JobStatus.model_validate(await asyncio.to_thread(self.jobs.get_json, key))
+            if job.status in ("queued", "running") and time.time() - (job.updated_at or 0) > self.config.job_lease_s:
+                job = await self._adopt_job(job)
+            return JSONResponse(job.model_dump(mode="json", exclude_none=True))
 
-        return await self._http(status, "job_status")
+        return await self._http(request, "job_status", status, action="jobs")
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -215,9 +262,10 @@ class Ingress:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
-    async def _http(self, run, route: str) -> Response:
+    async def _http(self, request: Request, route: str, run, action: Action) -> Response:
         started = time.perf_counter()
         try:
+            self.access.check(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
             response = await run()
         except InstantIDError as exc:
             if exc.http_status >= 500 and exc.http_status not in (503, 504):
@@ -226,7 +274,7 @@ class Ingress:
         metrics.observe_http(route, response.status_code, time.perf_counter() - started)
         return response
 
-    async def _parse_and_generate(self, request: Request, inline: bool) -> Response:
+    async def _parse_request(self, request: Request) -> GenerateRequest:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
@@ -239,8 +287,7 @@ class Ingress:
                 generate_request = GenerateRequest.model_validate_json(body)
             except ValidationError as exc:
                 raise validation_error(exc) from exc
-        result = await self.generate(generate_request, inline=inline)
-        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+        return generate_request
 
     async def _read_body(self, request: Request) -> bytes:
         chunks, size = [], 0
@@ -255,6 +302,8 @@ class Ingress:
         try:
             form = await request.form(max_files=9, max_fields=4, max_part_size=self.config.max_image_bytes)
         except Exception as exc:  # starlette raises several types for a broken multipart body
+            if "maximum size" in str(exc):
+                raise ImageTooLarge(f"an uploaded part is over {self.config.max_image_bytes} bytes") from exc
             raise InvalidParameter(f"malformed multipart body: {exc}") from exc
         faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
         pose = form.get("pose_image")
@@ -274,18 +323,52 @@ class Ingress:
         except ValidationError as exc:
             raise validation_error(exc) from exc
 
+    # --- jobs: state lives in the output store; a running job renews its lease, a stale one is adopted -----------
+    def _start_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:
+        task = asyncio.create_task(self._run_job(job_id, body, inline))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_job(self, job: JobStatus) -> JobStatus:
+        """Resume a job whose replica stopped renewing it. Re-running is idempotent (same id, same seed, same
+        output keys), so two replicas adopting at once write the same objects."""
+        saved = await asyncio.to_thread(self.jobs.get_json, f"jobs/{job.job_id}.request.json")
+        logger.warning("job %s: lease expired while %s; resuming it here", job.job_id, job.status)
+        job = JobStatus(job_id=job.job_id, status="running", updated_at=time.time(), resumed=(job.resumed or 0) + 1)
+        await self._save_job(job)
+        self._start_job(job.job_id, GenerateRequest.model_validate(saved["request"]), bool(saved.get("inline")))
+        return job
+
     async def _run_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:
-        await self._save_job(JobStatus(job_id=job_id, status="running"))
+        resumed = (await asyncio.to_thread(self.jobs.get_json, f"jobs/{job_id}.json")).get("resumed")
+        running = JobStatus(job_id=job_id, status="running", resumed=resumed)
+
+        stop = asyncio.Event()
+
+        async def renew_lease() -> None:
+            while not stop.is_set():
+                await self._save_job(running.model_copy(update={"updated_at": time.time()}))
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.config.job_lease_s / 3)
+                except asyncio.TimeoutError:
+                    pass
+
+        lease = asyncio.create_task(renew_lease())
         try:
-            result = await self.generate(body, inline=inline)
-            await self._save_job(JobStatus(job_id=job_id, status="done", result=result))
+            result = await self.generate(body, inline=inline, request_id=job_id)
+            final = running.model_copy(update={"status": "done", "result": result})
         except InstantIDError as exc:
             detail = ErrorDetail(code=exc.code, message=exc.message, field=exc.field)
-            await self._save_job(JobStatus(job_id=job_id, status="failed", error=detail.model_dump(exclude_none=True)))
+            final = running.model_copy(update={"status": "failed", "error": detail.model_dump(exclude_none=True)})
         except Exception as exc:  # a job must end in a terminal state the caller can read
             logger.exception("job %s failed", job_id)
-            await self._save_job(JobStatus(job_id=job_id, status="failed",
-                                           error={"code": "internal", "message": type(exc).__name__}))
+            final = running.model_copy(update={"status": "failed",
+                                               "error": {"code": "internal", "message": type(exc).__name__}})
+        finally:
+            stop.set()
+            await lease  # its last write lands before the final state, never after
+        await self._save_job(final.model_copy(update={"updated_at": time.time()}))
 
     async def _save_job(self, status: JobStatus) -> None:
-        await asyncio.to_thread(self.jobs.put_json, f"jobs/{status.job_id}.json", status.model_dump(mode="json"))
+        await asyncio.to_thread(self.jobs.put_json, f"jobs/{status.job_id}.json",
+                                status.model_dump(mode="json", exclude_none=True))

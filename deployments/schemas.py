@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from instantid_core.config import GenerateParams
+from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import FaceCondition
+from instantid_core.storage import check_prefix
 from instantid_core.text import PromptEmbeds
 
 
@@ -19,6 +21,17 @@ class OutputSpec(BaseModel):
 
     prefix: str | None = Field(None, max_length=200, description="Sub-prefix under the configured output URI.")
     format: Literal["png", "jpeg", "webp"] = "png"
+
+    @field_validator("prefix")
+    @classmethod
+    def _safe_prefix(cls, value: str | None) -> str | None:
+        # Checked here, not only in the writer, so a bad prefix costs no denoising.
+        if value is not None:
+            try:
+                check_prefix(value)
+            except InvalidParameter as exc:
+                raise ValueError(exc.message) from None
+        return value
 
 
 class GenerateRequest(GenerateParams):
@@ -52,6 +65,8 @@ class JobStatus(BaseModel):
     status: Literal["queued", "running", "done", "failed"]
     result: GenerateResponse | None = None
     error: dict | None = None
+    updated_at: float | None = Field(None, description="Unix time of the last update; a running job renews it.")
+    resumed: int | None = Field(None, description="Times the job was resumed after its replica stopped.")
 
 
 class ErrorDetail(BaseModel):

@@ -385,6 +385,12 @@ def _check_segment(name: str, value: str) -> None:
         )
 
 
+def check_prefix(value: str, name: str = "prefix") -> str:
+    """Validate an output sub-prefix before any work is done; raises InvalidParameter naming the problem."""
+    _check_key(name, value)
+    return value
+
+
 def _check_key(name: str, value: str) -> list[str]:
     """Split a relative key into segments, refusing absolute paths and `..` (path traversal)."""
     if value.startswith(("/", "\\")) or "\\" in value:

@@ -15,9 +15,6 @@ import boto3
 import httpx
 import pytest
 
-AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
-            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
-
 
 @dataclass(frozen=True)
 class ServedApp:
@@ -58,8 +55,10 @@ def ray_instance(s3_server: str) -> Iterator[int]:
     import ray
     from ray import serve
 
-    env = {name: os.environ[name] for name in AWS_VARS if name in os.environ}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # workers import tests.apps.* like the driver
+    # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
+    # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
+    assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # workers import tests.apps.* like the driver
     ray.init(num_cpus=8, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
              _node_ip_address="127.0.0.1")
     port = free_port()
@@ -98,5 +97,5 @@ def served_app(ray_instance: int, s3_server: str, serve_tiny_dir: Path) -> Serve
     """The app as a user runs it, with batching that waits long enough for concurrent clients to meet."""
     bucket = f"serve-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}
+    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8, "job_lease_s": 6}
     return deploy(ray_instance, "instantid", "/", overrides, bucket, serve_tiny_dir)

@@ -1,0 +1,314 @@
+"""Load and fault benchmark (issue 5, "Reliability"): a bounded closed-loop load generator against the running app,
+an audit of the outputs it left in the store, and fault injection (denoiser replica killed under load, S3 server
+stopped mid-run). Loopback only; every run stops by itself.
+
+    python bench/load.py                      # 32 clients, 256 requests, tiny preset, 64x64; prints a report
+    python bench/load.py --write-results      # the same, then replaces the "Reliability" section of RESULTS.md
+
+The suite runs `run_load` + `audit_outputs` in a short version (tests/test_faults.py); this script is the long one.
+What runs: Ray local, the `instantid` app from serve_config.yaml's AppConfig (tiny preset, outputs to a moto S3
+server on 127.0.0.1 started here), real HTTP clients (httpx, async).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+FACE = REPO / "instantid_core" / "data" / "astronaut.jpg"
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Reliability (issue 5)"
+
+
+@dataclass
+class Answer:
+    status: int
+    seconds: float
+    started: float  # monotonic time the request was sent
+    body: dict[str, Any] | None
+    retry_after: str | None
+    error: str | None = None  # a transport error (timeout, reset) instead of an HTTP answer
+
+
+@dataclass
+class LoadResult:
+    answers: list[Answer] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def statuses(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for a in self.answers:
+            key = a.error or str(a.status)
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def ok(self) -> list[Answer]:
+        return [a for a in self.answers if a.status == 200]
+
+    def percentile_s(self, q: float, only_ok: bool = True) -> float:
+        values = sorted(a.seconds for a in (self.ok() if only_ok else self.answers))
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+    def goodput(self) -> float:
+        """Images per second delivered in 200 answers over the run's wall time."""
+        return sum(len(a.body["images"]) for a in self.ok()) / self.wall_s if self.wall_s else 0.0
+
+
+def run_load(url: str, make_body: Callable[[int], dict], *, clients: int, requests: int, timeout_s: float,
+             headers: dict[str, str] | None = None, during: Callable[[], Any] | None = None) -> LoadResult:
+    """`clients` concurrent loops sending `requests` POST /v1/generate in all; `during` runs in a thread meanwhile."""
+    return asyncio.run(_load(url, make_body, clients, requests, timeout_s, headers or {}, during))
+
+
+async def _load(url: str, make_body: Callable[[int], dict], clients: int, requests: int, timeout_s: float,
+                headers: dict[str, str], during: Callable[[], Any] | None) -> LoadResult:
+    result, counter = LoadResult(), iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client_loop(http: httpx.AsyncClient) -> None:
+        for index in counter:
+            sent = time.monotonic()
+            try:
+                response = await http.post(f"{url}/v1/generate", json=make_body(index), headers=headers)
+                body = response.json() if response.headers.get("content-type", "").startswith("application/json") \
+                    else None
+                result.answers.append(Answer(response.status_code, time.monotonic() - sent, sent, body,
+                                             response.headers.get("retry-after")))
+            except httpx.HTTPError as exc:  # a hang past the timeout or a dropped connection: recorded, not hidden
+                result.answers.append(Answer(0, time.monotonic() - sent, sent, None, None, type(exc).__name__))
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+        side = asyncio.create_task(asyncio.to_thread(during)) if during else None
+        await asyncio.gather(*(client_loop(http) for _ in range(clients)))
+        if side:
+            await side
+    result.wall_s = time.monotonic() - started
+    return result
+
+
+def audit_outputs(result: LoadResult, listed: set[str], read: Callable[[str], bytes]) -> dict[str, Any]:
+    """Compare what 200 answers reported with what the store holds under the run's prefix.
+
+    `listed`: every object URI under the prefix. Returns counts of missing outputs (reported, not stored), orphans
+    (stored, never reported) and sidecars whose image list disagrees with the answer."""
+    reported: set[str] = set()
+    bad_sidecars = 0
+    for answer in result.ok():
+        uris = [*answer.body["images"], answer.body["metadata"]]
+        reported.update(uris)
+        if answer.body["metadata"] in listed:
+            sidecar = json.loads(read(answer.body["metadata"]))
+            bad_sidecars += sidecar.get("images") != answer.body["images"]
+    return {"reported": len(reported), "stored": len(listed), "missing": sorted(reported - listed),
+            "orphans": sorted(listed - reported), "bad_sidecars": bad_sidecars}
+
+
+def replica_rss_mb() -> dict[str, float]:
+    """Resident memory of each local Serve replica process of the `instantid` app, by process title."""
+    import psutil
+
+    rss: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if "ServeReplica:instantid:" in title and proc.info["memory_info"]:
+            name = title.split("ServeReplica:instantid:")[1].split()[0]
+            rss[f"{name}#{proc.pid}"] = proc.info["memory_info"].rss / 2**20
+    return rss
+
+
+# --- the standalone benchmark ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _s3_objects(client: Any, bucket: str, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])}
+
+
+def _s3_read(client: Any) -> Callable[[str], bytes]:
+    def read(uri: str) -> bytes:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return read
+
+
+def _first_success_after(url: str, body: dict, since: float, limit_s: float) -> float | None:
+    """Seconds from `since` until a request succeeds, polling; None if none did within `limit_s`."""
+    while time.monotonic() - since < limit_s:
+        try:
+            if httpx.post(f"{url}/v1/generate", json=body, timeout=30).status_code == 200:
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args(argv)
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, s3_port = s3.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{s3_port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    client = boto3.client("s3")
+    bucket = f"load-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(REPO))
+    from deployments.app import build_app
+    from deployments.config import app_config_from_serve_config
+
+    config = app_config_from_serve_config()
+    config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
+    config.output_uri = f"s3://{bucket}/out"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    face = base64.b64encode(FACE.read_bytes()).decode()
+    run_id = uuid.uuid4().hex[:8]
+
+    def body(index: int, phase: str) -> dict:
+        return {"face_image": face, "prompt": f"portrait {index % 8}", "seed": index, "steps": args.steps,
+                "width": args.size, "height": args.size, "output": {"prefix": f"{run_id}-{phase}"}}
+
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    report: dict[str, Any] = {"clients": args.clients, "requests": args.requests, "size": args.size,
+                              "steps": args.steps}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="instantid", route_prefix="/")
+        for i in range(3):  # warm-up, not measured
+            httpx.post(f"{url}/v1/generate", json=body(i, "warmup"), timeout=120).raise_for_status()
+
+        rss_before = replica_rss_mb()
+        load = run_load(url, lambda i: body(i, "load"), clients=args.clients, requests=args.requests,
+                        timeout_s=args.timeout)
+        rss_after = replica_rss_mb()
+        audit = audit_outputs(load, _s3_objects(client, bucket, f"out/{run_id}-load/"), _s3_read(client))
+        report["load"] = {"statuses": load.statuses(), "p50_s": load.percentile_s(50), "p99_s": load.percentile_s(99),
+                          "goodput_img_s": load.goodput(), "wall_s": load.wall_s,
+                          "missing": len(audit["missing"]), "orphans": len(audit["orphans"]),
+                          "bad_sidecars": audit["bad_sidecars"],
+                          "rss_mb": {k: [round(rss_before.get(k, float("nan"))), round(v)]
+                                     for k, v in sorted(rss_after.items())}}
+
+        # Fault 1: the denoiser's actor killed a third of the way into a load run.
+        killed_at: dict[str, float] = {}
+
+        def kill_denoiser() -> None:
+            time.sleep(max(1.0, load.wall_s / 3))
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if "#Denoiser#" in a["name"] and a["name"].startswith("SERVE_REPLICA::instantid#")]
+            killed_at["t"] = time.monotonic()
+            for name in names:
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+        faulted = run_load(url, lambda i: body(i, "kill"), clients=8, requests=max(48, args.requests // 4),
+                           timeout_s=args.timeout, during=kill_denoiser)
+        after_kill = [a for a in faulted.answers if a.started >= killed_at["t"]]
+        recovered = [a.started + a.seconds - killed_at["t"] for a in after_kill if a.status == 200]
+        audit_kill = audit_outputs(faulted, _s3_objects(client, bucket, f"out/{run_id}-kill/"), _s3_read(client))
+        non_retry_5xx = [a for a in faulted.answers if a.status >= 500 and not (
+            a.status == 503 and a.retry_after and "retry" in json.dumps(a.body))]
+        report["kill_denoiser"] = {"statuses": faulted.statuses(), "recovered_after_s": min(recovered, default=None),
+                                   "non_retryable_5xx": len(non_retry_5xx), "missing": len(audit_kill["missing"]),
+                                   "orphans": len(audit_kill["orphans"])}
+
+        # Fault 2: the S3 server stopped for a few requests, then back.
+        s3.stop()
+        outage = [httpx.post(f"{url}/v1/generate", json=body(i, "outage"), timeout=args.timeout) for i in range(3)]
+        down_codes = [(r.status_code, (r.json().get("error") or {}).get("code")) for r in outage]
+        down_seconds = [r.elapsed.total_seconds() for r in outage]
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+        s3.start()
+        back = time.monotonic()
+        recovered_s = _first_success_after(url, body(99, "after-outage"), back, 60)
+        report["s3_outage"] = {"answers_while_down": down_codes, "max_answer_s": max(down_seconds),
+                               "partial_objects": len(_s3_objects(client, bucket, f"out/{run_id}-outage/")),
+                               "recovered_after_s": recovered_s}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        s3.stop()
+
+    report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
+    print(json.dumps(report, indent=2, default=str))
+    if args.write_results:
+        _write_results(report)
+    return 0
+
+
+def _write_results(report: dict[str, Any]) -> None:
+    load, kill, outage = report["load"], report["kill_denoiser"], report["s3_outage"]
+    rss = "; ".join(f"{k.split('#')[0]} {a}→{b}" for k, (a, b) in load["rss_mb"].items())
+    lines = [
+        SECTION, "",
+        f"`python bench/load.py` on this machine ({report['machine']['cpus']} CPUs, Python "
+        f"{report['machine']['python']}, Ray {report['machine']['ray']}), tiny preset on CPU, "
+        f"{report['size']}×{report['size']}, {report['steps']} steps, outputs to a moto S3 server on loopback. "
+        "No GPU was lent to this task: every figure here is CPU.", "",
+        "| what | figure |", "|---|---|",
+        f"| load: clients / requests | {report['clients']} / {report['requests']} |",
+        f"| load: answers | {load['statuses']} |",
+        f"| load: p50 / p99 latency of 200s | {load['p50_s']:.2f} s / {load['p99_s']:.2f} s |",
+        f"| load: goodput | {load['goodput_img_s']:.1f} images/s over {load['wall_s']:.1f} s |",
+        f"| load: outputs missing / orphan objects / sidecars disagreeing | {load['missing']} / {load['orphans']} / "
+        f"{load['bad_sidecars']} |",
+        f"| load: replica RSS before→after (MB) | {rss} |",
+        f"| denoiser killed under load (8 clients): answers | {kill['statuses']} |",
+        f"| denoiser killed: 5xx that did not say retry | {kill['non_retryable_5xx']} |",
+        f"| denoiser killed: first success after the kill | {kill['recovered_after_s']:.1f} s |"
+        if kill["recovered_after_s"] is not None else "| denoiser killed: first success after the kill | none |",
+        f"| denoiser killed: outputs missing / orphans | {kill['missing']} / {kill['orphans']} |",
+        f"| S3 stopped: answers while down | {outage['answers_while_down']} (slowest {outage['max_answer_s']:.1f} s) |",
+        f"| S3 stopped: partial objects visible after it came back | {outage['partial_objects']} |",
+        f"| S3 back: first success after restart | {outage['recovered_after_s']:.1f} s |"
+        if outage["recovered_after_s"] is not None else "| S3 back: first success | none within 60 s |",
+        "",
+    ]
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+    RESULTS.write_text(text.rstrip() + "\n\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

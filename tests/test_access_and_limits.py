@@ -1,0 +1,145 @@
+"""API keys, per-key rate limits, overload (503 + Retry-After) and stage timeouts (504), each produced by real
+requests to a second deployment of the app ("strict"), and a grep proving keys and S3 credentials never reach
+logs, error bodies, sidecars or metrics."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import ray
+import yaml
+
+from tests.fixtures_s3 import TEST_SECRET_ACCESS_KEY
+from tests.fixtures_serve import deploy, small_stage_options
+from tests.hostile_inputs import FAST, b64
+
+FULL_KEY = f"full-{secrets.token_hex(16)}"
+JOBS_KEY = f"jobs-{secrets.token_hex(16)}"
+UNKNOWN_KEY = f"nope-{secrets.token_hex(16)}"
+BURST = 12
+SLOW = {"steps": 40, "width": 512, "height": 512}
+
+
+@pytest.fixture(scope="module")
+def strict_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
+    """The app with keys from a file, a per-key rate limit, a 1.5 s stage timeout and a denoiser that takes one
+    request at a time with a queue of one."""
+    keys_file = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [
+        {"name": "full", "key": FULL_KEY, "actions": ["generate", "jobs"]},
+        {"name": "poller", "key": JOBS_KEY, "actions": ["jobs"]},
+    ]}))
+    bucket = f"strict-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    stages = small_stage_options(max_ongoing_requests=1, max_queued_requests=1)
+    overrides = {"max_batch_size": 1, "stage_timeout_s": 4, "deployments": stages,
+                 "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
+                            "rate_limit_burst": BURST}}
+    app = deploy(ray_instance, "strict", "/strict", overrides, bucket, serve_tiny_dir)
+    yield app
+    from ray import serve
+
+    serve.delete("strict")
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def error_of(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    return error
+
+
+def test_keys_guard_the_api_and_health_stays_open(strict_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
+    url = strict_app.url
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == 200, path
+
+    missing = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert "API key" in error_of(missing, 401, "unauthorized")["message"]
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    error_of(httpx.post(f"{url}/v1/generate", json=body, headers=auth(UNKNOWN_KEY), timeout=60), 401, "unauthorized")
+    error_of(httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Basic {FULL_KEY}"},
+                        timeout=60), 401, "unauthorized")
+    forbidden = httpx.post(f"{url}/v1/generate", json=body, headers=auth(JOBS_KEY), timeout=60)
+    assert "'poller' may not use 'generate'" in error_of(forbidden, 403, "forbidden")["message"]
+
+    ok = httpx.post(f"{url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=60)
+    assert ok.status_code == 200, ok.text
+    via_header = httpx.post(f"{url}/v1/generate", json=body, headers={"X-API-Key": FULL_KEY}, timeout=60)
+    assert via_header.status_code == 200, via_header.text
+    assert httpx.get(f"{url}/v1/jobs/0123abcd", headers=auth(JOBS_KEY), timeout=30).status_code == 404
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(strict_app):
+    answers = [httpx.get(f"{strict_app.url}/v1/jobs/0123abcd", headers=auth(JOBS_KEY), timeout=30)
+               for _ in range(BURST + 3)]
+    codes = [a.status_code for a in answers]
+    assert codes[: BURST - 2].count(404) == BURST - 2, codes  # the burst passes (a request may refill a token)
+    limited = [a for a in answers if a.status_code == 429]
+    assert limited, codes
+    assert 1 <= int(limited[0].headers["Retry-After"]) <= 2
+    assert "poller" in error_of(limited[0], 429, "rate_limited")["message"]
+    # Another key has its own bucket.
+    assert httpx.get(f"{strict_app.url}/v1/jobs/0123abcd", headers=auth(FULL_KEY), timeout=30).status_code == 404
+
+
+def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(strict_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 8, "width": 128, "height": 128}
+    # Warm the face and prompt caches, so the burst reaches the denoiser at once rather than paced by face analysis.
+    assert httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=60).is_success
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda i: httpx.post(f"{strict_app.url}/v1/generate", json={**body, "seed": i},
+                                                     headers=auth(FULL_KEY), timeout=60), range(10)))
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    overloaded = next(a for a in answers if a.status_code == 503)
+    assert error_of(overloaded, 503, "overloaded") and int(overloaded.headers["Retry-After"]) >= 1
+
+    time.sleep(2)  # let the denoiser drain
+    slow = httpx.post(f"{strict_app.url}/v1/generate", json={**body, **SLOW}, headers=auth(FULL_KEY), timeout=60)
+    assert "4s" in error_of(slow, 504, "stage_timeout")["message"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the app serves again once the slow request has left the denoiser
+        again = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=60)
+        if again.status_code == 200:
+            break
+        time.sleep(1)
+    assert again.status_code == 200, again.text
+
+
+def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
+    seen: list[str] = []
+    for headers in (auth(FULL_KEY), auth(UNKNOWN_KEY), {"X-API-Key": JOBS_KEY}, {"X-API-Key": UNKNOWN_KEY}):
+        response = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=headers, timeout=60)
+        seen.append(response.text)
+        if response.status_code == 200:
+            meta = response.json()["metadata"]
+            bucket, key = meta.removeprefix("s3://").split("/", 1)
+            seen.append(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode())
+    seen.append(httpx.get(f"{strict_app.url}/metrics", timeout=30).text)
+    time.sleep(2)  # replica log lines are flushed asynchronously
+
+    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+    log_files = [p for p in logs_dir.rglob("*") if p.is_file()]
+    assert any("Ingress" in p.name for p in log_files), "no ingress replica log found to check"
+    secrets_to_find = {"API key": [FULL_KEY, UNKNOWN_KEY, JOBS_KEY], "S3 secret": [TEST_SECRET_ACCESS_KEY]}
+    for what, values in secrets_to_find.items():
+        for value in values:
+            assert not any(value in text for text in seen), f"{what} in a response, sidecar or metrics"
+            leaked = [str(p) for p in log_files if value.encode() in p.read_bytes()]
+            assert not leaked, f"{what} found in {leaked}"
+    assert json.loads(seen[0])["images"]  # the check above read real responses
