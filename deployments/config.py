@@ -93,7 +93,7 @@ class AppConfig(BaseModel):
     deployments: StageOptions = Field(default_factory=StageOptions)
 
     @model_validator(mode="after")
-    def _denoiser_can_hold_a_batch(self) -> "AppConfig":
+    def _denoiser_can_hold_a_batch(self) -> AppConfig:
         if self.deployments.denoiser.max_ongoing_requests < self.max_batch_size:
             raise ValueError("deployments.denoiser.max_ongoing_requests must be >= max_batch_size "
                              "or batches can never fill")

@@ -70,7 +70,7 @@ class Denoiser:
                 outputs = [exc] * len(indices)
             elapsed = time.perf_counter() - started
             batch_images = sum(request.num_images for request in requests)
-            for i, output in zip(indices, outputs):
+            for i, output in zip(indices, outputs, strict=False):
                 results[i] = output if isinstance(output, Exception) else (
                     np.ascontiguousarray(output), batch_images, started - items[i].enqueued, elapsed)
         return results

@@ -19,13 +19,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.pipeline import draw_seed
@@ -253,7 +253,7 @@ class Ingress:
             except Exception:  # any failure means "not ready", which is the answer, not an error
                 return False
 
-        results = dict(zip(stages, await asyncio.gather(*(probe(h) for h in stages.values()))))
+        results = dict(zip(stages, await asyncio.gather(*(probe(h) for h in stages.values())), strict=False))
         ready = all(results.values())
         return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
 

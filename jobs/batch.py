@@ -20,16 +20,17 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
-from instantid_core.errors import InstantIDError, InvalidImage, NoFaceDetected, ImageTooLarge
+from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, NoFaceDetected
 from instantid_core.storage import OutputStore
 
 TERMINAL = ("ok", "no_face", "bad_image")  # an `error` record is retried on the next run
@@ -113,7 +114,7 @@ class FaceStage:
 
         out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
         cache: dict[tuple, bytes] = {}  # one analysis per (image, output size / face index)
-        for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"]):
+        for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"], strict=False):
             params = self.params[prompt_id]
             status, message, face = "ok", "", b""
             try:
@@ -166,7 +167,7 @@ class DenoiseStage:
         for key, members in groups.items():  # rows sharing size/steps/scheduler run as one GPU batch
             try:
                 outputs = self.denoiser([request for _, request in members], key)
-                for (i, _), output in zip(members, outputs):
+                for (i, _), output in zip(members, outputs, strict=False):
                     images[i] = pickle.dumps(output)
             except Exception as exc:  # recorded per row; the job goes on
                 for i, _ in members:

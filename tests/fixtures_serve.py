@@ -21,7 +21,7 @@ class ServedApp:
     url: str  # http://127.0.0.1:PORT
     bucket: str
     tiny_dir: Path
-    config: "object"  # deployments.config.AppConfig
+    config: object  # deployments.config.AppConfig
 
 
 def free_port() -> int:

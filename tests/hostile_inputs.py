@@ -52,7 +52,8 @@ def png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def image_cases(face_jpeg: bytes) -> list[Case]:
@@ -102,8 +103,8 @@ def image_cases(face_jpeg: bytes) -> list[Case]:
 
 def body_cases(face_b64: str, bucket: str, max_body_bytes: int, max_image_bytes: int) -> list[Case]:
     def bad(name: str, field: str, **changes: Any) -> Case:
-        return Case(name, 400, "invalid_parameter", json_body={"face_image": face_b64, "prompt": "x", **FAST, **changes},
-                    field=field)
+        body = {"face_image": face_b64, "prompt": "x", **FAST, **changes}
+        return Case(name, 400, "invalid_parameter", json_body=body, field=field)
 
     valid_text = json.dumps({"face_image": face_b64, "prompt": "x"})
     return [

@@ -44,7 +44,7 @@ def _noise(denoiser: IdentityDenoiser, requests: list[DenoiseRequest]) -> torch.
 
 
 def _assert_same_images(a: list[np.ndarray], b: list[np.ndarray]) -> None:
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert x.shape == y.shape
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1  # float32 rounding: at most one uint8 level
 

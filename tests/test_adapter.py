@@ -6,8 +6,13 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from instantid_core.adapter import (NUM_FACE_TOKENS, IdentityAttnProcessor, build_resampler, install_identity_adapter,
-                                    load_adapter_state)
+from instantid_core.adapter import (
+    NUM_FACE_TOKENS,
+    IdentityAttnProcessor,
+    build_resampler,
+    install_identity_adapter,
+    load_adapter_state,
+)
 from instantid_core.errors import WeightsError
 
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from jobs.batch import BatchSettings, load_prompts, pair_id, run_batch
 from instantid_core.config import ModelSources, PipelineSettings
+from jobs.batch import BatchSettings, load_prompts, pair_id, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"steps": 2, "width": 64, "height": 64}

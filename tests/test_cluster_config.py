@@ -57,7 +57,8 @@ def test_launcher_node_types_offer_the_resources_the_gpu_serve_config_asks_for()
     stages = render.app_config(render.render_serve_config("gpu")).deployments
     for stage, options in stages:
         wanted = options.ray_actor_options.get("resources", {})
-        offering = [n for n, t in types.items() if all(custom(t["resources"]).get(k, 0) >= v for k, v in wanted.items())]
+        offering = [n for n, t in types.items()
+                    if all(custom(t["resources"]).get(k, 0) >= v for k, v in wanted.items())]
         assert offering, f"no node type offers {stage}'s {wanted}"
         if options.ray_actor_options.get("num_gpus"):
             assert offering == ["ray.worker.gpu"], f"{stage} asks for a GPU but could land on {offering}"
@@ -157,7 +158,7 @@ def test_cpu_only_keeps_the_gpu_placement_but_runs_the_tiny_preset_without_gpus(
     gpu = render.render_serve_config("gpu")
     local = render.cpu_only(gpu)
     stages, gpu_stages = render.app_config(local).deployments, render.app_config(gpu).deployments
-    for (name, options), (_, gpu_options) in zip(stages, gpu_stages):
+    for (name, options), (_, gpu_options) in zip(stages, gpu_stages, strict=False):
         assert "num_gpus" not in options.ray_actor_options, name
         assert options.ray_actor_options.get("resources") == gpu_options.ray_actor_options.get("resources"), name
         assert options.autoscaling_config == gpu_options.autoscaling_config, name

@@ -37,7 +37,7 @@ def test_batch_of_three_different_requests_equals_each_run_alone(denoiser, promp
         _request(prompt_encoder, "neon city", 3, identitynet_strength=1.2, face_box=(20.0, 10.0, 90.0, 80.0)),
     ]
     batched = denoiser(requests, KEY)
-    for request, images in zip(requests, batched):
+    for request, images in zip(requests, batched, strict=False):
         alone = denoiser([request], KEY)[0]
         assert images.shape == (request.num_images, HEIGHT, WIDTH, 3) and images.dtype == np.uint8
         # Batched convolutions round differently from single ones: equal to float32 rounding, i.e. <= 1/255.

@@ -128,10 +128,14 @@ def test_two_portraits_largest_first_and_face_index_picks_the_other(analyzer: Fa
     image, split = two_portraits
     largest, other = analyzer.analyze(image), analyzer.analyze(image, face_index=1)
     assert face_count(analyzer, image) == 2
-    area = lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])
+    def area(f):
+        return (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])
+
     assert area(largest) > area(other)
     assert largest.bbox[2] <= split + 5 and other.bbox[0] >= split - 5  # the big portrait is on the left
-    reference_key = lambda f: (f.bbox[2] - f.bbox[0]) * f.bbox[3] - f.bbox[1]
+    def reference_key(f):
+        return (f.bbox[2] - f.bbox[0]) * f.bbox[3] - f.bbox[1]
+
     assert reference_key(other) > reference_key(largest)  # the precedence bug would have picked the wrong one
     assert not np.allclose(largest.embedding, other.embedding)
     with pytest.raises(NoFaceDetected, match=r"face_index 2 asked for, but 2 face\(s\) found") as info:
@@ -189,7 +193,7 @@ def test_draw_kps_draws_the_reference_keypoint_image():
     arr = np.asarray(img)
     assert img.mode == "RGB" and img.size == (320, 256) and arr.shape == (256, 320, 3)
     assert arr[0, 0].tolist() == [0, 0, 0] and arr[250, 310].tolist() == [0, 0, 0]  # black canvas
-    for (x, y), colour in zip(kps.astype(int), KPS_COLORS):
+    for (x, y), colour in zip(kps.astype(int), KPS_COLORS, strict=False):
         assert tuple(arr[y, x]) == colour  # full-colour dot on each point
         assert tuple(arr[y, x + 9]) == colour and arr[y, x + 12].tolist() != list(colour)  # radius 10
     left_eye_limb = ((kps[0] + kps[2]) / 2).astype(int)  # between left eye and nose, away from the dots

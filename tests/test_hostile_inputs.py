@@ -78,12 +78,10 @@ def test_schema_fuzzing_finds_no_server_error(served_app):
     replicas_before = replica_actors()
     seen: list[tuple[str, int]] = []
 
-    for path, method in (("/v1/generate", "POST"), ("/v1/jobs", "POST"), ("/v1/jobs/{job_id}", "GET")):
-        operation = schema[path][method]
-
+    def fuzzer(path: str, method: str):
         @settings(max_examples=25, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
+        @given(case=schema[path][method].as_strategy())
         def fuzz(case) -> None:
             response = case.call(base_url=served_app.url, timeout=120)
             seen.append((path, response.status_code))
@@ -91,8 +89,10 @@ def test_schema_fuzzing_finds_no_server_error(served_app):
             if response.status_code >= 400:
                 error = response.json()["error"]
                 assert error["code"] and error["message"], response.text
+        return fuzz
 
-        fuzz()
+    for path, method in (("/v1/generate", "POST"), ("/v1/jobs", "POST"), ("/v1/jobs/{job_id}", "GET")):
+        fuzzer(path, method)()
 
     assert len(seen) >= 30, seen
     assert replica_actors() == replicas_before

@@ -106,7 +106,7 @@ def test_cmyk_jpeg_becomes_matching_rgb():
     data = encode(original.convert("CMYK"), "JPEG", quality=95)
     img = load_image(data, name="cmyk", **LIMITS)
     assert img.mode == "RGB" and img.size == (128, 128)
-    for got, want in zip(centre_colours(img), centre_colours(original)):
+    for got, want in zip(centre_colours(img), centre_colours(original), strict=False):
         assert np.abs(np.array(got) - np.array(want)).max() <= 8, (got, want)
 
 
@@ -216,7 +216,7 @@ def test_exif_rotated_jpeg_comes_out_upright(orientation, stored):
     data = encode(upright.transpose(stored), "JPEG", quality=95, exif=exif.tobytes())
     img = load_image(data, name="phone.jpg", **LIMITS)
     assert img.size == upright.size
-    for got, want in zip(centre_colours(img), centre_colours(upright)):
+    for got, want in zip(centre_colours(img), centre_colours(upright), strict=False):
         assert np.abs(np.array(got) - np.array(want)).max() <= 8, (got, want)
 
 

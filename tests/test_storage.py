@@ -54,7 +54,7 @@ def test_file_store_writes_documented_keys_and_sidecar(tmp_path: Path) -> None:
 def test_s3_store_writes_documented_keys_with_sidecar_last(s3_client, s3_bucket: str) -> None:
     puts: list[str] = []
     # before-parameter-build sees the API parameters (Key); before-call only the serialised request.
-    s3_client.meta.events.register("before-parameter-build.s3.PutObject", 
+    s3_client.meta.events.register("before-parameter-build.s3.PutObject",
                                    lambda params, **_: puts.append(params["Key"]))
     store = OutputStore(f"s3://{s3_bucket}/outputs", s3_client=s3_client)
     images = [_image(0, "jpeg"), _image(1, "jpeg"), _image(2, "jpeg")]
