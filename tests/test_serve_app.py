@@ -140,6 +140,18 @@ def test_health_readiness_metrics_and_openapi(served_app):
     assert "instantid_http_requests_total" in metrics
     schema = httpx.get(f"{served_app.url}/openapi.json").json()
     assert "/v1/generate" in schema["paths"] and "GenerateRequest" in schema["components"]["schemas"]
+    dangling = {ref for ref in refs_in(schema) if ref.removeprefix("#/components/schemas/")
+                not in schema["components"]["schemas"]}
+    assert not dangling, f"the OpenAPI schema refers to undefined schemas: {dangling}"
+
+
+def refs_in(node) -> list[str]:
+    """Every `$ref` string anywhere in a JSON document."""
+    if isinstance(node, dict):
+        return [ref for key, value in node.items() for ref in ([value] if key == "$ref" else refs_in(value))]
+    if isinstance(node, list):
+        return [ref for item in node for ref in refs_in(item)]
+    return []
 
 
 def test_async_job_submit_and_poll(served_app, astronaut_bytes):
