@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                           "goodput_img_s": load.goodput(), "wall_s": load.wall_s,
                           "missing": len(audit["missing"]), "orphans": len(audit["orphans"]),
                           "bad_sidecars": audit["bad_sidecars"],
-                          "rss_mb": {k: [round(rss_before.get(k, float("nan"))), round(v)]
+                          # a replica started by autoscaling during the run has no "before"
+                          "rss_mb": {k: [round(rss_before[k]) if k in rss_before else "new", round(v)]
                                      for k, v in sorted(rss_after.items())}}
 
         # Fault 1: the denoiser's actor killed a third of the way into a load run.
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         s3.stop()
 
     report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
-    print(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str), flush=True)
     if args.write_results:
         _write_results(report)
     return 0
