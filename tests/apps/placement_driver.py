@@ -8,7 +8,9 @@ and replica counts, the tiny preset, no `num_gpus`) with one change, the Denoise
 target of 1 ongoing request, a short upscale delay), sends a burst of concurrent HTTP requests to 127.0.0.1, and
 prints one JSON line of facts: which node type every replica actor runs on before and after the burst, the most
 replicas each deployment had from the burst until the Denoiser's second replica ran, and the HTTP status counts.
-The test decides what is right.
+With `--lose-node`, it then kills the worker node that runs the most Denoiser replicas (SIGKILL to its `ray start`
+process group: a machine lost, not drained) and records how Serve recovers: where the replicas run afterwards and
+when a request succeeds again. The test decides what is right.
 
 A separate process because the test session may already hold an in-process Ray instance (`ray_instance`); a
 process is connected to one Ray cluster at a time.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -53,8 +57,8 @@ def node_types() -> dict[str, str]:
     return types
 
 
-def replica_placement(types: dict[str, str], dashboard_url: str) -> dict[str, list[str]]:
-    """deployment -> sorted node types of its alive replica actors (Ray's state API, served by the dashboard)."""
+def replica_nodes(dashboard_url: str) -> dict[str, list[str]]:
+    """deployment -> node ids of its alive replica actors (Ray's state API, served by the dashboard)."""
     from ray.util.state import list_actors
 
     placed: dict[str, list[str]] = {}
@@ -62,9 +66,14 @@ def replica_placement(types: dict[str, str], dashboard_url: str) -> dict[str, li
                         raise_on_missing_output=False)
     for actor in alive:
         if actor.class_name.startswith(REPLICA_CLASS_PREFIX):
-            name = actor.class_name.removeprefix(REPLICA_CLASS_PREFIX)
-            placed.setdefault(name, []).append(types.get(actor.node_id, f"unknown:{actor.node_id}"))
-    return {name: sorted(where) for name, where in sorted(placed.items())}
+            placed.setdefault(actor.class_name.removeprefix(REPLICA_CLASS_PREFIX), []).append(actor.node_id)
+    return placed
+
+
+def replica_placement(types: dict[str, str], dashboard_url: str) -> dict[str, list[str]]:
+    """deployment -> sorted node types of its alive replica actors."""
+    return {name: sorted(types.get(node, f"unknown:{node}") for node in nodes)
+            for name, nodes in sorted(replica_nodes(dashboard_url).items())}
 
 
 def replica_counts() -> dict[str, dict[str, int]]:
@@ -157,6 +166,60 @@ def burst(url: str, clients: int, scale_timeout_s: float, start_timeout_s: float
             "statuses": {str(k): v for k, v in statuses.items()}, "errors": errors}
 
 
+def lose_node(node_pids: dict[str, int], types: dict[str, str], url: str, dashboard_url: str,
+              timeout_s: float) -> dict[str, Any]:
+    """Kill the worker node that runs the most Denoiser replicas, then wait (at most `timeout_s`) until every
+    deployment runs as many replicas as before, none of them on the lost node, and a request succeeds.
+
+    `node_pids`: marker resource -> pid of the `ray start --block` process of the node that advertises it (each
+    process leads its own process group, so the group is the node: raylet, object store, workers)."""
+    import ray
+
+    marker_of = {node["NodeID"]: marker for node in ray.nodes() if node["Alive"]
+                 for marker in node_pids if marker in node["Resources"]}
+    placed = replica_nodes(dashboard_url)
+    on_marked = Counter(node for node in placed.get("Denoiser", []) if node in marker_of)
+    if not on_marked:
+        return {"error": f"no Denoiser replica on a node that may be killed: {placed}"}
+    victim = on_marked.most_common(1)[0][0]
+    wanted = {name: counts["running"] for name, counts in replica_counts().items()}
+    facts: dict[str, Any] = {
+        "victim_type": types[victim],
+        "replicas_on_victim": {name: nodes.count(victim) for name, nodes in sorted(placed.items())
+                               if victim in nodes},
+        "wanted_running": wanted,
+    }
+    killed = time.monotonic()
+    os.killpg(node_pids[marker_of[victim]], signal.SIGKILL)
+
+    body = {**REQUEST, "seed": 7, "face_image": base64.b64encode(ASTRONAUT.read_bytes()).decode()}
+    statuses: Counter = Counter()
+    deadline = killed + timeout_s
+    while time.monotonic() < deadline:
+        if "node_dead_after_s" not in facts and not any(
+                node["NodeID"] == victim and node["Alive"] for node in ray.nodes()):
+            facts["node_dead_after_s"] = round(time.monotonic() - killed, 1)
+        counts, where = replica_counts(), replica_nodes(dashboard_url)
+        rescheduled = (all(counts.get(name, {}).get("running", 0) >= n for name, n in wanted.items())
+                       and not any(victim in nodes for nodes in where.values()))
+        if rescheduled and "rescheduled_after_s" not in facts:
+            facts["rescheduled_after_s"] = round(time.monotonic() - killed, 1)
+            facts["placement_after_loss"] = {name: sorted(types.get(n, f"unknown:{n}") for n in nodes)
+                                             for name, nodes in sorted(where.items())}
+        if rescheduled:
+            try:
+                answer = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
+                statuses[answer.status_code] += 1
+                if answer.status_code == 200:
+                    facts["served_after_s"] = round(time.monotonic() - killed, 1)
+                    break
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+        time.sleep(0.5)
+    facts["statuses_after_loss"] = {str(k): v for k, v in statuses.items()}
+    return facts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True, help="GCS address of the local cluster")
@@ -168,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=90)
     parser.add_argument("--scale-timeout", type=float, default=60, help="for Serve to decide on a 2nd Denoiser")
     parser.add_argument("--start-timeout", type=float, default=90, help="for that replica to start, once decided")
+    parser.add_argument("--lose-node", type=json.loads, default=None, metavar="JSON",
+                        help='after the burst, kill a node: {"marker resource": pid of its ray start process}')
+    parser.add_argument("--loss-timeout", type=float, default=120, help="for Serve to recover from the lost node")
     args = parser.parse_args(argv)
 
     import ray
@@ -203,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             facts["burst"] = burst(url, args.clients, args.scale_timeout, args.start_timeout)
             facts["placement_after"] = replica_placement(types, args.dashboard_url)
             facts["running_after"] = replica_counts()
+            if args.lose_node:
+                facts["node_loss"] = lose_node(args.lose_node, types, url, args.dashboard_url, args.loss_timeout)
         timings["total_s"] = round(time.monotonic() - t0, 1)
         facts["timings"] = timings
     finally:
