@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -169,3 +170,33 @@ def body_cases(face_b64: str, bucket: str, max_body_bytes: int, max_image_bytes:
         Case("job submit with a bad body", 400, "invalid_parameter", path="/v1/jobs",
              json_body={"face_image": face_b64, "prompt": "x", "steps": -3}, field="steps"),
     ]
+
+
+def send(client: httpx.Client, case: Case) -> httpx.Response:
+    kwargs: dict = {"params": case.params}
+    if case.raw_body is not None:
+        kwargs.update(content=case.raw_body, headers={"content-type": "application/json"})
+    elif case.files is not None or case.data is not None:
+        # httpx sends multipart only when there are files; a file-less form still has to be multipart here.
+        kwargs.update(files=case.files or {"unused": ("", b"", "text/plain")}, data=case.data)
+    elif case.json_body is not None:
+        kwargs["json"] = case.json_body
+    return client.request(case.method, case.path, **kwargs)
+
+
+def check(case: Case, response: httpx.Response) -> str | None:
+    """None if the answer is the documented one, else what differs."""
+    try:
+        error = response.json().get("error", {})
+    except (ValueError, AttributeError):
+        return f"{case.name}: {response.status_code} with a non-JSON body {response.text[:200]!r}"
+    problems = []
+    if response.status_code != case.status:
+        problems.append(f"status {response.status_code} (expected {case.status})")
+    if error.get("code") != case.code:
+        problems.append(f"code {error.get('code')!r} (expected {case.code!r})")
+    if not error.get("message"):
+        problems.append("no message")
+    if case.field is not None and error.get("field") != case.field:
+        problems.append(f"field {error.get('field')!r} (expected {case.field!r})")
+    return f"{case.name}: {', '.join(problems)}; body {response.text[:300]}" if problems else None

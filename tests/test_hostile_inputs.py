@@ -8,7 +8,7 @@ import httpx
 import pytest
 import ray
 
-from tests.hostile_inputs import FAST, Case, b64, body_cases, image_cases
+from tests.hostile_inputs import FAST, b64, body_cases, check, image_cases, send
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -17,36 +17,6 @@ def replica_actors() -> set[str]:
     """Names of the instantid app's live replica actors: a restarted replica comes back under a new name."""
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::instantid#")}
-
-
-def send(client: httpx.Client, case: Case) -> httpx.Response:
-    kwargs: dict = {"params": case.params}
-    if case.raw_body is not None:
-        kwargs.update(content=case.raw_body, headers={"content-type": "application/json"})
-    elif case.files is not None or case.data is not None:
-        # httpx sends multipart only when there are files; a file-less form still has to be multipart here.
-        kwargs.update(files=case.files or {"unused": ("", b"", "text/plain")}, data=case.data)
-    elif case.json_body is not None:
-        kwargs["json"] = case.json_body
-    return client.request(case.method, case.path, **kwargs)
-
-
-def check(case: Case, response: httpx.Response) -> str | None:
-    """None if the answer is the documented one, else what differs."""
-    try:
-        error = response.json().get("error", {})
-    except (ValueError, AttributeError):
-        return f"{case.name}: {response.status_code} with a non-JSON body {response.text[:200]!r}"
-    problems = []
-    if response.status_code != case.status:
-        problems.append(f"status {response.status_code} (expected {case.status})")
-    if error.get("code") != case.code:
-        problems.append(f"code {error.get('code')!r} (expected {case.code!r})")
-    if not error.get("message"):
-        problems.append("no message")
-    if case.field is not None and error.get("field") != case.field:
-        problems.append(f"field {error.get('field')!r} (expected {case.field!r})")
-    return f"{case.name}: {', '.join(problems)}; body {response.text[:300]}" if problems else None
 
 
 def test_every_hostile_request_gets_its_documented_4xx_and_nothing_restarts(served_app, astronaut_bytes):

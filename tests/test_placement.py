@@ -10,27 +10,14 @@ separate process (tests/apps/placement_driver.py), since this session may hold i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from cluster.local import NodeSpec, start_local_cluster
 from k8s import render
-from tests.fixtures_serve import free_port
+from tests.apps.placement_driver import cluster_nodes, run_on_local_cluster
 
-REPO = Path(__file__).resolve().parents[1]
-# A run takes ~2 min; the driver's own waits (ready 90, scale 60, start 90, node loss 120) fit in this.
-DRIVER_TIMEOUT_S = 420
-# One CPU node and two "GPU" nodes, each standing in for a 4-GPU machine (gpu_node = GPUs on the node, as on a
-# g6.12xlarge): either has room for two Denoisers (gpu_node 1 each) and the PromptEncoder's GPU share (0.25), so
-# losing one leaves room for everything. The CPU node has logical CPUs to spare for a Denoiser too, so only the
-# custom resource keeps Denoisers off it. `loss_*` markers tell the driver which `ray start` process is which node.
-GPU_MARKERS = ("loss_gpu_a", "loss_gpu_b")
-NODES = [NodeSpec("head", num_cpus=0), NodeSpec("cpu", num_cpus=8)] + [
-    NodeSpec("gpu", num_cpus=8, extra_resources={"gpu_node": 4, marker: 1}) for marker in GPU_MARKERS]
+NODES = cluster_nodes()
 
 
 def expected_node_types() -> dict[str, set[str]]:
@@ -47,30 +34,10 @@ def expected_node_types() -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def placement_facts(serve_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    output_dir = tmp_path_factory.mktemp("placement-out")
-    cluster = start_local_cluster(list(NODES), auth="token", dashboard=True)  # the state API needs the dashboard
-    try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | cluster.env
-        env["PYTHONPATH"] = str(REPO)
-        node_pids = {marker: pid for spec, pid in zip(NODES, cluster.pids, strict=True)
-                     for marker in GPU_MARKERS if marker in spec.resources}
-        command = [sys.executable, "-m", "tests.apps.placement_driver", "--address", cluster.address,
-                   "--dashboard-url", cluster.dashboard_url, "--lose-node", json.dumps(node_pids),
-                   "--tiny-dir", str(serve_tiny_dir), "--output-dir", str(output_dir), "--port", str(free_port())]
-        try:
-            run = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                                 timeout=DRIVER_TIMEOUT_S)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"placement driver did not finish in {DRIVER_TIMEOUT_S}s; stdout: {exc.stdout!r:.2000}; "
-                        f"stderr tail: {(exc.stderr or b'')[-3000:]!r}")
-        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
-        facts = json.loads(lines[-1]) if lines else {}
-        assert run.returncode == 0 and "burst" in facts, (
-            f"driver rc={run.returncode}; facts={facts}; stderr tail:\n{run.stderr[-4000:]}")
-        print("placement facts:", json.dumps(facts))  # shown with -s, and by pytest when a test fails
-        return facts
-    finally:
-        cluster.stop()
+    returncode, facts, stderr = run_on_local_cluster(serve_tiny_dir, tmp_path_factory.mktemp("placement-out"))
+    assert returncode == 0 and "burst" in facts, f"driver rc={returncode}; facts={facts}; stderr tail:\n{stderr}"
+    print("placement facts:", json.dumps(facts))  # shown with -s, and by pytest when a test fails
+    return facts
 
 
 def test_gpu_overlay_asks_for_node_types_by_custom_resource() -> None:

@@ -13,7 +13,8 @@ process group: a machine lost, not drained) and records how Serve recovers: wher
 when a request succeeds again. The test decides what is right.
 
 A separate process because the test session may already hold an in-process Ray instance (`ray_instance`); a
-process is connected to one Ray cluster at a time.
+process is connected to one Ray cluster at a time. `run_on_local_cluster` starts the cluster (NODES) and this driver
+against it, for tests/test_placement.py and bench/load.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -33,6 +35,13 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
+# One CPU node and two "GPU" nodes, each standing in for a 4-GPU machine (gpu_node = GPUs on the node, as on a
+# g6.12xlarge): either has room for two Denoisers (gpu_node 1 each) and the PromptEncoder's GPU share (0.25), so
+# losing one leaves room for everything. The CPU node has logical CPUs to spare for a Denoiser too, so only the
+# custom resource keeps Denoisers off it. `loss_*` markers tell the driver which `ray start` process is which node.
+GPU_MARKERS = ("loss_gpu_a", "loss_gpu_b")
+# A run takes ~2 min; the driver's own waits (ready 90, scale 60, start 90, node loss 120) fit in this.
+DRIVER_TIMEOUT_S = 420
 ASTRONAUT = REPO / "instantid_core" / "data" / "astronaut.jpg"
 APP = "instantid"
 REPLICA_CLASS_PREFIX = f"ServeReplica:{APP}:"  # Serve names a replica actor's class ServeReplica:<app>:<deployment>
@@ -43,6 +52,53 @@ METRICS_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
 # Big enough that the Denoiser, not the cached face/prompt stages, is where requests wait (~0.5 s per image here).
 REQUEST = {"prompt": "a portrait, watercolor", "steps": 8, "width": 256, "height": 256}
+
+
+def cluster_nodes() -> list:
+    from cluster.local import NodeSpec
+
+    return [NodeSpec("head", num_cpus=0), NodeSpec("cpu", num_cpus=8)] + [
+        NodeSpec("gpu", num_cpus=8, extra_resources={"gpu_node": 4, marker: 1}) for marker in GPU_MARKERS]
+
+
+def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = True,
+                         timeout_s: float = DRIVER_TIMEOUT_S) -> tuple[int, dict[str, Any], str]:
+    """Start cluster_nodes() with cluster/local.py, run this driver against it, stop the cluster.
+
+    Returns the driver's exit code, its facts (empty if it printed none) and the tail of its stderr."""
+    from cluster.local import start_local_cluster
+
+    nodes = cluster_nodes()
+    cluster = start_local_cluster(nodes, auth="token", dashboard=True)  # the state API needs the dashboard
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | cluster.env
+        env["PYTHONPATH"] = str(REPO)
+        command = [sys.executable, "-m", "tests.apps.placement_driver", "--address", cluster.address,
+                   "--dashboard-url", cluster.dashboard_url, "--tiny-dir", str(tiny_dir),
+                   "--output-dir", str(output_dir), "--port", str(_free_port())]
+        if lose_node:
+            node_pids = {marker: pid for spec, pid in zip(nodes, cluster.pids, strict=True)
+                         for marker in GPU_MARKERS if marker in spec.resources}
+            command += ["--lose-node", json.dumps(node_pids)]
+        try:
+            run = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:  # its output comes as bytes here, whatever `text` says
+            raw = exc.stderr or b""
+            stderr = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            return -1, {}, f"the driver did not finish in {timeout_s:.0f}s; stderr tail: {stderr[-3000:]}"
+        lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+        return run.returncode, json.loads(lines[-1]) if lines else {}, run.stderr[-4000:]
+    finally:
+        cluster.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def node_types() -> dict[str, str]:
