@@ -1,13 +1,16 @@
-"""Load and fault benchmark (issue 5, "Reliability"): a bounded closed-loop load generator against the running app,
-an audit of the outputs it left in the store, and fault injection (denoiser replica killed under load, S3 server
-stopped mid-run). Loopback only; every run stops by itself.
+"""Load and fault benchmark (issue 5, "Reliability"): the hostile-input corpus, a bounded closed-loop load generator
+against the running app, an audit of the outputs it left in the store, and fault injection (denoiser replica killed
+under load, S3 server stopped mid-run, a GPU worker node of a local multi-node cluster killed). Loopback only; every
+run stops by itself.
 
     python bench/load.py                      # 32 clients, 256 requests, tiny preset, 64x64; prints a report
     python bench/load.py --write-results      # the same, then replaces the "Reliability" section of RESULTS.md
 
-The suite runs `run_load` + `audit_outputs` in a short version (tests/test_faults.py); this script is the long one.
-What runs: Ray local, the `instantid` app from serve_config.yaml's AppConfig (tiny preset, outputs to a moto S3
-server on 127.0.0.1 started here), real HTTP clients (httpx, async).
+The suite runs each part in a short version (tests/test_hostile_inputs.py, tests/test_faults.py,
+tests/test_placement.py); this script is the long one. What runs: Ray local, the `instantid` app from
+serve_config.yaml's AppConfig (tiny preset, outputs to a moto S3 server on 127.0.0.1 started here), real HTTP
+clients (httpx, async); then cluster/local.py's cluster with tests/apps/placement_driver.py for the node loss. The
+batch job's kill-and-resume figures come from the newest bench/batch.py run (bench/results/batch-*.json).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +77,15 @@ class LoadResult:
 
 
 def run_load(url: str, make_body: Callable[[int], dict], *, clients: int, requests: int, timeout_s: float,
-             headers: dict[str, str] | None = None, during: Callable[[], Any] | None = None) -> LoadResult:
-    """`clients` concurrent loops sending `requests` POST /v1/generate in all; `during` runs in a thread meanwhile."""
+             headers: dict[str, str] | None = None,
+             during: Callable[[LoadResult], Any] | None = None) -> LoadResult:
+    """`clients` concurrent loops sending `requests` POST /v1/generate in all; `during(result)` runs in a thread
+    meanwhile, with the answers so far in `result.answers` (e.g. to inject a fault once some have come back)."""
     return asyncio.run(_load(url, make_body, clients, requests, timeout_s, headers or {}, during))
 
 
 async def _load(url: str, make_body: Callable[[int], dict], clients: int, requests: int, timeout_s: float,
-                headers: dict[str, str], during: Callable[[], Any] | None) -> LoadResult:
+                headers: dict[str, str], during: Callable[[LoadResult], Any] | None) -> LoadResult:
     result, counter = LoadResult(), iter(range(requests))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
@@ -96,7 +103,7 @@ async def _load(url: str, make_body: Callable[[int], dict], clients: int, reques
 
     started = time.monotonic()
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
-        side = asyncio.create_task(asyncio.to_thread(during)) if during else None
+        side = asyncio.create_task(asyncio.to_thread(during, result)) if during else None
         await asyncio.gather(*(client_loop(http) for _ in range(clients)))
         if side:
             await side
@@ -122,16 +129,26 @@ def audit_outputs(result: LoadResult, listed: set[str], read: Callable[[str], by
 
 
 def replica_rss_mb() -> dict[str, float]:
-    """Resident memory of each local Serve replica process of the `instantid` app, by process title."""
+    """Resident memory of each local Serve replica process of the `instantid` app, as `Deployment#pid`.
+
+    Ray sets the title to `...ServeReplica:instantid:<Deployment>[.<method running now>]`."""
     import psutil
 
     rss: dict[str, float] = {}
     for proc in psutil.process_iter(["cmdline", "memory_info"]):
         title = " ".join(proc.info["cmdline"] or [])
         if "ServeReplica:instantid:" in title and proc.info["memory_info"]:
-            name = title.split("ServeReplica:instantid:")[1].split()[0]
+            name = title.split("ServeReplica:instantid:")[1].split()[0].split(".")[0]
             rss[f"{name}#{proc.pid}"] = proc.info["memory_info"].rss / 2**20
     return rss
+
+
+def replica_names() -> set[str]:
+    """Names of the `instantid` app's live replica actors: a restarted replica comes back under a new name."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::instantid#")}
 
 
 # --- the standalone benchmark ---------------------------------------------------------------------------------------
@@ -153,6 +170,16 @@ def _s3_read(client: Any) -> Callable[[str], bytes]:
     return read
 
 
+def answered(result: LoadResult, count: int, timeout_s: float) -> bool:
+    """Wait (in a `during` thread) until `count` answers have come back; False if the run ends or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while len(result.answers) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _first_success_after(url: str, body: dict, since: float, limit_s: float) -> float | None:
     """Seconds from `since` until a request succeeds, polling; None if none did within `limit_s`."""
     while time.monotonic() - since < limit_s:
@@ -172,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
+    parser.add_argument("--no-node-loss", action="store_true", help="skip the multi-node cluster part (~2 min)")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     import boto3
     from moto.server import ThreadedMotoServer
@@ -198,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     config = app_config_from_serve_config()
     config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
     config.output_uri = f"s3://{bucket}/out"
+    config.allowed_input_buckets = [bucket]  # so an s3:// face in it that does not exist is a 404, not a 403
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     face = base64.b64encode(FACE.read_bytes()).decode()
@@ -216,40 +246,70 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(3):  # warm-up, not measured
             httpx.post(f"{url}/v1/generate", json=body(i, "warmup"), timeout=120).raise_for_status()
 
-        rss_before = replica_rss_mb()
+        # The hostile corpus: every case its documented 4xx, no 5xx, no replica restarted, a valid request after.
+        from tests.hostile_inputs import body_cases, check, image_cases, send
+
+        corpus = image_cases(FACE.read_bytes()) + body_cases(face, bucket, config.max_body_bytes,
+                                                             config.max_image_bytes)
+        replicas_before = replica_names()
+        with httpx.Client(base_url=url, timeout=args.timeout) as http:
+            answers = [(case, send(http, case)) for case in corpus]
+            valid_after = http.post("/v1/generate", json=body(0, "after-hostile")).status_code
+        report["hostile"] = {"cases": len(corpus),
+                             "statuses": dict(sorted(Counter(r.status_code for _, r in answers).items())),
+                             "server_errors": sum(r.status_code >= 500 for _, r in answers),
+                             "undocumented": [p for p in (check(c, r) for c, r in answers) if p],
+                             "replica_restarts": len(replicas_before - replica_names()),
+                             "valid_request_after": valid_after}
+
+        # Memory: sampled before, halfway and after; growth in the second half is what would mean a leak.
+        rss = {"before": replica_rss_mb()}
+
+        def sample_halfway(live: LoadResult) -> None:
+            if answered(live, args.requests // 2, args.timeout):
+                rss["half"] = replica_rss_mb()
+
         load = run_load(url, lambda i: body(i, "load"), clients=args.clients, requests=args.requests,
-                        timeout_s=args.timeout)
-        rss_after = replica_rss_mb()
+                        timeout_s=args.timeout, during=sample_halfway)
+        rss["after"] = replica_rss_mb()
         audit = audit_outputs(load, _s3_objects(client, bucket, f"out/{run_id}-load/"), _s3_read(client))
         report["load"] = {"statuses": load.statuses(), "p50_s": load.percentile_s(50), "p99_s": load.percentile_s(99),
                           "goodput_img_s": load.goodput(), "wall_s": load.wall_s,
                           "missing": len(audit["missing"]), "orphans": len(audit["orphans"]),
                           "bad_sidecars": audit["bad_sidecars"],
-                          # a replica started by autoscaling during the run has no "before"
-                          "rss_mb": {k: [round(rss_before[k]) if k in rss_before else "new", round(v)]
-                                     for k, v in sorted(rss_after.items())}}
+                          # replica -> MB before, halfway, after; None where it did not exist yet (autoscaling)
+                          "rss_mb": {k: [round(rss[when][k]) if k in rss.get(when, {}) else None
+                                         for when in ("before", "half", "after")]
+                                     for k in sorted(rss["after"])}}
 
-        # Fault 1: the denoiser's actor killed a third of the way into a load run.
+        # Fault 1: the denoiser's actor killed once a quarter of a load run's requests have been answered.
         killed_at: dict[str, float] = {}
+        fault_requests = args.requests
 
-        def kill_denoiser() -> None:
-            time.sleep(max(1.0, load.wall_s / 3))
+        def kill_denoiser(live: LoadResult) -> None:
+            if not answered(live, fault_requests // 4, args.timeout):
+                return
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                      if "#Denoiser#" in a["name"] and a["name"].startswith("SERVE_REPLICA::instantid#")]
             killed_at["t"] = time.monotonic()
             for name in names:
                 ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-        faulted = run_load(url, lambda i: body(i, "kill"), clients=8, requests=max(48, args.requests // 4),
+        faulted = run_load(url, lambda i: body(i, "kill"), clients=8, requests=fault_requests,
                            timeout_s=args.timeout, during=kill_denoiser)
+        if "t" not in killed_at:
+            raise RuntimeError("the denoiser was never killed: the fault run ended first")
         after_kill = [a for a in faulted.answers if a.started >= killed_at["t"]]
-        recovered = [a.started + a.seconds - killed_at["t"] for a in after_kill if a.status == 200]
+        recovered = min((a.started + a.seconds - killed_at["t"] for a in after_kill if a.status == 200), default=None)
+        if recovered is None:  # the run ended before a new replica served: keep asking
+            recovered = _first_success_after(url, body(999, "kill-probe"), killed_at["t"], 60)
         audit_kill = audit_outputs(faulted, _s3_objects(client, bucket, f"out/{run_id}-kill/"), _s3_read(client))
         non_retry_5xx = [a for a in faulted.answers if a.status >= 500 and not (
             a.status == 503 and a.retry_after and "retry" in json.dumps(a.body))]
-        report["kill_denoiser"] = {"statuses": faulted.statuses(), "recovered_after_s": min(recovered, default=None),
-                                   "non_retryable_5xx": len(non_retry_5xx), "missing": len(audit_kill["missing"]),
-                                   "orphans": len(audit_kill["orphans"])}
+        report["kill_denoiser"] = {"requests": fault_requests, "statuses": faulted.statuses(),
+                                   "answered_before_kill": len(faulted.answers) - len(after_kill),
+                                   "recovered_after_s": recovered, "non_retryable_5xx": len(non_retry_5xx),
+                                   "missing": len(audit_kill["missing"]), "orphans": len(audit_kill["orphans"])}
 
         # Fault 2: the S3 server stopped for a few requests, then back.
         s3.stop()
@@ -268,41 +328,90 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         s3.stop()
 
+    if not args.no_node_loss:  # after Ray local is down: the cluster and its driver are processes of their own
+        from tests.apps.placement_driver import run_on_local_cluster
+
+        with tempfile.TemporaryDirectory(prefix="load-node-loss-") as out:
+            code, facts, stderr = run_on_local_cluster(Path(config.weights.tiny_preset_dir), Path(out))
+        report["node_loss"] = facts.get("node_loss") or {"error": f"driver exit {code}: {stderr[-800:]}"}
+    report["batch_resume"] = _latest_batch_resume()
     report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}
     print(json.dumps(report, indent=2, default=str), flush=True)
     if args.write_results:
-        _write_results(report)
+        report["started"] = started
+        raw = REPO / "bench" / "results" / f"load-{started.replace(':', '').replace('-', '')}.json"
+        raw.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        _write_results(report, raw.relative_to(REPO))
     return 0
 
 
-def _write_results(report: dict[str, Any]) -> None:
-    load, kill, outage = report["load"], report["kill_denoiser"], report["s3_outage"]
-    rss = "; ".join(f"{k.split('#')[0]} {a}→{b}" for k, (a, b) in load["rss_mb"].items())
+def _latest_batch_resume() -> dict[str, Any] | None:
+    """The kill-and-resume figures of the newest bench/batch.py run, with the file they come from."""
+    runs = sorted((REPO / "bench" / "results").glob("batch-*.json"))
+    if not runs:
+        return None
+    resume = json.loads(runs[-1].read_text())["resume"]
+    return {**resume, "source": str(runs[-1].relative_to(REPO))}
+
+
+def _write_results(report: dict[str, Any], raw: Path) -> None:
+    hostile, load, kill, outage = report["hostile"], report["load"], report["kill_denoiser"], report["s3_outage"]
+    loss, batch = report.get("node_loss"), report.get("batch_resume")
+    rss = "; ".join(f"{k.split('#')[0]} " + "→".join("-" if v is None else str(v) for v in values)
+                    for k, values in load["rss_mb"].items())
+    lost = load["missing"] + kill["missing"] + outage["partial_objects"]
+
+    def seconds(value: float | None, none: str = "none") -> str:
+        return f"{value:.1f} s" if value is not None else none
+
     lines = [
         SECTION, "",
-        f"`python bench/load.py` on this machine ({report['machine']['cpus']} CPUs, Python "
+        f"{report['started']}, `python bench/load.py --write-results` on this machine "
+        f"({report['machine']['cpus']} CPUs, Python "
         f"{report['machine']['python']}, Ray {report['machine']['ray']}), tiny preset on CPU, "
         f"{report['size']}×{report['size']}, {report['steps']} steps, outputs to a moto S3 server on loopback. "
         "No GPU was lent to this task: every figure here is CPU.", "",
         "| what | figure |", "|---|---|",
+        f"| hostile corpus: cases tried | {hostile['cases']} |",
+        f"| hostile corpus: answers by status | {hostile['statuses']} |",
+        f"| hostile corpus: 5xx / answers not the documented 4xx + message | {hostile['server_errors']} / "
+        f"{len(hostile['undocumented'])} |",
+        f"| hostile corpus: replica restarts / valid request right after | {hostile['replica_restarts']} / "
+        f"{hostile['valid_request_after']} |",
         f"| load: clients / requests | {report['clients']} / {report['requests']} |",
         f"| load: answers | {load['statuses']} |",
         f"| load: p50 / p99 latency of 200s | {load['p50_s']:.2f} s / {load['p99_s']:.2f} s |",
         f"| load: goodput | {load['goodput_img_s']:.1f} images/s over {load['wall_s']:.1f} s |",
         f"| load: outputs missing / orphan objects / sidecars disagreeing | {load['missing']} / {load['orphans']} / "
         f"{load['bad_sidecars']} |",
-        f"| load: replica RSS before→after (MB) | {rss} |",
-        f"| denoiser killed under load (8 clients): answers | {kill['statuses']} |",
+        f"| load: replica RSS before→halfway→after (MB) | {rss} |",
+        f"| fault, denoiser replica killed under load (8 clients, {kill['requests']} requests, killed after "
+        f"{kill['answered_before_kill']} answers): answers | {kill['statuses']} |",
         f"| denoiser killed: 5xx that did not say retry | {kill['non_retryable_5xx']} |",
-        f"| denoiser killed: first success after the kill | {kill['recovered_after_s']:.1f} s |"
-        if kill["recovered_after_s"] is not None else "| denoiser killed: first success after the kill | none |",
+        f"| denoiser killed: first success after the kill | {seconds(kill['recovered_after_s'])} |",
         f"| denoiser killed: outputs missing / orphans | {kill['missing']} / {kill['orphans']} |",
-        f"| S3 stopped: answers while down | {outage['answers_while_down']} (slowest {outage['max_answer_s']:.1f} s) |",
+        f"| fault, S3 server stopped: answers while down | {outage['answers_while_down']} (slowest "
+        f"{outage['max_answer_s']:.1f} s) |",
         f"| S3 stopped: partial objects visible after it came back | {outage['partial_objects']} |",
-        f"| S3 back: first success after restart | {outage['recovered_after_s']:.1f} s |"
-        if outage["recovered_after_s"] is not None else "| S3 back: first success | none within 60 s |",
-        "",
+        f"| S3 back: first success after restart | {seconds(outage['recovered_after_s'], 'none within 60 s')} |",
     ]
+    if loss and "error" not in loss:
+        lines += [
+            f"| fault, GPU worker node killed (local cluster: head, 1 CPU node, 2 GPU nodes): replicas lost | "
+            f"{loss['replicas_on_victim']} |",
+            f"| node killed: Ray saw it dead / replicas rescheduled / first success | "
+            f"{seconds(loss.get('node_dead_after_s'))} / {seconds(loss.get('rescheduled_after_s'))} / "
+            f"{seconds(loss.get('served_after_s'))} after the kill |",
+        ]
+    elif loss:
+        lines.append(f"| fault, GPU worker node killed | failed: {loss['error'][:300]} |")
+    if batch:
+        lines += [
+            f"| fault, batch job killed (SIGKILL) after {batch['outputs_at_kill']} pairs, rerun | skipped "
+            f"{batch['skipped']}, generated {sum(batch['this_run'].values())}; manifest and objects exact (no "
+            f"duplicates, no losses): {'yes' if batch['exact'] else 'NO'} (`{batch['source']}`) |",
+        ]
+    lines += [f"| objects lost (reported but missing, or partial) | {lost} |", "", f"Raw JSON: `{raw}`", ""]
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     start = text.find(SECTION)
     if start >= 0:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import ray
 
-from bench.load import audit_outputs, run_load
+from bench.load import answered, audit_outputs, run_load
 from tests.hostile_inputs import b64
 
 SMALL = {"steps": 2, "width": 64, "height": 64}
@@ -64,8 +64,8 @@ def test_denoiser_killed_under_load_recovers_without_losses_or_orphans(served_ap
     (victim,) = replicas_of("Denoiser")
     killed_at: list[float] = []
 
-    def kill() -> None:
-        time.sleep(2.0)
+    def kill(live) -> None:
+        assert answered(live, 16, timeout_s=120), "the load run ended before the kill"
         killed_at.append(time.monotonic())
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
 
