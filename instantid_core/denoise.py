@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from . import accel as acc
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
@@ -161,6 +164,13 @@ class IdentityDenoiser:
             return self._worker.submit(self._run, requests, key).result()
         return self._run(requests, key)
 
+    @torch.inference_mode()
+    def probe(self) -> None:
+        """A tiny forward pass on the device (the Resampler on one zero embedding), synchronised, so a lost or
+        broken device raises here: a health check, not a warm-up."""
+        zero = torch.zeros(1, 1, self.resampler.proj_in.in_features, device=self.device, dtype=self.dtype)
+        self.resampler(zero).float().sum().item()
+
     def close(self) -> None:
         """Stop the CUDA-graph worker thread, if any (the models stay loaded)."""
         if self._worker is not None:
@@ -227,8 +237,10 @@ class IdentityDenoiser:
         face_tokens = self.resampler(torch.cat([torch.zeros_like(face), face]))  # (2B, 16, C): zero face = uncond
         size = (key.height, key.width)
         time_ids = torch.tensor([size + (0, 0) + size], device=self.device, dtype=self.dtype).repeat(len(text), 1)
+        # As PIL images, like the reference pipeline: diffusers scales PIL input to [0, 1] but takes numpy input
+        # as already scaled, so uint8 arrays would reach IdentityNet as 0..255.
         control = self.control_processor.preprocess(
-            [r.kps_image for r in per_sample], height=key.height, width=key.width
+            [Image.fromarray(r.kps_image) for r in per_sample], height=key.height, width=key.width
         ).to(self.device, self.dtype)  # (B, 3, H, W) in [0, 1]
         masks = torch.stack([self.face_mask(r.face_box, size) for r in per_sample])  # (B, 1, H, W)
         strength = scalars([r.identitynet_strength for r in per_sample])[:, None, None, None] * masks
@@ -286,7 +298,10 @@ class IdentityDenoiser:
             # Python float does in diffusers' pipelines: a float32 tensor would promote fp16/bf16 latents to float32.
             scale = guidance.to(noise.dtype)
             noise = torch.where(guidance > 1.0, uncond + scale * (text - uncond), text)
-        return scheduler.step(noise, t, latents, generator=generators, return_dict=False)[0]
+        # Only stochastic schedulers take a generator (UniPC's step() has no such argument), as in diffusers'
+        # prepare_extra_step_kwargs.
+        extra = {"generator": generators} if _takes_generator(scheduler) else {}
+        return scheduler.step(noise, t, latents, return_dict=False, **extra)[0]
 
     def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, cond: dict, use_cfg: bool) -> torch.Tensor:
         """One UNet + IdentityNet evaluation. IdentityNet sees only the face tokens (plus pooled text and time
@@ -329,6 +344,10 @@ class IdentityDenoiser:
             yield
         finally:
             self.unet.disable_lora()
+
+
+def _takes_generator(scheduler: SchedulerMixin) -> bool:
+    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 def _resize_mask(scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
