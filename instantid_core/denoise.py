@@ -11,13 +11,12 @@ applied once here, at construction; with all of them off (the default) nothing i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import inspect
 
 import numpy as np
 import torch
