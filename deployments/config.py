@@ -78,6 +78,8 @@ class AppConfig(BaseModel):
     output_uri: str = Field("file:///tmp/instantid-outputs", description="file:// or s3:// prefix for outputs.")
     allowed_input_buckets: list[str] = Field(default_factory=list, description="s3:// inputs only from these.")
     allow_url_inputs: bool = Field(False, description="Fetch http(s) image URLs server-side (off: SSRF risk).")
+    allowed_url_hosts: list[str] = Field(default_factory=list, description="With allow_url_inputs: the only hosts "
+                                         "URLs may name (exact host names; redirects are not followed).")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body limit; larger bodies get 413.")
     max_image_bytes: int = Field(15 * 2**20, ge=1024, description="Per-image limit after base64 decoding.")
     stage_timeout_s: float = Field(300.0, gt=0, description="A stage slower than this answers 504.")
@@ -91,6 +93,13 @@ class AppConfig(BaseModel):
                                "by the replica that answers its next poll.")
     access: AccessConfig = Field(default_factory=AccessConfig)
     deployments: StageOptions = Field(default_factory=StageOptions)
+
+    @model_validator(mode="after")
+    def _url_inputs_name_their_hosts(self) -> AppConfig:
+        if self.allow_url_inputs and not self.allowed_url_hosts:
+            raise ValueError("allow_url_inputs needs allowed_url_hosts: fetching any host would let a request "
+                             "reach internal services")
+        return self
 
     @model_validator(mode="after")
     def _denoiser_can_hold_a_batch(self) -> AppConfig:

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -30,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.pipeline import draw_seed
-from instantid_core.storage import OutputStore, read_uri
+from instantid_core.storage import OutputStore, fetch_url, make_s3_client, read_uri
 
 from . import metrics
 from .access import AccessControl, Action, RateLimited, Unauthorized
@@ -149,6 +150,8 @@ class Ingress:
         self.jobs = OutputStore(self.config.output_uri)
         self.access = AccessControl(self.config.access)
         self._tasks: set[asyncio.Task] = set()
+        self._input_s3_client: Any = None
+        self._input_s3_lock = threading.Lock()
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
     async def generate(self, request: GenerateRequest, inline: bool = False,
@@ -156,17 +159,27 @@ class Ingress:
         """Run one request through the DAG; raises typed InstantIDErrors for expected failures.
 
         `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects."""
+        try:
+            return await self._generate(request, inline, request_id)
+        except InstantIDError as exc:  # HTTP and handle callers alike
+            metrics.observe_error(exc.code)
+            raise
+
+    async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None) -> GenerateResponse:
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         params = request.params()
         seed = params.seed if params.seed is not None else draw_seed()
+        default_scheduler = self.config.pipeline.default_scheduler
         face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
         if not 1 <= len(face_sources) <= 8:
             raise InvalidParameter("face_image: give 1 to 8 images", field="face_image")
         faces = await asyncio.gather(*(self._read_image(src, f"face_image[{i}]") for i, src in enumerate(face_sources)))
         pose = await self._read_image(request.pose_image, "pose_image") if request.pose_image else None
         meta = {
-            "request_id": request_id, "params": params.model_dump(mode="json"),
+            # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
+            "request_id": request_id, "params": {**params.model_dump(mode="json"),
+                                                 "scheduler": (params.scheduler or default_scheduler).value},
             "inputs": {"face_image_sha256": [hashlib.sha256(f).hexdigest() for f in faces],
                        "pose_image_sha256": hashlib.sha256(pose).hexdigest() if pose else None},
         }
@@ -180,6 +193,8 @@ class Ingress:
         except InstantIDError:
             raise
         except asyncio.TimeoutError as exc:
+            for stage in (face, prompt, images):  # nobody waits for them any more: free the replicas
+                stage.cancel()
             raise StageTimeout(f"the request took longer than {self.config.stage_timeout_s:.0f}s; retry later or "
                                "ask for fewer steps/images") from exc
         except BackPressureError as exc:
@@ -195,21 +210,36 @@ class Ingress:
         return response
 
     async def _read_image(self, source: str, field: str) -> bytes:
-        if source.startswith("s3://"):
-            data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets)
-        elif source.startswith(("http://", "https://")):
-            raise InputNotAllowed(f"{field}: fetching URLs is disabled on this server; send base64 or s3://",
-                                  field=field)
-        else:
-            if len(source) > self.config.max_image_bytes * 4 // 3 + 4:
-                raise ImageTooLarge(f"{field}: larger than {self.config.max_image_bytes} bytes", field=field)
-            try:
-                data = base64.b64decode(source, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise InvalidParameter(f"{field}: not valid base64 (or an s3:// URI)", field=field) from exc
-        if len(data) > self.config.max_image_bytes:
-            raise ImageTooLarge(f"{field}: {len(data)} bytes, the limit is {self.config.max_image_bytes}", field=field)
+        limit = self.config.max_image_bytes
+        try:
+            if source.startswith("s3://"):
+                data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets,
+                                               s3_client=self._input_s3(), max_bytes=limit)
+            elif source.startswith(("http://", "https://")):
+                if not self.config.allow_url_inputs:
+                    raise InputNotAllowed(f"{field}: fetching URLs is disabled on this server; send base64 or s3://")
+                data = await asyncio.to_thread(fetch_url, source, allowed_hosts=self.config.allowed_url_hosts,
+                                               max_bytes=limit)
+            else:
+                if len(source) > limit * 4 // 3 + 4:
+                    raise ImageTooLarge(f"{field}: larger than {limit} bytes")
+                try:
+                    data = base64.b64decode(source, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise InvalidParameter(f"{field}: not valid base64 (or an s3:// URI)") from exc
+        except InstantIDError as exc:
+            exc.field = field  # the request's field, whatever the reader called it
+            raise
+        if len(data) > limit:
+            raise ImageTooLarge(f"{field}: {len(data)} bytes, the limit is {limit}", field=field)
         return data
+
+    def _input_s3(self) -> Any:
+        """One S3 client for input reads, made on first use (boto3 clients are thread-safe once made)."""
+        with self._input_s3_lock:
+            if self._input_s3_client is None:
+                self._input_s3_client = make_s3_client()
+            return self._input_s3_client
 
     # --- HTTP -------------------------------------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=GENERATE_BODY)
@@ -295,16 +325,15 @@ class Ingress:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            generate_request = await self._parse_multipart(request)  # parts are size-limited while streaming
-        else:
-            body = await self._read_body(request)
-            try:
-                generate_request = GenerateRequest.model_validate_json(body)
-            except ValidationError as exc:
-                raise validation_error(exc) from exc
-        return generate_request
+        # Every body, JSON or multipart, chunked or not, is counted while it streams in: nothing larger than
+        # max_body_bytes is ever held in memory or spooled to disk.
+        body = await self._read_body(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await self._parse_multipart(request, body)
+        try:
+            return GenerateRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
 
     async def _read_body(self, request: Request) -> bytes:
         chunks, size = [], 0
@@ -315,9 +344,13 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse_multipart(self, request: Request) -> GenerateRequest:
+    async def _parse_multipart(self, request: Request, body: bytes) -> GenerateRequest:
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
         try:
-            form = await request.form(max_files=9, max_fields=4, max_part_size=self.config.max_image_bytes)
+            form = await Request(request.scope, replay).form(max_files=9, max_fields=4,
+                                                               max_part_size=self.config.max_image_bytes)
         except Exception as exc:  # starlette raises several types for a broken multipart body
             if "maximum size" in str(exc):
                 raise ImageTooLarge(f"an uploaded part is over {self.config.max_image_bytes} bytes") from exc

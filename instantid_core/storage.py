@@ -12,6 +12,9 @@ import json
 import os
 import re
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -347,6 +350,44 @@ def read_uri(
             field="uri",
         )
     return _s3_get(s3_client or make_s3_client(), loc.bucket, loc.key, max_bytes=max_bytes)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect could lead off the allowed hosts: answered as an error instead
+
+
+def fetch_url(url: str, *, allowed_hosts: list[str], max_bytes: int, timeout_s: float = 10.0) -> bytes:
+    """Fetch a user-supplied http(s) image URL from an allow-listed host (exact host names, no redirects).
+
+    Raises:
+        InvalidParameter: not an http(s) URL, or the host could not be reached or answered an error.
+        InputNotAllowed: the host is not in `allowed_hosts`, or it answered with a redirect.
+        InputNotFound: the host answered 404 or 410.
+        ImageTooLarge: the body is larger than `max_bytes` (read no further than that).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidParameter(f"{url[:200]!r} is not an http(s) URL", field="uri")
+    if parts.hostname.lower() not in {host.lower() for host in allowed_hosts}:
+        raise InputNotAllowed(f"host {parts.hostname!r} is not an allowed input host", field="uri")
+    opener = urllib.request.build_opener(_NoRedirects)
+    request = urllib.request.Request(url, headers={"User-Agent": "instantid-serve"})
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            data = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as err:
+        if err.code in (404, 410):
+            raise InputNotFound(f"{url[:200]} does not exist (HTTP {err.code})", field="uri") from None
+        if 300 <= err.code < 400:
+            raise InputNotAllowed(f"{url[:200]} redirects; redirects are not followed", field="uri") from None
+        raise InvalidParameter(f"{url[:200]} answered HTTP {err.code}", field="uri") from None
+    except (urllib.error.URLError, OSError) as err:  # refused, DNS, timeout
+        reason = getattr(err, "reason", err)
+        raise InvalidParameter(f"could not fetch {url[:200]}: {reason}", field="uri") from None
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"{url[:200]} is larger than {max_bytes} bytes", field="uri")
+    return data
 
 
 def _s3_get(client: Any, bucket: str, key: str, *, max_bytes: int | None = None) -> bytes:
