@@ -29,6 +29,9 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
 
     def deployment(cls: type, name: str, options) -> serve.Deployment:
         chosen = options.serve_options()
+        # A request refused at a full queue gets Retry-After, also where Serve's proxy answers it (the Ingress's
+        # own queue); between stages the Ingress turns the same refusal into its JSON 503.
+        chosen.setdefault("backpressure_config", {"retry_after_s": config.retry_after_s})
         logger.info("deployment %s options: %s", name, chosen)
         return serve.deployment(cls, name=name, **chosen)
 

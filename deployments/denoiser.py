@@ -47,42 +47,49 @@ class Denoiser:
         request, key = denoise_request(face.condition, prompt.embeds, params, seed,
                                        self.config.pipeline.default_scheduler)
         self.denoiser.check_inputs([request], key)  # a bad request fails alone, never its batch
-        result = await self._run_batch(_Item(request, key, time.perf_counter()))
+        item = _Item(request, key, time.perf_counter())
+        if request.num_images > self.config.max_batch_size:
+            # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
+            (result,) = await self._run_group([item])
+        else:
+            result = await self._run_batch(item)
         if isinstance(result, Exception):
             raise result
         images, batch_size, queue_s, denoise_s = result
         timings = {"face": face.seconds, "prompt": prompt.seconds, "queue": queue_s, "denoise": denoise_s}
-        return DenoiseResult(images, key.width, key.height, batch_size, timings)
+        cache_hits = {"face": face.cache_hit, "prompt": prompt.cache_hit}
+        return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_images_in)
     async def _run_batch(self, items: list[_Item]) -> list[Any]:
+        results: list[Any] = [None] * len(items)
         groups: dict[BatchKey, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             groups[item.key].append(index)
-        results: list[Any] = [None] * len(items)
-        for key, indices in groups.items():
-            started = time.perf_counter()
-            requests = [items[i].request for i in indices]
-            try:
-                # The forward pass blocks; a thread keeps the replica's event loop (health, new requests) alive.
-                outputs = await asyncio.to_thread(self.denoiser, requests, key)
-            except InstantIDError as exc:
-                outputs = [exc] * len(indices)
-            elapsed = time.perf_counter() - started
-            batch_images = sum(request.num_images for request in requests)
-            for i, output in zip(indices, outputs, strict=False):
-                results[i] = output if isinstance(output, Exception) else (
-                    np.ascontiguousarray(output), batch_images, started - items[i].enqueued, elapsed)
+        for indices in groups.values():
+            for i, result in zip(indices, await self._run_group([items[i] for i in indices]), strict=True):
+                results[i] = result
         return results
 
-    def check_health(self) -> None:
-        if self.denoiser is None:
-            raise RuntimeError("denoiser not loaded")
-        if self.denoiser.device.type == "cuda":
-            import torch
+    async def _run_group(self, items: list[_Item]) -> list[Any]:
+        """One IdentityDenoiser call for items that share a BatchKey: per item, (images, batch images, queue s,
+        denoise s) or the typed error that item gets."""
+        started = time.perf_counter()
+        requests = [item.request for item in items]
+        try:
+            # The forward pass blocks; a thread keeps the replica's event loop (health, new requests) alive.
+            outputs = await asyncio.to_thread(self.denoiser, requests, items[0].key)
+        except InstantIDError as exc:
+            outputs = [exc] * len(items)
+        elapsed = time.perf_counter() - started
+        batch_images = sum(request.num_images for request in requests)
+        return [output if isinstance(output, Exception) else (
+            np.ascontiguousarray(output), batch_images, started - item.enqueued, elapsed)
+            for item, output in zip(items, outputs, strict=True)]
 
-            if not torch.cuda.is_available():
-                raise RuntimeError("CUDA device lost")
+    async def check_health(self) -> None:
+        """A tiny forward pass on the replica's device (Serve restarts the replica when it raises)."""
+        await asyncio.to_thread(self.denoiser.probe)
 
     def ready(self) -> bool:
         return True

@@ -49,9 +49,9 @@ class FaceAnalysis:
         pose = hashlib.sha256(pose_image).hexdigest() if pose_image is not None else None
         return digests, pose, params.face_index, params.width, params.height
 
-    def check_health(self) -> None:
-        if self.analyzer is None:
-            raise RuntimeError("face analyzer not loaded")
+    async def check_health(self) -> None:
+        """One detector forward pass on a small blank image."""
+        await asyncio.to_thread(self.analyzer.probe)
 
     def ready(self) -> bool:
         return True

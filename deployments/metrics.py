@@ -1,7 +1,9 @@
 """Prometheus metrics of the ingress replica (served at GET /metrics).
 
-Per-stage figures travel back with each response (timings, batch size, cache hits), so the ingress records them
-for every stage without the stages exporting metrics of their own.
+Per-stage figures travel back with each response (timings, queue wait, batch size, cache hits), so the ingress
+records them for every stage without the stages exporting metrics of their own. Each ingress replica counts its
+own requests: with several, scrape each (or sum them); Ray's metrics port on every node (the PodMonitor in k8s/)
+carries Serve's own per-deployment request, error, latency and queue metrics for every stage.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ STAGE_LATENCY = Histogram("instantid_stage_latency_seconds", "Time spent in each
 BATCH_SIZE = Histogram("instantid_denoiser_batch_images", "Images in the denoiser batch a request ran in",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=REGISTRY)
 IMAGES = Counter("instantid_images_generated", "Images generated", registry=REGISTRY)
+CACHE_LOOKUPS = Counter("instantid_cache_lookups", "Face and prompt cache lookups", ["stage", "result"],
+                        registry=REGISTRY)
+REQUEST_ERRORS = Counter("instantid_request_errors", "Failed generate requests (HTTP and handle) by error code",
+                         ["code"], registry=REGISTRY)
 
 
 def observe_http(route: str, code: int, seconds: float) -> None:
@@ -34,3 +40,9 @@ def observe_response(response: GenerateResponse) -> None:
         STAGE_LATENCY.labels(stage=stage).observe(ms / 1000)
     BATCH_SIZE.observe(response.batch_size)
     IMAGES.inc(len(response.images))
+    for stage, hit in response.cache_hits.items():
+        CACHE_LOOKUPS.labels(stage=stage, result="hit" if hit else "miss").inc()
+
+
+def observe_error(code: str) -> None:
+    REQUEST_ERRORS.labels(code=code).inc()

@@ -31,9 +31,9 @@ class PromptEncoderDeployment:
         self.cache.put(key, embeds)
         return PromptResult(embeds, time.perf_counter() - start, cache_hit=False)
 
-    def check_health(self) -> None:
-        if self.encoder is None:
-            raise RuntimeError("prompt encoder not loaded")
+    async def check_health(self) -> None:
+        """Both text encoders on a one-word prompt (not cached: it runs the models)."""
+        await asyncio.to_thread(self.encoder.encode, "health")
 
     def ready(self) -> bool:
         return True

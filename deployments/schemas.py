@@ -57,6 +57,8 @@ class GenerateResponse(BaseModel):
     metadata: str = Field(description="URI of the sidecar JSON (parameters, seed, weights, timings).")
     timings_ms: dict[str, float] = Field(default_factory=dict, description="Per-stage wall time.")
     batch_size: int = Field(1, description="Images in the denoiser batch this request ran in.")
+    cache_hits: dict[str, bool] = Field(default_factory=dict, description="Whether the face and prompt stages "
+                                        "answered from their caches.")
     inline_images: list[str] | None = Field(None, description="Base64 images when ?inline=true.")
 
 
@@ -101,3 +103,4 @@ class DenoiseResult:
     height: int
     batch_size: int  # images in the batch this request ran in
     timings: dict[str, float] = field(default_factory=dict)  # seconds: face, prompt, queue, denoise
+    cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt

@@ -164,6 +164,10 @@ class FaceAnalyzer:
         first = faces[0]
         return FaceInfo(embedding, first.kps, first.bbox, first.det_score, first.image_size)
 
+    def probe(self) -> None:
+        """One detector forward pass on a small blank image (a health check: raises if the session is broken)."""
+        self._detector.detect(np.zeros((64, 64, 3), np.uint8), input_size=(self.det_sizes[-1],) * 2)
+
     def _detect(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, 5) boxes with scores and (N, 5, 2) keypoints at the first detection size that finds any face."""
         boxes, kpss = np.empty((0, 5), np.float32), np.empty((0, 5, 2), np.float32)
