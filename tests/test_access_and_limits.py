@@ -1,11 +1,13 @@
-"""API keys, per-key rate limits, overload (503 + Retry-After) and stage timeouts (504), each produced by real
-requests to a second deployment of the app ("strict"), and a grep proving keys and S3 credentials never reach
-logs, error bodies, sidecars or metrics."""
+"""API keys, per-key rate limits, overload (503 + Retry-After), stage timeouts (504), a request larger than a
+batch, and URL inputs from allow-listed hosts, each produced by real requests to a second deployment of the app
+("strict"), and a grep proving keys and S3 credentials never reach logs, error bodies, sidecars or metrics."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import secrets
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +45,7 @@ def strict_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=bucket)
     stages = small_stage_options(max_ongoing_requests=1, max_queued_requests=1)
     overrides = {"max_batch_size": 1, "stage_timeout_s": 4, "deployments": stages,
+                 "allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"],
                  "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
                             "rate_limit_burst": BURST}}
     app = deploy(ray_instance, "strict", "/strict", overrides, bucket, serve_tiny_dir)
@@ -100,11 +103,23 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(strict_app):
 
 def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(strict_app, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 8, "width": 128, "height": 128}
+    blocker = {**body, "steps": 20, "width": 256, "height": 256}  # ~1.5 s in the denoiser, under the 4 s timeout
+
+    def send(payload: dict) -> httpx.Response:
+        return httpx.post(f"{strict_app.url}/v1/generate", json=payload, headers=auth(LOAD_KEY), timeout=60)
+
     # Warm the face and prompt caches, so the burst reaches the denoiser at once rather than paced by face analysis.
-    assert httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(LOAD_KEY), timeout=60).is_success
+    assert send(body).is_success and send(blocker).is_success
     with ThreadPoolExecutor(10) as pool:
-        answers = list(pool.map(lambda i: httpx.post(f"{strict_app.url}/v1/generate", json={**body, "seed": i},
-                                                     headers=auth(LOAD_KEY), timeout=60), range(10)))
+        # The denoiser runs one request and queues one. Serve counts a request as queued once its inputs (the face
+        # and prompt stages) are ready, so: the blocker runs, a second request waits in the queue, then a burst
+        # finds the queue full.
+        busy = pool.submit(send, {**blocker, "seed": 99})
+        time.sleep(0.5)
+        queued = pool.submit(send, {**body, "seed": 98})
+        time.sleep(0.3)
+        answers = list(pool.map(lambda i: send({**body, "seed": i}), range(8)))
+        assert busy.result().status_code == 200 and queued.result().status_code == 200
     codes = sorted(a.status_code for a in answers)
     assert set(codes) <= {200, 503} and 503 in codes, codes
     overloaded = next(a for a in answers if a.status_code == 503)
@@ -145,3 +160,50 @@ def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict
             leaked = [str(p) for p in log_files if value.encode() in p.read_bytes()]
             assert not leaked, f"{what} found in {leaked}"
     assert json.loads(seen[0])["images"]  # the check above read real responses
+
+
+def test_a_request_with_more_images_than_a_batch_runs_as_a_batch_of_its_own(strict_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", "num_images": 3, **FAST}  # max_batch_size is 1
+    answer = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["images"]) == 3 and answer.json()["batch_size"] == 3
+
+
+@pytest.fixture
+def image_host(astronaut_bytes):
+    """An HTTP server on 127.0.0.1 with /face.jpg, a redirect at /moved, and 404 for anything else."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/face.jpg":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(astronaut_bytes)))
+                self.end_headers()
+                self.wfile.write(astronaut_bytes)
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_inputs_only_from_allowed_hosts_and_never_through_a_redirect(strict_app, image_host):
+    def generate(url: str) -> httpx.Response:
+        return httpx.post(f"{strict_app.url}/v1/generate", json={"face_image": url, "prompt": "x", **FAST},
+                          headers=auth(FULL_KEY), timeout=120)
+
+    assert generate(f"http://{image_host}/face.jpg").status_code == 200
+    port = image_host.rsplit(":", 1)[1]
+    assert error_of(generate(f"http://localhost:{port}/face.jpg"), 403, "input_not_allowed")["field"] == \
+        "face_image[0]"
+    assert "redirect" in error_of(generate(f"http://{image_host}/moved"), 403, "input_not_allowed")["message"]
+    error_of(generate(f"http://{image_host}/missing.jpg"), 404, "input_not_found")

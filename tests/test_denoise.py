@@ -111,3 +111,7 @@ def test_bad_inputs_are_invalid_parameters(denoiser, prompt_encoder):
         denoiser([good], BatchKey(WIDTH, HEIGHT, 2, Scheduler.lcm))
     with pytest.raises(InvalidParameter, match="empty"):
         denoiser([], KEY)
+
+
+def test_probe_is_a_forward_pass_on_the_denoisers_device(denoiser):
+    denoiser.probe()  # the Denoiser replica's health check: the Resampler on one zero embedding, synchronised

@@ -208,3 +208,11 @@ def test_map_kps_to_output_covers_and_centre_crops():
     # 2:1 photo onto a square canvas: scaled by 512/500 to cover the height, 256 px cut from each side
     out = map_kps_to_output(pts, (1000, 500), (512, 512))
     np.testing.assert_allclose(out, [[-256, 0], [256, 256], [768, 512]], atol=1e-3)
+
+
+def test_probe_runs_the_detector_and_fails_when_it_cannot(tiny_face_pack: Path):
+    analyzer = FaceAnalyzer(tiny_face_pack, PipelineSettings())
+    analyzer.probe()  # a real forward pass: the replicas' health check
+    analyzer._detector.session = None  # what a lost onnxruntime session looks like to the detector
+    with pytest.raises(RuntimeError):
+        analyzer.probe()

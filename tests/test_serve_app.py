@@ -50,8 +50,10 @@ def test_generate_writes_images_and_sidecar_that_replays_in_the_library(served_a
     assert body["seed"] == 1234 and len(body["images"]) == 2
     assert all(uri.startswith(f"s3://{served_app.bucket}/out/") for uri in body["images"])
     assert {"face", "prompt", "denoise", "write", "total"} <= set(body["timings_ms"])
+    assert set(body["cache_hits"]) == {"face", "prompt"}
     meta = json.loads(s3_read(body["metadata"]))
     assert meta["request_id"] == body["request_id"] and meta["seed"] == 1234
+    assert meta["params"]["scheduler"] == "euler"  # the scheduler that ran, not "the default"
 
     replay = library.generate([astronaut_bytes], GenerateParams.model_validate(meta["params"]), seed=meta["seed"])
     for uri, expected in zip(body["images"], replay.images, strict=False):
@@ -122,8 +124,12 @@ def test_error_table_each_code_from_a_real_request(served_app, astronaut_bytes):
     oversized = "A" * (served_app.config.max_body_bytes + 10)
     _error(httpx.post(f"{served_app.url}/v1/generate", content=oversized, timeout=60,
                       headers={"content-type": "application/json"}), 413, "image_too_large")
-    _error(post(served_app, {"face_image": "s3://some-other-bucket/face.jpg", "prompt": "x"}), 403,
-           "input_not_allowed")
+    # A chunked multipart upload declares no length: it is counted as it streams and refused past the limit.
+    _error(httpx.post(f"{served_app.url}/v1/generate", content=chunked_upload(served_app.config.max_body_bytes),
+                      headers={"content-type": "multipart/form-data; boundary=xyz"}, timeout=60),
+           413, "image_too_large")
+    assert _error(post(served_app, {"face_image": "s3://some-other-bucket/face.jpg", "prompt": "x"}), 403,
+                  "input_not_allowed")["field"] == "face_image[0]"
     _error(post(served_app, {"face_image": f"s3://{served_app.bucket}/missing.jpg", "prompt": "x"}), 404,
            "input_not_found")
     _error(post(served_app, {"face_image": "https://example.com/face.jpg", "prompt": "x"}), 403,
@@ -132,12 +138,29 @@ def test_error_table_each_code_from_a_real_request(served_app, astronaut_bytes):
     assert post(served_app, {"face_image": face, "prompt": "x", **FAST}).status_code == 200
 
 
-def test_health_readiness_metrics_and_openapi(served_app):
+def chunked_upload(limit: int):
+    """A multipart body with one file part a megabyte over `limit`, sent in chunks with no Content-Length."""
+    yield (b'--xyz\r\nContent-Disposition: form-data; name="face_image"; filename="f.jpg"\r\n'
+           b"Content-Type: image/jpeg\r\n\r\n")
+    for _ in range(limit // 2**20 + 1):
+        yield b"\0" * 2**20
+    yield b"\r\n--xyz--\r\n"
+
+
+def test_health_readiness_metrics_and_openapi(served_app, astronaut_bytes):
     assert httpx.get(f"{served_app.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{served_app.url}/readyz").json()
     assert ready["ready"] and set(ready["stages"]) == {"face", "prompt", "denoiser", "writer"}
+    for face in (astronaut_bytes, astronaut_bytes):  # a miss or a hit, then surely a hit
+        assert post(served_app, {"face_image": b64(face), "prompt": "metrics", **FAST}).status_code == 200
+    blank = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(blank, "PNG")
+    assert post(served_app, {"face_image": b64(blank.getvalue()), "prompt": "x", **FAST}).status_code == 422
     metrics = httpx.get(f"{served_app.url}/metrics").text
     assert "instantid_http_requests_total" in metrics
+    assert 'instantid_cache_lookups_total{result="hit",stage="face"}' in metrics
+    assert 'instantid_request_errors_total{code="no_face"}' in metrics
+    assert 'instantid_stage_latency_seconds_count{stage="queue"}' in metrics
     schema = httpx.get(f"{served_app.url}/openapi.json").json()
     assert "/v1/generate" in schema["paths"] and "GenerateRequest" in schema["components"]["schemas"]
     dangling = {ref for ref in refs_in(schema) if ref.removeprefix("#/components/schemas/")

@@ -62,11 +62,15 @@ def test_killing_the_denoiser_replica_mid_request_recovers(served_app, astronaut
             break
         time.sleep(0.5)
     assert _replica_actors("Denoiser") not in ([], [before])
+    assert readiness and readiness[-1] == 200, f"/readyz never reported the new replica ready: {readiness}"
     assert httpx.post(f"{served_app.url}/v1/generate", json={**body, **FAST}, timeout=120).status_code == 200
 
 
 def test_serve_config_yaml_is_an_appconfig_with_serve_build_structure():
+    from ray.serve.schema import ServeDeploySchema
+
     config = yaml.safe_load(SERVE_CONFIG_PATH.read_text())
+    ServeDeploySchema.parse_obj(config)  # what `serve deploy` / `serve run` accept
     assert set(config) <= {"proxy_location", "http_options", "grpc_options", "logging_config", "applications"}
     (app,) = config["applications"]
     assert app["name"] == "instantid" and app["import_path"] == "deployments.app:build_app"
@@ -82,6 +86,19 @@ def test_build_app_binds_five_deployments_from_the_file():
 
     from deployments.app import build_app
 
-    built = serve_build(build_app(app_config_from_serve_config()), name="instantid")
+    config = app_config_from_serve_config()
+    built = serve_build(build_app(config), name="instantid")
     assert {d.name for d in built.deployments} == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
                                                    "OutputWriter"}
+    # A request refused at any full queue, the Ingress's own included (Serve's proxy answers that one), gets
+    # Retry-After.
+    assert {d.backpressure_config.retry_after_s for d in built.deployments} == {config.retry_after_s}
+
+
+def test_url_inputs_need_an_allow_list_of_hosts():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="allowed_url_hosts"):
+        AppConfig.model_validate({"allow_url_inputs": True})
+    assert AppConfig.model_validate({"allow_url_inputs": True, "allowed_url_hosts": ["images.example.com"]})
