@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
 
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
-from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, NoFaceDetected
+from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
 
 TERMINAL = ("ok", "no_face", "bad_image")  # an `error` record is retried on the next run
@@ -58,14 +59,31 @@ class BatchSettings:
 
 
 def load_prompts(path: Path) -> list[PromptSpec]:
-    """A YAML list or JSONL file of prompts; ids must be unique (they name outputs)."""
-    text = path.read_text()
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-        else yaml.safe_load(text)
-    specs = [PromptSpec.model_validate(row) for row in rows]
+    """A YAML list or JSONL file of prompts; ids must be unique (they name outputs).
+
+    Raises:
+        InvalidParameter: the file is missing, does not parse, is not a list, or repeats an id (named).
+    """
+    try:
+        text = path.read_text()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InvalidParameter(f"--prompts {path}: {exc}", field="prompts") from None
+    if not isinstance(rows, list) or not rows:
+        raise InvalidParameter(f"--prompts {path}: expected a non-empty list of prompts", field="prompts")
+    specs = []
+    for index, row in enumerate(rows):
+        try:
+            specs.append(PromptSpec.model_validate(row))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise InvalidParameter(f"--prompts {path}: prompt {index}: {where}: {first['msg']}",
+                                   field="prompts") from None
     duplicates = [pid for pid, n in Counter(s.id for s in specs).items() if n > 1]
     if duplicates:
-        raise ValueError(f"duplicate prompt ids: {duplicates}")
+        raise InvalidParameter(f"--prompts {path}: duplicate prompt ids: {duplicates}", field="prompts")
     return specs
 
 
@@ -84,8 +102,13 @@ def as_uri(location: str) -> str:
     return location if "://" in location else Path(location).resolve().as_uri()
 
 
-def list_inputs(store: OutputStore, input_uri: str, limit: int | None) -> list[str]:
-    uris = sorted(u for u in store.list_uris(input_uri) if not u.rsplit("/", 1)[-1].startswith("."))
+def list_inputs(store: OutputStore, input_uri: str, limit: int | None, output_uri: str | None = None) -> list[str]:
+    """Every object under the input prefix, taken as a folder (`faces` never matches `faces_old/`), without
+    hidden files, folder markers and anything under the output prefix (an output inside the input is no input)."""
+    prefix = input_uri.rstrip("/") + "/"
+    outputs = output_uri.rstrip("/") + "/" if output_uri else None
+    uris = sorted(u for u in store.list_uris(prefix) if not u.endswith("/")
+                  and not u.rsplit("/", 1)[-1].startswith(".") and not (outputs and u.startswith(outputs)))
     return uris[:limit] if limit else uris
 
 
@@ -267,6 +290,9 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     input_uri, output_uri = as_uri(input_uri), as_uri(output_uri)
     store = OutputStore(output_uri)
     inputs_store = OutputStore("file:///")
+    images = list_inputs(inputs_store, input_uri, limit, output_uri)
+    if not images:  # checked before anything is written: a mistyped prefix leaves no job behind
+        raise InvalidParameter(f"--input {input_uri}: no files under this prefix", field="input")
     state = store.get_json("job.json") if store.exists("job.json") else {
         "day": f"{datetime.now(timezone.utc):%Y-%m-%d}", "input": input_uri}
     store.put_json("job.json", state)  # the date partition of the first run is kept, so reruns hit the same keys
@@ -274,7 +300,6 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
                                                        "negative_prompt": p.negative_prompt, "style": p.style})
                   for p in prompts}
     base_seed = {pid: p.seed for pid, p in per_prompt.items()}
-    images = list_inputs(inputs_store, input_uri, limit)
     pairs = [(image, p.id) for image in images for p in prompts]
 
     manifest = Manifest(store)
@@ -287,13 +312,15 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     _log(f"{len(images)} images x {len(prompts)} prompts = {len(pairs)} pairs; {len(done)} done, {len(todo)} to run",
          progress)
 
-    counts = Counter()
+    counts, written = Counter(), 0  # this run's records by status, and the images they wrote
     if todo:
         if not ray.is_initialized():
             ray.init(logging_level="WARNING", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = progress
         on_gpu = settings.pipeline.device.startswith("cuda")
-        embeds = ray.get(ray.remote(_encode_prompts).remote(settings, per_prompt))  # once per prompt
+        # Once per prompt, on the device the pipeline names (a task without a GPU sees none: Ray hides them).
+        encode = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=1)(_encode_prompts)
+        embeds = ray.get(encode.remote(settings, per_prompt))
         dataset = ray.data.from_items([{"image": image, "prompt_id": pid} for image, pid in todo])
         dataset = dataset.map_batches(FaceStage, fn_constructor_kwargs={"settings": settings, "params": per_prompt},
                                       batch_size=8, concurrency=face_actors, num_cpus=1)
@@ -303,23 +330,30 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
             "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed},
             batch_size=8, concurrency=1, num_cpus=0.5)
-        for row in dataset.iter_rows():
-            record = json.loads(row["record"])
-            counts[record["status"]] += 1
-            manifest.add(record)
+        with tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress, file=sys.stderr) as bar:
+            for row in dataset.iter_rows():
+                record = json.loads(row["record"])
+                counts[record["status"]] += 1
+                written += len(record.get("outputs", []))
+                manifest.add(record)
+                bar.update()
+                bar.set_postfix({**counts, "img/s": f"{written / bar.format_dict['elapsed']:.2f}"
+                                 if bar.format_dict["elapsed"] else "-"}, refresh=False)
     manifest.flush()
 
-    final = {k: r for k, r in manifest.load().items() if k in set(pairs)}
+    wanted = set(pairs)
+    final = {k: r for k, r in manifest.load().items() if k in wanted}
+    seconds = time.perf_counter() - started
     summary = {
         "input": input_uri, "output": output_uri, "images": len(images), "prompts": len(prompts),
         "pairs": len(pairs), "this_run": dict(counts), "skipped": len(pairs) - len(todo),
         "status": dict(Counter(r["status"] for r in final.values())),
         "outputs": sum(len(r.get("outputs", [])) for r in final.values()),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(seconds, 2), "images_per_s": round(written / seconds, 3),
     }
     store.put_json("summary.json", summary)
-    _log(f"done: {summary['status']} over {summary['pairs']} pairs; this run {dict(counts)} in {summary['seconds']}s",
-         True)
+    _log(f"done: {summary['status']} over {summary['pairs']} pairs; this run {dict(counts)}, {written} images "
+         f"in {summary['seconds']}s ({summary['images_per_s']} images/s)", True)
     return summary
 
 

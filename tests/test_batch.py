@@ -18,8 +18,11 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
+from instantid_core.cli import main as cli_main
 from instantid_core.config import ModelSources, PipelineSettings
-from jobs.batch import BatchSettings, load_prompts, pair_id, run_batch
+from instantid_core.errors import InvalidParameter
+from instantid_core.storage import OutputStore
+from jobs.batch import BatchSettings, list_inputs, load_prompts, pair_id, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"steps": 2, "width": 64, "height": 64}
@@ -102,6 +105,7 @@ def test_batch_job_writes_every_pair_and_an_exact_manifest(s3_bucket, astronaut_
     summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
                         batch_settings, PARAMS, progress=False)
     assert summary["images"] == 21 and summary["pairs"] == 42
+    assert summary["images_per_s"] > 0 and summary["outputs"] == 16 * len(PROMPTS)
     assert Counter(summary["status"]) == expected_counts(expected)
     records = manifest_records(s3_bucket)
     assert Counter(r["status"] for r in records) == expected_counts(expected)
@@ -156,3 +160,39 @@ def test_killed_batch_job_resumes_without_duplicates_or_losses(s3_bucket, astron
     assert Counter(summary["status"]) == expected_counts(expected)
     assert summary["skipped"] > 0
     check_outputs_match_manifest(s3_bucket, expected)
+    # One record per pair over both runs: what the killed run recorded (or wrote) was never generated again.
+    records = manifest_records(s3_bucket)
+    assert len(records) == 42 and len({(r["image"], r["prompt_id"]) for r in records}) == 42
+
+
+def test_inputs_are_the_files_under_the_prefix_as_a_folder(tmp_path):
+    for name in ("faces/a.jpg", "faces/sub/b.png", "faces/.hidden.jpg", "faces_old/c.jpg", "faces/out/0.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    store = OutputStore("file:///")
+    found = list_inputs(store, (tmp_path / "faces").as_uri(), None, output_uri=(tmp_path / "faces" / "out").as_uri())
+    assert found == [(tmp_path / "faces/a.jpg").as_uri(), (tmp_path / "faces/sub/b.png").as_uri()]
+    assert list_inputs(store, (tmp_path / "faces").as_uri() + "/", 1) == found[:1]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "No such file"), ("just text", "non-empty list"), ("- {id: a, prompt: x}\n- {id: a, prompt: y}\n",
+                                                            "duplicate prompt ids"),
+    ("- {id: a}\n", "prompt 0: prompt"),
+])
+def test_bad_prompt_files_are_one_line_errors_with_exit_2(tmp_path, capsys, text, message):
+    path = tmp_path / "prompts.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(InvalidParameter, match=message):
+        load_prompts(path)
+    code = cli_main(["batch", "--input", str(tmp_path), "--prompts", str(path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_an_input_prefix_without_files_is_an_error_that_writes_nothing(tmp_path, batch_settings):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidParameter, match="no files under this prefix"):
+        run_batch(str(tmp_path / "empty"), [], str(tmp_path / "out"), batch_settings, PARAMS, progress=False)
+    assert not (tmp_path / "out").exists()
