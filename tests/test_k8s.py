@@ -149,6 +149,24 @@ def test_gpu_overlay_has_head_cpu_and_gpu_groups_sized_for_sdxl() -> None:
     assert redis == {"name": "instantid-redis", "key": "password"}
 
 
+def test_the_gpu_group_can_hold_every_gpu_replica_at_its_maximum() -> None:
+    rayservice = one(rendered("gpu"), "RayService")
+    (gpu,) = [g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+    wanted = [(options.autoscaling_config.max_replicas, options.ray_actor_options.get("resources", {})
+               .get("gpu_node", 0)) for _, options in stages]
+    per_node = ray_start_resources(gpu)["gpu_node"]
+    # Replicas are whole actors: pack the largest first, each onto a node with room (first fit).
+    free: list[float] = []
+    for size in sorted((share for count, share in wanted for _ in range(count) if share), reverse=True):
+        fit = next((i for i, room in enumerate(free) if room >= size), None)
+        if fit is None:
+            free.append(per_node)
+            fit = len(free) - 1
+        free[fit] -= size
+    assert len(free) <= gpu["maxReplicas"], f"{len(free)} GPU nodes needed, the group allows {gpu['maxReplicas']}"
+
+
 def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_group() -> None:
     for overlay in ("cpu-demo", "gpu"):
         rayservice = one(rendered(overlay), "RayService")
