@@ -11,7 +11,9 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -61,7 +63,7 @@ def _generate(args: argparse.Namespace) -> None:
     settings = PipelineSettings(device=args.device, dtype=args.dtype)
     faces = [_read_image(path, settings) for path in args.face]
     pose = _read_image(args.pose, settings) if args.pose else None
-    sources = _sources(args) if args.weights is None else ModelSources.from_root(_weights_root(args.weights))
+    sources = _sources(args)
 
     from .pipeline import InstantIDPipeline
     from .storage import OutputStore, encode_image
@@ -108,14 +110,42 @@ def _weights_root(root: str) -> str:
     return str(path.resolve())
 
 
+SOURCE_FLAGS = ("sdxl", "identitynet", "adapter", "face_pack", "lcm_lora")
+
+
 def _sources(args: argparse.Namespace) -> ModelSources:
-    overrides = {k: getattr(args, k) for k in ("sdxl", "identitynet", "adapter", "face_pack") if getattr(args, k, None)}
+    """The published sources, or `--weights DIR`'s layout, with any single part given by its own flag."""
+    overrides = {k: getattr(args, k) for k in SOURCE_FLAGS if getattr(args, k, None)}
+    if getattr(args, "weights", None) is not None:
+        return ModelSources.from_root(_weights_root(args.weights), **overrides)
     return ModelSources(**overrides)
 
 
+def _one_of(enum: type[Enum]) -> Callable[[str], Enum]:
+    """An argparse type for an Enum whose error lists the allowed values."""
+    def parse(value: str) -> Enum:
+        try:
+            return enum(value)
+        except ValueError:
+            allowed = ", ".join(str(member.value) for member in enum)
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of: {allowed}") from None
+
+    parse.__name__ = enum.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other expected failure: one `error:` line (with the allowed values) and
+    exit code 2; `--help` still prints the full usage."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: {message}")
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instantid", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="instantid", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     weights = commands.add_parser("weights", help="write, download or check a weights folder")
     weight_commands = weights.add_subparsers(dest="weights_command", required=True)
@@ -135,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pose", help="take the face keypoints (pose) from this photo")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--style", type=Style, default=Style.none, choices=list(Style), metavar="STYLE")
+    gen.add_argument("--style", type=_one_of(Style), default=Style.none, metavar="STYLE",
+                     help=f"one of: {', '.join(s.value for s in Style)}")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--guidance", type=float, default=5.0)
@@ -144,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--scheduler", type=Scheduler, choices=list(Scheduler), metavar="SCHEDULER")
+    gen.add_argument("--scheduler", type=_one_of(Scheduler), metavar="SCHEDULER",
+                     help=f"one of: {', '.join(s.value for s in Scheduler)}")
     gen.add_argument("--face-index", type=int)
     gen.add_argument("--no-enhance-face-region", action="store_true")
     gen.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
@@ -158,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_source_flags(parser: argparse.ArgumentParser) -> None:
-    for name in ("sdxl", "identitynet", "adapter", "face-pack"):
-        parser.add_argument(f"--{name}", dest=name.replace("-", "_"), help=f"{name} source (path, hub id, s3://)")
+    for dest in SOURCE_FLAGS:
+        name = dest.replace("_", "-")
+        parser.add_argument(f"--{name}", dest=dest, help=f"{name} source (path, hub id, s3://)"
+                            + ("; enables --scheduler lcm" if dest == "lcm_lora" else ""))
 
 
 def _add_extra_commands(commands: argparse._SubParsersAction) -> None:

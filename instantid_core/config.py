@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 from enum import Enum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MIN_SIDE = 64
 MAX_SIDE = 2048
+LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
 
 
 class Scheduler(str, Enum):
@@ -57,15 +59,19 @@ class ModelSources(BaseModel):
     cache_dir: str | None = Field(None, description="Where s3:// sources are cached; default ~/.cache/instantid.")
 
     @classmethod
-    def from_root(cls, root: str) -> ModelSources:
-        """Sources for a folder laid out like `instantid weights tiny|download DIR` writes it."""
+    def from_root(cls, root: str, **overrides: str) -> ModelSources:
+        """Sources for a folder laid out like `instantid weights tiny|download DIR` writes it (with its
+        `lcm-lora-sdxl/` when a local root has one); `overrides` replace single parts."""
         root = root.rstrip("/")
-        return cls(
-            sdxl=f"{root}/sdxl",
-            identitynet=f"{root}/InstantID/ControlNetModel",
-            adapter=f"{root}/InstantID/ip-adapter.bin",
-            face_pack=f"{root}/antelopev2",
-        )
+        lcm = f"{root}/{LCM_LORA_DIR}"
+        return cls(**{
+            "sdxl": f"{root}/sdxl",
+            "identitynet": f"{root}/InstantID/ControlNetModel",
+            "adapter": f"{root}/InstantID/ip-adapter.bin",
+            "face_pack": f"{root}/antelopev2",
+            "lcm_lora": lcm if "://" not in root and Path(lcm).is_dir() else None,
+            **overrides,
+        })
 
 
 class PipelineSettings(BaseModel):

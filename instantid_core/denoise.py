@@ -40,7 +40,7 @@ from PIL import Image
 from . import accel as acc
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
-from .errors import InvalidParameter
+from .errors import InvalidParameter, WeightsError
 from .text import PromptEmbeds
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
@@ -117,8 +117,7 @@ class IdentityDenoiser:
         install_identity_adapter(self.unet, adapter["ip_adapter"])
         self.lcm_enabled = lcm_lora is not None
         if lcm_lora is not None:
-            self.unet.load_lora_adapter(str(lcm_lora), adapter_name=LCM_ADAPTER, prefix="unet")
-            self.unet.disable_lora()
+            load_lcm_lora(self.unet, lcm_lora)
         for module in (self.unet, self.identitynet, self.vae, self.resampler):
             module.to(self.device).eval().requires_grad_(False)
         self.apply_accel()
@@ -343,6 +342,25 @@ class IdentityDenoiser:
             yield
         finally:
             self.unet.disable_lora()
+
+
+def load_lcm_lora(unet: UNet2DConditionModel, path: Path) -> None:
+    """Load an LCM-LoRA (a .safetensors file or a folder with one; diffusers or kohya keys) onto the UNet,
+    disabled: `lora_scope` turns it on for calls that ask for the LCM scheduler.
+
+    Raises:
+        WeightsError: the file has no LoRA weights for this UNet (diffusers would only log a warning).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
+    # diffusers' own reader: finds the weights file in a folder and converts kohya/SGM key names.
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(folder), weight_name=name)
+    unet.load_lora_adapter(state, network_alphas=alphas, adapter_name=LCM_ADAPTER, prefix="unet")
+    if LCM_ADAPTER not in (getattr(unet, "peft_config", None) or {}):
+        raise WeightsError(f"lcm_lora: {path} holds no LoRA weights for the SDXL UNet", field="lcm_lora")
+    unet.disable_lora()
 
 
 def _takes_generator(scheduler: SchedulerMixin) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instantid_core.config import ModelSources
+from instantid_core.config import LCM_LORA_DIR, ModelSources
 from instantid_core.errors import WeightsError
 
 _UNET_WEIGHTS = (
@@ -46,7 +46,6 @@ _SDXL_FILES = (
 FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")  # detector, recogniser: all the pipeline loads
 ADAPTER_FILE = "ip-adapter.bin"
 ADAPTER_KEYS = ("image_proj", "ip_adapter")
-LCM_LORA_DIR = "lcm-lora-sdxl"  # where download_all puts an LCM-LoRA (ModelSources.from_root has no slot for it)
 
 
 def _without_fp16(names: tuple[str, ...]) -> list[str]:
@@ -146,7 +145,7 @@ def check_lcm_lora(path: Path) -> Path:
     """Check an LCM-LoRA safetensors file, or a folder with at least one; returns the path."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
-        raise WeightsError(f"lcm_lora: missing pytorch_lora_weights.safetensors in {path}", field="lcm_lora")
+        raise WeightsError(f"lcm_lora: no .safetensors file at {path}", field="lcm_lora")
     for file in files:
         _check_safetensors("lcm_lora", file)
     return path

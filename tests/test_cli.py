@@ -154,3 +154,32 @@ def test_weights_tiny_into_a_file_exits_2(tmp_path: Path) -> None:
     target.write_text("")
     line = error_line(run_cli("weights", "tiny", target, cwd=tmp_path))
     assert str(target) in line and "not a folder" in line
+
+
+@pytest.mark.slow
+def test_generate_with_an_lcm_lora_folder_runs_the_lcm_scheduler(tiny_root: Path, tmp_path: Path) -> None:
+    from tests.test_denoise import write_tiny_lcm_lora
+
+    write_tiny_lcm_lora(tiny_root, tmp_path / "lcm")
+    gen = run_cli("generate", "--weights", tiny_root, "--lcm-lora", tmp_path / "lcm", "--scheduler", "lcm",
+                  "--guidance", "1", "--face", ASTRONAUT, "--prompt", "x", *SMALL, "--out", tmp_path / "out",
+                  cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    meta = json.loads(uri_path(gen.stdout.split()[1]).read_text())
+    assert meta["params"]["scheduler"] == "lcm"
+    # Without the LoRA the same request is refused up front, naming what is missing.
+    assert "LCM-LoRA" in error_line(run_cli("generate", "--weights", tiny_root, "--scheduler", "lcm", "--face",
+                                            ASTRONAUT, "--prompt", "x", *SMALL, "--out", tmp_path / "o2",
+                                            cwd=tmp_path))
+
+
+@pytest.mark.parametrize(("flags", "detail"), [
+    (["--scheduler", "bogus"], "euler"),  # the allowed values are listed
+    (["--style", "Cubism"], "Watercolor"),
+    (["--steps", "ten"], "invalid int value"),
+])
+def test_a_malformed_flag_is_one_error_line_with_the_choices(tmp_path: Path, flags: list[str], detail: str) -> None:
+    result = run_cli("generate", "--face", ASTRONAUT, "--prompt", "x", *flags, "--out", tmp_path / "o", cwd=tmp_path)
+    line = error_line(result)
+    assert detail in line, line
+    assert "usage:" not in result.stderr

@@ -115,3 +115,50 @@ def test_bad_inputs_are_invalid_parameters(denoiser, prompt_encoder):
 
 def test_probe_is_a_forward_pass_on_the_denoisers_device(denoiser):
     denoiser.probe()  # the Denoiser replica's health check: the Resampler on one zero embedding, synchronised
+
+
+def write_tiny_lcm_lora(tiny_root, folder) -> None:
+    """A random (non-zero) LoRA on the tiny UNet's attention projections, saved as diffusers saves LoRAs."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_root / "sdxl" / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=layers)
+
+
+def test_lcm_lora_from_a_folder_is_used_by_the_lcm_scheduler_only(denoiser, prompt_encoder, tiny_root, settings,
+                                                                  tmp_path):
+    from instantid_core.denoise import LCM_ADAPTER, IdentityDenoiser
+
+    write_tiny_lcm_lora(tiny_root, tmp_path / "lcm-lora-sdxl")
+    fast = IdentityDenoiser(tiny_root / "sdxl", tiny_root / "InstantID" / "ControlNetModel",
+                            tiny_root / "InstantID" / "ip-adapter.bin", settings, lcm_lora=tmp_path / "lcm-lora-sdxl")
+    assert LCM_ADAPTER in fast.unet.peft_config
+    request = _request(prompt_encoder, "a portrait", 4, guidance=1.0)
+    # Outside the LCM scheduler the LoRA is off: the same image as a denoiser without it.
+    assert np.array_equal(fast([request], KEY)[0], denoiser([request], KEY)[0])
+    lcm_key = BatchKey(WIDTH, HEIGHT, steps=2, scheduler=Scheduler.lcm)
+    with_lora = fast([request], lcm_key)[0]
+    for name, parameter in fast.unet.named_parameters():  # the same run with the LoRA's effect removed
+        if "lora_B" in name:
+            parameter.data.zero_()
+    assert np.abs(with_lora.astype(int) - fast([request], lcm_key)[0].astype(int)).max() > 0
+
+
+def test_an_lcm_lora_without_unet_weights_is_a_weights_error(tiny_root, settings, tmp_path):
+    from safetensors.torch import save_file
+
+    from instantid_core.denoise import IdentityDenoiser
+    from instantid_core.errors import WeightsError
+
+    save_file({"text_encoder.something.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_lora_weights.safetensors")
+    with pytest.raises(WeightsError, match="no LoRA weights"):
+        IdentityDenoiser(tiny_root / "sdxl", tiny_root / "InstantID" / "ControlNetModel",
+                         tiny_root / "InstantID" / "ip-adapter.bin", settings,
+                         lcm_lora=tmp_path / "pytorch_lora_weights.safetensors")
