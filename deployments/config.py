@@ -82,7 +82,8 @@ class AppConfig(BaseModel):
                                          "URLs may name (exact host names; redirects are not followed).")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body limit; larger bodies get 413.")
     max_image_bytes: int = Field(15 * 2**20, ge=1024, description="Per-image limit after base64 decoding.")
-    stage_timeout_s: float = Field(300.0, gt=0, description="A stage slower than this answers 504.")
+    stage_timeout_s: float = Field(300.0, gt=0, description="A request whose stages take longer than this in all "
+                                   "answers 504, and its stages are cancelled.")
     inline_max_pixels: int = Field(1024 * 1024, description="?inline=true returns images up to this many pixels.")
     max_batch_size: int = Field(4, ge=1, description="Denoiser: most images per GPU batch.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="Denoiser: how long a batch waits to fill.")

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from deployments.cache import LRUCache
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
 from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
@@ -56,6 +57,8 @@ class BatchSettings:
     sources: ModelSources
     tiny_preset_dir: str | None
     pipeline: PipelineSettings
+    face_resources: dict[str, float] = field(default_factory=dict)  # custom resources (e.g. cpu_node) per actor
+    denoise_resources: dict[str, float] = field(default_factory=dict)  # e.g. gpu_node
 
 
 def load_prompts(path: Path) -> list[PromptSpec]:
@@ -93,7 +96,7 @@ def pair_id(image_key: str, prompt_id: str) -> str:
 
 
 def pair_seed(image_key: str, prompt_id: str, base_seed: int | None) -> int:
-    digest = hashlib.sha256(f"{image_key}\0{prompt_id}\0{base_seed or 0}".encode()).digest()
+    digest = hashlib.sha256(f"{image_key}\0{prompt_id}\0{'-' if base_seed is None else base_seed}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 2
 
 
@@ -130,24 +133,26 @@ class FaceStage:
         self.analyzer = FaceAnalyzer(_resolve(settings).face_pack, settings.pipeline)
         self.params = params
         self.store = OutputStore("file:///")
+        self.cache = LRUCache(64)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from instantid_core.images import load_image
         from instantid_core.pipeline import prepare_face
 
         out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
-        cache: dict[tuple, bytes] = {}  # one analysis per (image, output size / face index)
+        cache = self.cache  # one analysis per (image, output size, face index), across batches
         for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"], strict=False):
             params = self.params[prompt_id]
             status, message, face = "ok", "", b""
             try:
                 key = (image_uri, params.width, params.height, params.face_index)
-                if key not in cache:
+                face = cache.get(key)
+                if face is None:
                     data = self.store.read_bytes(image_uri)
                     photo = load_image(data, name=image_uri, max_pixels=self.settings.pipeline.max_image_pixels,
                                        max_side=self.settings.pipeline.max_image_side)
-                    cache[key] = pickle.dumps(prepare_face(self.analyzer, [photo], params, names=[image_uri]))
-                face = cache[key]
+                    face = pickle.dumps(prepare_face(self.analyzer, [photo], params, names=[image_uri]))
+                    cache.put(key, face)
             except NoFaceDetected as exc:
                 status, message = "no_face", exc.message
             except (InvalidImage, ImageTooLarge) as exc:
@@ -267,16 +272,19 @@ class Manifest:
 
 
 def recover_written(store: OutputStore, pairs: Iterable[tuple[str, str]], day: str) -> dict[tuple[str, str], dict]:
-    """Pairs whose sidecar exists (written, but the run died before its manifest part was flushed)."""
+    """Pairs whose sidecar exists (written, but the run died before its manifest part was flushed): one listing of
+    the day's folder, then a read of each sidecar found (not one request per pair)."""
+    base = store.base_uri.rstrip("/")
+    written = {uri.removeprefix(f"{base}/") for uri in store.list_uris(f"{base}/{day}/") if uri.endswith("/meta.json")}
     found = {}
     for image_uri, prompt_id in pairs:
         request_id = pair_id(image_uri, prompt_id)
         meta_key = f"{day}/{request_id}/meta.json"
-        if store.exists(meta_key):
+        if meta_key in written:
             meta = store.get_json(meta_key)
             found[(image_uri, prompt_id)] = {"image": image_uri, "prompt_id": prompt_id, "status": "ok",
                                              "request_id": request_id, "outputs": meta.get("images", []),
-                                             "metadata": f"{store.base_uri.rstrip('/')}/{meta_key}"}
+                                             "metadata": f"{base}/{meta_key}"}
     return found
 
 
@@ -323,10 +331,12 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
         embeds = ray.get(encode.remote(settings, per_prompt))
         dataset = ray.data.from_items([{"image": image, "prompt_id": pid} for image, pid in todo])
         dataset = dataset.map_batches(FaceStage, fn_constructor_kwargs={"settings": settings, "params": per_prompt},
-                                      batch_size=8, concurrency=face_actors, num_cpus=1)
+                                      batch_size=8, concurrency=face_actors, num_cpus=1,
+                                      resources=settings.face_resources or None)
         dataset = dataset.map_batches(DenoiseStage, fn_constructor_kwargs={
             "settings": settings, "params": per_prompt, "prompts": embeds, "base_seed": base_seed},
-            batch_size=4, concurrency=denoise_actors, num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1)
+            batch_size=4, concurrency=denoise_actors, num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1,
+            resources=settings.denoise_resources or None)
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
             "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed},
             batch_size=8, concurrency=1, num_cpus=0.5)
@@ -388,9 +398,12 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
     from deployments.config import SERVE_CONFIG_PATH, app_config_from_serve_config
 
     app = app_config_from_serve_config(args.config or SERVE_CONFIG_PATH)
+    # The same node types as the serving app: face actors where FaceAnalysis goes, denoisers where the Denoiser goes.
+    placement = {"face_resources": app.deployments.face.ray_actor_options.get("resources", {}),
+                 "denoise_resources": app.deployments.denoiser.ray_actor_options.get("resources", {})}
     if args.weights:
-        return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline)
-    return BatchSettings(app.weights.sources, app.weights.tiny_preset_dir, app.pipeline)
+        return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline, **placement)
+    return BatchSettings(app.weights.sources, app.weights.tiny_preset_dir, app.pipeline, **placement)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ from insightface.app import FaceAnalysis
 from insightface.model_zoo import get_model
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.scrfd import SCRFD
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
 from instantid_core.config import PipelineSettings
@@ -216,3 +216,17 @@ def test_probe_runs_the_detector_and_fails_when_it_cannot(tiny_face_pack: Path):
     analyzer._detector.session = None  # what a lost onnxruntime session looks like to the detector
     with pytest.raises(RuntimeError):
         analyzer.probe()
+
+
+def test_pose_photo_gives_the_keypoints_and_the_face_photo_the_identity(analyzer: FaceAnalyzer, astronaut):
+    from instantid_core.config import GenerateParams
+    from instantid_core.pipeline import prepare_face
+
+    params = GenerateParams(prompt="x", width=256, height=256)
+    mirrored = ImageOps.mirror(astronaut)
+    posed = prepare_face(analyzer, [astronaut], params, pose_photo=mirrored)
+    as_face = prepare_face(analyzer, [astronaut], params)
+    as_pose = prepare_face(analyzer, [mirrored], params)
+    np.testing.assert_array_equal(posed.embedding, as_face.embedding)  # who: the face photo
+    np.testing.assert_array_equal(posed.kps_image, as_pose.kps_image)  # where: the pose photo
+    assert posed.face_box == as_pose.face_box and not np.array_equal(posed.kps_image, as_face.kps_image)
