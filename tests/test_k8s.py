@@ -29,11 +29,14 @@ from k8s import render
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 K8S_VERSION = "1.32"  # the strict core schemas to check against (kubernetes-validate ships 1.25 .. 1.37)
-CUSTOM_SCHEMAS = {
-    ("ray.io/v1", "RayService"): "rayservice.ray.io-v1.yaml",
-    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.monitoring.coreos.com-v1.yaml",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com-v1.yaml",
-    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.yaml",
+CUSTOM_SCHEMAS = {  # generated from the upstream CRDs by k8s/schemas/generate.py (versions: k8s/schemas/README.md)
+    ("ray.io/v1", "RayService"): "rayservice.ray.io-v1.json",
+    ("ray.io/v1", "RayCluster"): "raycluster.ray.io-v1.json",
+    ("ray.io/v1", "RayJob"): "rayjob.ray.io-v1.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com-v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.json",
 }
 
 
@@ -249,7 +252,7 @@ def validate(doc: dict[str, Any]) -> None:
     root, registry = core_registry()
     custom = CUSTOM_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
     if custom:
-        schema = yaml.safe_load((K8S / "schemas" / custom).read_text())
+        schema = json.loads((K8S / "schemas" / custom).read_text())
     else:
         group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
         path = root / f"{doc['kind'].lower()}-{group_version}.json"
@@ -289,3 +292,40 @@ def test_schema_check_rejects_a_field_the_api_does_not_have(where: str, bad: dic
 def test_nginx_body_size_uses_the_largest_exact_unit() -> None:
     assert render.nginx_body_size(15 * 2**20) == "15m" and render.nginx_body_size(2**30) == "1g"
     assert render.nginx_body_size(1500) == f"{math.ceil(1500 / 1024)}k"
+
+
+# --- the schemas are generated from the upstream CRDs, not written -----------------------------------------------
+
+def test_every_custom_schema_is_generated_from_the_release_generate_py_names() -> None:
+    from k8s.schemas import generate
+
+    by_file = {Path(file).name: (repo, tag) for repo, tag, file, _ in generate.SOURCES}
+    on_disk = {p.name for p in (K8S / "schemas").glob("*.json")}
+    assert on_disk == set(CUSTOM_SCHEMAS.values())
+    for name in on_disk:
+        schema = json.loads((K8S / "schemas" / name).read_text())
+        source = schema["x-generated-from"]
+        assert by_file[Path(source["file"]).name] == (source["repository"], source["tag"]), name
+        assert re.fullmatch(r"[0-9a-f]{40}", source["commit"]) and re.fullmatch(r"[0-9a-f]{64}", source["sha256"])
+    kuberay = {tag for repo, tag, *_ in generate.SOURCES if repo == "ray-project/kuberay"}
+    assert len(kuberay) == 1  # one KubeRay release for RayService, RayCluster and RayJob
+
+
+def test_generator_closes_objects_and_shares_repeated_subtrees() -> None:
+    from k8s.schemas import generate
+
+    pod = {"type": "object", "properties": {f"field{i}": {"type": "string", "maxLength": 10**30} for i in range(12)}}
+    crd = {"spec": {"group": "example.io", "names": {"kind": "Thing"}, "versions": [{"name": "v1", "schema": {
+        "openAPIV3Schema": {"type": "object", "description": "dropped", "properties": {
+            "metadata": {"type": "object"},
+            "spec": {"type": "object", "properties": {"a": pod, "b": pod, "open": {
+                "type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"x": {"type": "string"}}},
+                "default": {"type": "object", "properties": {}}}}}}}}]}}
+    name, schema = generate.generate(yaml.safe_dump(crd), "v1", {"repository": "r", "tag": "t", "file": "f"})
+    assert name == "thing.example.io-v1.json" and "description" not in json.dumps(schema)
+    spec = schema["properties"]["spec"]
+    assert spec["additionalProperties"] is False and "additionalProperties" not in spec["properties"]["open"]
+    assert spec["properties"]["a"] == spec["properties"]["b"] == {"$ref": f"#/$defs/{next(iter(schema['$defs']))}"}
+    validator = jsonschema.Draft202012Validator(schema, registry=core_registry()[1])
+    assert not list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"a": {"field1": "v"}, "open": {"y": 1}}}))
+    assert list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"b": {"feild1": "v"}}}))
