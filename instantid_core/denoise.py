@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,13 @@ SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
 }
 LCM_ADAPTER = "lcm"
 log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], Sequence[bool]]
+"""`on_step(step, steps)`: called after each denoising step (step = steps done, 1..steps); returns, per request of
+the call (in the call's order), whether that request is still wanted."""
+# Scheduler attributes that hold per-sample state between steps (multistep solvers keep earlier model outputs):
+# sliced with the latents when a request leaves the batch.
+_SCHEDULER_SAMPLE_STATE = ("model_outputs", "last_sample", "sample", "prev_derivative")
 
 
 @dataclass(frozen=True)
@@ -156,11 +164,18 @@ class IdentityDenoiser:
         log.info("IdentityDenoiser on %s (%s): %s", self.device, self.settings.dtype, accel.describe())
 
     # --- public entry -------------------------------------------------------------------------------------------
-    def __call__(self, requests: list[DenoiseRequest], key: BatchKey) -> list[np.ndarray]:
-        """Run a batch; returns, per request, a (num_images, H, W, 3) uint8 array."""
+    def __call__(self, requests: list[DenoiseRequest], key: BatchKey,
+                 on_step: StepCallback | None = None) -> list[np.ndarray | None]:
+        """Run a batch; returns, per request, a (num_images, H, W, 3) uint8 array.
+
+        Args:
+            on_step: called after every denoising step with (step, steps); a request it answers False for leaves
+                the batch at once (its samples are no longer computed, its result is None); when no request is
+                left the call stops without decoding. Progress reports and cancellation ride on it.
+        """
         if self._worker is not None:
-            return self._worker.submit(self._run, requests, key).result()
-        return self._run(requests, key)
+            return self._worker.submit(self._run, requests, key, on_step).result()
+        return self._run(requests, key, on_step)
 
     @torch.inference_mode()
     def probe(self) -> None:
@@ -175,7 +190,8 @@ class IdentityDenoiser:
             self._worker.shutdown(wait=True)
 
     @torch.inference_mode()
-    def _run(self, requests: list[DenoiseRequest], key: BatchKey) -> list[np.ndarray]:
+    def _run(self, requests: list[DenoiseRequest], key: BatchKey,
+             on_step: StepCallback | None = None) -> list[np.ndarray | None]:
         self.check_inputs(requests, key)
         samples = self.expand_samples(requests)
         with self._lock, self.lora_scope(key.scheduler):
@@ -184,9 +200,10 @@ class IdentityDenoiser:
             scheduler.set_timesteps(key.steps, device=self.device)
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in samples.seeds]
             latents = self.prepare_latents(generators, key, scheduler)
-            latents = self.denoise(latents, cond, scheduler, generators)
-            images = self.decode(latents)
-        return [images[[i for i, owner in enumerate(samples.owner) if owner == r]] for r in range(len(requests))]
+            latents = self.denoise(latents, cond, scheduler, generators, on_step, samples)
+            images = self.decode(latents) if samples.owner else None
+        return [images[[i for i, owner in enumerate(samples.owner) if owner == r]] if r in samples.owner else None
+                for r in range(len(requests))]
 
     # --- stages -------------------------------------------------------------------------------------------------
     def check_inputs(self, requests: list[DenoiseRequest], key: BatchKey) -> None:
@@ -273,12 +290,56 @@ class IdentityDenoiser:
         return latents * scheduler.init_noise_sigma
 
     def denoise(self, latents: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
-                generators: list[torch.Generator]) -> torch.Tensor:
+                generators: list[torch.Generator], on_step: StepCallback | None = None,
+                samples: _Samples | None = None) -> torch.Tensor:
+        """The denoising loop. With `on_step`, requests it no longer wants leave the batch after a step: their
+        samples are dropped from the latents, the conditioning, the generators, the scheduler's per-sample state
+        and `samples` (updated in place); the loop stops when no sample is left."""
         use_cfg = bool((cond["guidance"] > 1.0).any())
+        steps = len(scheduler.timesteps)
         with acc.sdpa_context(self.accel.sdpa_backend):
-            for t in scheduler.timesteps:
+            for index, t in enumerate(scheduler.timesteps):
                 latents = self.denoise_step(latents, t, cond, scheduler, generators, use_cfg)
+                if on_step is None or samples is None:
+                    continue
+                wanted = list(on_step(index + 1, steps))
+                keep = [i for i, owner in enumerate(samples.owner) if wanted[owner]]
+                if len(keep) == len(samples.owner):
+                    continue
+                latents, cond = self.select_samples(keep, latents, cond, scheduler)
+                generators[:] = [generators[i] for i in keep]
+                samples.seeds[:] = [samples.seeds[i] for i in keep]
+                samples.owner[:] = [samples.owner[i] for i in keep]
+                if not keep:
+                    break
         return latents
+
+    @staticmethod
+    def select_samples(keep: list[int], latents: torch.Tensor, cond: dict,
+                       scheduler: SchedulerMixin) -> tuple[torch.Tensor, dict]:
+        """Keep only samples `keep` of a running batch: latents and scheduler state are (B, ...), conditioning is
+        (2B, ...) laid out [uncond..., cond...] or (B, ...) (every tensor in `cond` is per sample)."""
+        count = latents.shape[0]
+        one = torch.tensor(keep, dtype=torch.long, device=latents.device)
+        two = torch.cat([one, one + count])
+
+        def pick(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] in (count, 2 * count):
+                return value[(one if value.shape[0] == count else two).to(value.device)]
+            if isinstance(value, dict):
+                return {name: pick(item) for name, item in value.items()}
+            if isinstance(value, list | tuple):
+                return type(value)(pick(item) for item in value)
+            return value
+
+        for name in _SCHEDULER_SAMPLE_STATE:
+            state = getattr(scheduler, name, None)
+            if isinstance(state, list):
+                setattr(scheduler, name, [item[one] if isinstance(item, torch.Tensor) and item.ndim
+                                          and item.shape[0] == count else item for item in state])
+            elif isinstance(state, torch.Tensor) and state.ndim and state.shape[0] == count:
+                setattr(scheduler, name, state[one])
+        return latents[one], pick(cond)
 
     def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
                      generators: list[torch.Generator], use_cfg: bool) -> torch.Tensor:

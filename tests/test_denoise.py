@@ -162,3 +162,35 @@ def test_an_lcm_lora_without_unet_weights_is_a_weights_error(tiny_root, settings
         IdentityDenoiser(tiny_root / "sdxl", tiny_root / "InstantID" / "ControlNetModel",
                          tiny_root / "InstantID" / "ip-adapter.bin", settings,
                          lcm_lora=tmp_path / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize("scheduler", [Scheduler.euler_ancestral, Scheduler.dpmpp_2m_karras])  # stochastic, multistep
+def test_on_step_drops_unwanted_requests_and_the_rest_match_running_alone(denoiser, prompt_encoder, scheduler):
+    key = BatchKey(WIDTH, HEIGHT, steps=4, scheduler=scheduler)
+    requests = [_request(prompt_encoder, "a portrait", 41, num_images=2), _request(prompt_encoder, "neon city", 42),
+                _request(prompt_encoder, "an oil painting", 43)]
+    calls = []
+
+    def on_step(step: int, steps: int) -> list[bool]:
+        calls.append((step, steps))
+        return [True, step < 2, True]  # the second request is cancelled after step 2
+
+    batched = denoiser(requests, key, on_step=on_step)
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert batched[1] is None
+    for index in (0, 2):
+        alone = denoiser([requests[index]], key)[0]
+        assert batched[index].shape == alone.shape
+        assert np.abs(batched[index].astype(int) - alone.astype(int)).max() <= 1
+
+
+def test_on_step_stops_the_call_when_no_request_is_wanted(denoiser, prompt_encoder):
+    calls = []
+
+    def on_step(step: int, steps: int) -> list[bool]:
+        calls.append(step)
+        return [False]
+
+    key = BatchKey(WIDTH, HEIGHT, steps=5, scheduler=Scheduler.euler)
+    assert denoiser([_request(prompt_encoder, "a portrait", 44)], key, on_step=on_step) == [None]
+    assert calls == [1]
