@@ -1,5 +1,6 @@
 """The IP-Adapter half of InstantID: the Resampler (face embedding -> 16 tokens) and the decoupled
-cross-attention processors (`out = attn(text) + scale * attn(face tokens)`).
+cross-attention processors (`out = attn(text) + scale * mask * attn(face tokens)`; the face-box mask is
+`regions`' region control).
 
 The Resampler is diffusers' own `IPAdapterPlusImageProjection`, built by diffusers' converter from the published
 `image_proj` weights. What diffusers lacks is a per-sample scale: its processors keep `.scale` on the module, so a
@@ -19,6 +20,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 
 from .errors import WeightsError
+from .regions import AttentionMasks
 
 NUM_FACE_TOKENS = 16
 ADAPTER_KEYS = ("image_proj", "ip_adapter")
@@ -54,7 +56,8 @@ class SelfAttnProcessor(AttnProcessor2_0):
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 ip_adapter_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 ip_adapter_scale: torch.Tensor | None = None, face_region: AttentionMasks | None = None,
+                 ) -> torch.Tensor:
         if attn.fused_projections:
             return _FUSED(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -79,7 +82,11 @@ class IdentityAttnProcessor(nn.Module):
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 ip_adapter_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 ip_adapter_scale: torch.Tensor | None = None, face_region: AttentionMasks | None = None,
+                 ) -> torch.Tensor:
+        """`ip_adapter_scale`: (B,) strength of the face tokens per sample; `face_region`: per-sample face-box
+        masks by token count (see `regions.attention_masks`), multiplied into the face tokens' attention output
+        at this layer's resolution; None leaves it unmasked."""
         # Same operations, in the same order, as AttnProcessor2_0 for the text part: at scale 0 the output is
         # bit-identical to plain SDXL attention.
         residual = hidden_states
@@ -130,8 +137,11 @@ class IdentityAttnProcessor(nn.Module):
             face_value = face_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
             face_hidden = F.scaled_dot_product_attention(query, face_key, face_value, dropout_p=0.0, is_causal=False)
             face_hidden = face_hidden.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            face_hidden = face_hidden.to(query.dtype)
+            if face_region is not None:
+                face_hidden = face_hidden * face_region[face_hidden.shape[1]]  # (B, N, C) * (B, N, 1)
             scale = ip_adapter_scale.to(face_hidden.dtype).view(batch_size, 1, 1)  # one strength per sample
-            hidden_states = hidden_states + scale * face_hidden.to(query.dtype)
+            hidden_states = hidden_states + scale * face_hidden
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

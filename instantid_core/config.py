@@ -120,7 +120,8 @@ class GenerateParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; drawn and reported when omitted.")
     num_images: int = Field(1, ge=1, le=4)
     scheduler: Scheduler | None = Field(None, description="Default: the pipeline's default scheduler.")
-    enhance_face_region: bool = Field(True, description="Limit IdentityNet to the face box (the demo's default).")
+    enhance_face_region: bool = Field(True, description="Limit IdentityNet and the face tokens to the face box "
+                                      "(region control, the demo's default).")
     face_index: int | None = Field(None, ge=0, le=63, description="Which face to use; default the largest.")
 
     @field_validator("width", "height")

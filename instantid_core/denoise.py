@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
@@ -42,6 +41,7 @@ from . import accel as acc
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
 from .errors import InvalidParameter, WeightsError
+from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
 from .text import PromptEmbeds
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
@@ -76,7 +76,7 @@ class DenoiseRequest:
     guidance: float = 5.0
     identitynet_strength: float = 0.8
     adapter_strength: float = 0.8
-    face_box: tuple[float, float, float, float] | None = None  # output pixels; IdentityNet limited to it when set
+    face_box: tuple[float, float, float, float] | None = None  # output pixels; region control (`regions`) when set
 
 
 @dataclass(frozen=True)
@@ -257,25 +257,26 @@ class IdentityDenoiser:
         control = self.control_processor.preprocess(
             [Image.fromarray(r.kps_image) for r in per_sample], height=key.height, width=key.width
         ).to(self.device, self.dtype)  # (B, 3, H, W) in [0, 1]
-        masks = torch.stack([self.face_mask(r.face_box, size) for r in per_sample])  # (B, 1, H, W)
-        strength = scalars([r.identitynet_strength for r in per_sample])[:, None, None, None] * masks
+        strength = scalars([r.identitynet_strength for r in per_sample]).to(self.dtype)[:, None, None, None]
         return dict(
+            **self.prepare_face_region(per_sample, size),
             text=text, face_tokens=face_tokens, unet_states=torch.cat([text, face_tokens], dim=1),
             added={"text_embeds": pooled, "time_ids": time_ids}, control=torch.cat([control, control]),
-            identitynet_scale=torch.cat([strength, strength]).to(self.dtype),
+            identitynet_scale=torch.cat([strength, strength]),  # (2B, 1, 1, 1)
             adapter_scale=torch.cat([scalars([r.adapter_strength for r in per_sample])] * 2),
             guidance=scalars([r.guidance for r in per_sample])[:, None, None, None],
         )
 
-    def face_mask(self, box: tuple[float, float, float, float] | None, size: tuple[int, int]) -> torch.Tensor:
-        """1 inside the face box (enhance-face-region), everywhere 1 when no box is given."""
-        height, width = size
-        mask = torch.zeros(1, height, width, device=self.device) if box else torch.ones(1, height, width,
-                                                                                         device=self.device)
-        if box:
-            x1, y1, x2, y2 = (int(round(v)) for v in box)
-            mask[:, max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = 1.0
-        return mask
+    def prepare_face_region(self, per_sample: list[DenoiseRequest], size: tuple[int, int]) -> dict:
+        """Region control (`regions`): per-sample face-box masks at image size for IdentityNet's residuals and by
+        token count for the cross-attention layers, both CFG halves; None when no sample has a box."""
+        if all(r.face_box is None for r in per_sample):
+            return dict(region_masks=None, attention_masks=None)
+        masks = torch.stack([face_box_mask(r.face_box, size, device=self.device, dtype=self.dtype)
+                             for r in per_sample])  # (B, 1, H, W)
+        masks = torch.cat([masks, masks])  # (2B, 1, H, W): uncond, cond
+        levels = latent_levels(*size, self.vae_scale_factor, len(self.unet.config.block_out_channels))
+        return dict(region_masks=masks, attention_masks=attention_masks(masks, levels))
 
     def make_scheduler(self, name: Scheduler) -> SchedulerMixin:
         """A fresh scheduler per call: schedulers keep step state, so they are never shared between calls."""
@@ -369,14 +370,18 @@ class IdentityDenoiser:
         added = {name: pick(value) for name, value in cond["added"].items()}
         down, mid = self.identitynet(
             model_input, t, encoder_hidden_states=pick(cond["face_tokens"]), controlnet_cond=pick(cond["control"]),
-            conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False,
+            conditioning_scale=pick(cond["identitynet_scale"]), added_cond_kwargs=added, return_dict=False,
         )
-        scale = pick(cond["identitynet_scale"])
-        down = [residual * _resize_mask(scale, residual) for residual in down]
-        mid = mid * _resize_mask(scale, mid)
+        if cond["region_masks"] is not None:  # region control: the demo's control_mask, per sample
+            masks = pick(cond["region_masks"])
+            down = [residual * residual_mask(masks, residual) for residual in down]
+            mid = mid * residual_mask(masks, mid)
+        region = cond["attention_masks"]
+        attention_kwargs = {"ip_adapter_scale": pick(cond["adapter_scale"]),
+                            "face_region": None if region is None else {n: pick(m) for n, m in region.items()}}
         return self.unet(
             model_input, t, encoder_hidden_states=pick(cond["unet_states"]),
-            cross_attention_kwargs={"ip_adapter_scale": pick(cond["adapter_scale"])}, added_cond_kwargs=added,
+            cross_attention_kwargs=attention_kwargs, added_cond_kwargs=added,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]
 
@@ -426,11 +431,3 @@ def load_lcm_lora(unet: UNet2DConditionModel, path: Path) -> None:
 
 def _takes_generator(scheduler: SchedulerMixin) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
-
-
-def _resize_mask(scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) per-sample strength x face mask, resized to a residual's resolution."""
-    if scale.shape[-2:] == residual.shape[-2:]:
-        return scale
-    return F.interpolate(scale.float(), size=residual.shape[-2:], mode="nearest").to(residual.dtype)
-
