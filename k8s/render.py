@@ -9,6 +9,7 @@ What is written, per overlay:
   `serveConfigV2` is exactly the file `serve run` uses (kustomize cannot read files outside its folder).
 - `gpu`: `serve_config.yaml`'s `instantid` application with `overlays/gpu/serve-patch.yaml` deep-merged over it
   (mappings merge key by key; anything else, `null` included, replaces), then validated as `AppConfig`.
+- `batch` (k8s/batch, the RayJob): the `gpu` file again, which `instantid batch --config` reads.
 
 kustomize puts each overlay's file into the `instantid-serve-config` ConfigMap and, by a `replacements` entry,
 into `RayService.spec.serveConfigV2`; the weights prefetch init container reads the same ConfigMap. tests/test_k8s.py
@@ -33,7 +34,8 @@ if str(REPO_ROOT) not in sys.path:  # `python k8s/render.py` from anywhere: depl
 from deployments.config import APP_NAME, SERVE_CONFIG_PATH, AppConfig
 
 K8S_DIR = REPO_ROOT / "k8s"
-OVERLAYS = ("base", "gpu")  # overlays with a serve config of their own; cpu-demo uses base's
+OVERLAYS = ("base", "gpu", "batch")  # folders with a serve config of their own; cpu-demo uses base's
+BATCH_OVERLAY = "gpu"  # k8s/batch (the RayJob) loads the weights and pipeline of this overlay's serve config
 GENERATED_NAME = "serve_config.yaml"
 PATCH_NAME = "serve-patch.yaml"
 HEADER = (
@@ -120,13 +122,16 @@ def nginx_body_size(max_body_bytes: int) -> str:
 
 
 def generated_path(overlay: str) -> Path:
-    return K8S_DIR / ("base" if overlay == "base" else f"overlays/{overlay}") / GENERATED_NAME
+    folder = {"base": "base", "batch": "batch"}.get(overlay, f"overlays/{overlay}")
+    return K8S_DIR / folder / GENERATED_NAME
 
 
 def generated_text(overlay: str) -> str:
     """The exact text of `overlay`'s generated serve config file."""
     if overlay == "base":
         return HEADER.format(patch="", s="") + SERVE_CONFIG_PATH.read_text()
+    if overlay == "batch":  # the RayJob's `instantid batch --config`: the same weights as the online GPU service
+        return generated_text(BATCH_OVERLAY)
     config = render_serve_config(overlay)
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=120)
     return HEADER.format(patch=f" + k8s/overlays/{overlay}/{PATCH_NAME}", s="s") + body

@@ -62,7 +62,7 @@ def test_launcher_node_types_offer_the_resources_the_gpu_serve_config_asks_for()
         assert offering, f"no node type offers {stage}'s {wanted}"
         if options.ray_actor_options.get("num_gpus"):
             assert offering == ["ray.worker.gpu"], f"{stage} asks for a GPU but could land on {offering}"
-    assert stages.denoiser.ray_actor_options["resources"] == {"gpu_node": 1}
+    assert stages.denoiser.ray_actor_options["resources"] == {"gpu_node": 0.75}  # + a PromptEncoder's 0.25
 
 
 def test_launcher_runs_our_image_with_a_weights_cache_and_prefetches_the_served_config() -> None:

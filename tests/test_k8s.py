@@ -37,6 +37,7 @@ CUSTOM_SCHEMAS = {  # generated from the upstream CRDs by k8s/schemas/generate.p
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.monitoring.coreos.com-v1.json",
     ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io-v1.json",
+    ("gateway.networking.k8s.io/v1", "Gateway"): "gateway.gateway.networking.k8s.io-v1.json",
 }
 
 
@@ -55,7 +56,8 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 
 @cache
 def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
-    return tuple(kustomize(K8S / "overlays" / overlay))
+    """An overlay (`cpu-demo`, `gpu`) or `batch` (k8s/batch, the RayJob), rendered."""
+    return tuple(kustomize(K8S / "batch" if overlay == "batch" else K8S / "overlays" / overlay))
 
 
 def one(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -99,8 +101,11 @@ def test_gpu_rayservice_serves_serve_config_yaml_with_the_gpu_patch() -> None:
     args = render.app_config(served)
     assert (args.pipeline.device, args.pipeline.dtype) == ("cuda", "bfloat16")
     assert args.weights.tiny_preset_dir is None
-    assert args.deployments.denoiser.ray_actor_options["num_gpus"] == 1
-    assert args.deployments.denoiser.ray_actor_options["resources"] == {"gpu_node": 1}
+    # A Denoiser and a PromptEncoder share one GPU node: 0.75 + 0.25 of its GPU and of its `gpu_node`.
+    assert args.deployments.denoiser.ray_actor_options["num_gpus"] == 0.75
+    assert args.deployments.denoiser.ray_actor_options["resources"] == {"gpu_node": 0.75}
+    assert args.deployments.prompt.ray_actor_options["num_gpus"] == 0.25
+    assert args.deployments.prompt.ray_actor_options["resources"] == {"gpu_node": 0.25}
     assert args.deployments.face.ray_actor_options["resources"] == {"cpu_node": 1}
 
 
@@ -183,7 +188,7 @@ def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_grou
 
 def test_cpu_demo_needs_no_gpu_no_secret_and_no_extra_crd() -> None:
     docs = rendered("cpu-demo")
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService"}
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService", "ServiceAccount", "NetworkPolicy"}
     assert "nvidia.com/gpu" not in json.dumps(docs)
     assert "gcsFaultToleranceOptions" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
 
@@ -226,12 +231,13 @@ def test_monitors_scrape_ray_metrics_and_the_app_metrics() -> None:
 
 def test_secret_template_holds_placeholders_only() -> None:
     docs = [d for d in yaml.safe_load_all((K8S / "secrets.template.yaml").read_text()) if d]
-    assert {d["metadata"]["name"] for d in docs} == {"instantid-weights", "instantid-redis"}
+    assert {d["metadata"]["name"] for d in docs} == {"instantid-hf", "instantid-api-keys", "instantid-redis",
+                                                     "instantid-tls"}
     for doc in docs:
         assert "data" not in doc
         for key, value in doc["stringData"].items():
             assert re.fullmatch(r"<[^<>]+>", value), f"{key} must be a <placeholder>, not a value"
-    for overlay in ("cpu-demo", "gpu"):  # never applied by kustomize: it would overwrite the real secrets
+    for overlay in ("cpu-demo", "gpu", "batch"):  # never applied by kustomize: it would overwrite the real secrets
         assert not [d for d in rendered(overlay) if d["kind"] == "Secret"]
 
 
@@ -265,13 +271,14 @@ def validate(doc: dict[str, Any]) -> None:
 
 
 def test_every_manifest_names_only_fields_of_its_api(all_options: list[dict[str, Any]]) -> None:
-    docs = [*rendered("cpu-demo"), *rendered("gpu"), *all_options,
+    docs = [*rendered("cpu-demo"), *rendered("gpu"), *rendered("batch"), *all_options,
             *[d for d in yaml.safe_load_all((K8S / "secrets.template.yaml").read_text()) if d]]
     kinds = set()
     for doc in docs:
         validate(doc)
         kinds.add(doc["kind"])
-    assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "ServiceMonitor", "HTTPRoute", "Secret"}
+    assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "ServiceMonitor", "HTTPRoute", "Gateway",
+                     "Secret", "ServiceAccount", "NetworkPolicy", "RayJob", "PriorityClass"}
 
 
 @pytest.mark.parametrize("where, bad", [
@@ -329,3 +336,206 @@ def test_generator_closes_objects_and_shares_repeated_subtrees() -> None:
     validator = jsonschema.Draft202012Validator(schema, registry=core_registry()[1])
     assert not list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"a": {"field1": "v"}, "open": {"y": 1}}}))
     assert list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"b": {"feild1": "v"}}}))
+
+
+# --- operating it: upgrades, shutdown, auth, network, identity, TLS, disk, weights, scaling, batch -------------
+
+def ray_clusters(docs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every RayClusterSpec in the documents (a RayService's rayClusterConfig, a RayJob's rayClusterSpec)."""
+    return [d["spec"]["rayClusterConfig"] if d["kind"] == "RayService" else d["spec"]["rayClusterSpec"]
+            for d in docs if d["kind"] in ("RayService", "RayJob")]
+
+
+def pod_templates(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster.get("workerGroupSpecs", [])]
+
+
+def quantity(value: str) -> float:
+    """A Kubernetes quantity in bytes ("64Gi", "500M", "1e3"): the few suffixes resources use; no client library
+    in the test extra parses them (the `kubernetes` package would be one dependency for one function)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([0-9.e+-]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * units.get(unit, 1)
+
+
+def test_an_upgrade_keeps_the_old_cluster_until_its_longest_request_is_answered() -> None:
+    for overlay in ("cpu-demo", "gpu"):
+        spec = one(rendered(overlay), "RayService")["spec"]
+        assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+        served = yaml.safe_load(spec["serveConfigV2"])
+        assert spec["rayClusterDeletionDelaySeconds"] >= served["http_options"]["request_timeout_s"]
+
+
+def test_worker_pods_outlast_the_graceful_shutdown_of_every_stage_they_can_hold() -> None:
+    for overlay in ("cpu-demo", "gpu"):
+        rayservice = one(rendered(overlay), "RayService")
+        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+        for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+            offered = ray_start_resources(group)
+            # Serve's default graceful_shutdown_wait_loop_s is 2 s; the wait loop runs before the timeout starts.
+            needed = [options.model_dump().get("graceful_shutdown_wait_loop_s", 2) + options.graceful_shutdown_timeout_s
+                      for _, options in stages
+                      if all(offered.get(k, 0) >= v for k, v in options.ray_actor_options.get("resources", {}).items())]
+            grace = group["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert needed and grace >= max(needed), (overlay, group["groupName"], grace, needed)
+
+
+def test_every_ray_cluster_requires_ray_token_auth() -> None:
+    for overlay in ("cpu-demo", "gpu", "batch"):
+        for cluster in ray_clusters(rendered(overlay)):
+            assert cluster["authOptions"] == {"mode": "token"}, overlay
+            # KubeRay refuses token mode below Ray 2.52.0 (its validation.go) and needs rayVersion to tell.
+            assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0)
+
+
+def test_network_policies_open_ray_ports_to_own_pods_and_serve_only_to_the_ingress(
+        all_options: list[dict[str, Any]]) -> None:
+    for docs, serve_from in ((rendered("gpu"), "ingress-nginx"), (all_options, "envoy-gateway-system")):
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        (rayservice,) = [d for d in docs if d["kind"] == "RayService"]
+        for template in pod_templates(rayservice["spec"]["rayClusterConfig"]):
+            labels = template["metadata"]["labels"]
+            selecting = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+            assert selecting, labels  # selected: everything not allowed below is refused
+            ports = {p["name"] for p in template["spec"]["containers"][0]["ports"]}
+            for policy in selecting:
+                assert policy["spec"]["policyTypes"] == ["Ingress"]
+                for rule in policy["spec"]["ingress"]:
+                    (peer,) = rule["from"]
+                    if "namespaceSelector" not in peer:  # own namespace: only the cluster's own pods, any port
+                        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "instantid"}
+                        continue
+                    opened = {p["port"] for p in rule["ports"]}
+                    namespace = peer["namespaceSelector"].get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                    assert opened in ({"serve"}, {"metrics"}, {"dashboard"}), opened
+                    assert opened <= ports | {"dashboard"}
+                    if opened == {"serve"}:
+                        assert namespace == serve_from
+                    elif opened == {"metrics"}:
+                        assert namespace == "monitoring"
+                    else:
+                        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    batch_policies = [d for d in rendered("batch") if d["kind"] == "NetworkPolicy"]
+    for template in pod_templates(ray_clusters(rendered("batch"))[0]):
+        labels = template["metadata"]["labels"]
+        assert [p for p in batch_policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+
+
+def test_cloud_credentials_come_from_the_service_account_never_from_keys_in_containers() -> None:
+    for overlay in ("cpu-demo", "gpu", "batch"):
+        docs = rendered(overlay)
+        accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+        for cluster in ray_clusters(docs):
+            for template in pod_templates(cluster):
+                spec = template["spec"]
+                assert spec["serviceAccountName"] == "instantid"
+                for container in spec["containers"] + spec.get("initContainers", []):
+                    names = {e["name"] for e in container.get("env", [])}
+                    assert "envFrom" not in container, container["name"]
+                    assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                        "GOOGLE_APPLICATION_CREDENTIALS"}, container["name"]
+                for container in spec["containers"]:  # the hub token only where weights are downloaded
+                    assert "HF_TOKEN" not in {e["name"] for e in container.get("env", [])}
+                    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"] or overlay == "cpu-demo" \
+                        or container["name"] == "ray-head"
+        if overlay != "batch":  # the batch runs as the online service's account, which the overlays create
+            assert "instantid" in accounts
+    annotations = one(rendered("gpu"), "ServiceAccount")["metadata"]["annotations"]
+    assert set(annotations) == {"eks.amazonaws.com/role-arn", "iam.gke.io/gcp-service-account"}
+
+
+def test_tls_on_the_ingress_and_on_the_gateway(all_options: list[dict[str, Any]]) -> None:
+    ingress = one(rendered("gpu"), "Ingress")
+    (tls,) = ingress["spec"]["tls"]
+    assert tls["hosts"] == [rule["host"] for rule in ingress["spec"]["rules"]] and tls["secretName"] == "instantid-tls"
+    gateway, route = one(all_options, "Gateway"), one(all_options, "HTTPRoute")
+    (listener,) = gateway["spec"]["listeners"]
+    assert (listener["protocol"], listener["port"], listener["tls"]["mode"]) == ("HTTPS", 443, "Terminate")
+    assert listener["tls"]["certificateRefs"] == [{"kind": "Secret", "name": tls["secretName"]}]
+    assert route["spec"]["hostnames"] == [listener["hostname"]] == tls["hosts"]
+    assert route["spec"]["parentRefs"] == [{"name": gateway["metadata"]["name"], "sectionName": listener["name"]}]
+
+
+def test_ephemeral_storage_requests_cover_the_weights_cache() -> None:
+    for overlay in ("cpu-demo", "gpu", "batch"):
+        for cluster in ray_clusters(rendered(overlay)):
+            for template in pod_templates(cluster):
+                spec = template["spec"]
+                on_disk = sum(quantity(v["emptyDir"].get("sizeLimit", 0)) for v in spec.get("volumes", [])
+                              if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+                requested = sum(quantity(c["resources"]["requests"].get("ephemeral-storage", 0))
+                                for c in spec["containers"])
+                assert requested > on_disk, (overlay, template["metadata"]["labels"], requested, on_disk)
+
+
+def test_gpu_overlay_pins_the_hub_revisions_it_can() -> None:
+    sources = render.app_config(render.render_serve_config("gpu")).weights.sources
+    for part in ("sdxl", "identitynet", "adapter"):
+        assert re.fullmatch(r"[^@]+@[0-9a-f]{40}", getattr(sources, part)), part
+    # face_pack stays unpinned: no commit of DIAMONIKAKA/antelopev2 could be verified (serve-patch.yaml says so).
+
+
+def test_gpu_stages_scale_down_slower_than_a_gpu_pod_starts() -> None:
+    rayservice = one(rendered("gpu"), "RayService")
+    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+    for name, options in stages:
+        if options.ray_actor_options.get("num_gpus"):
+            assert options.autoscaling_config.downscale_delay_s >= 600, name
+            assert options.autoscaling_config.upscale_delay_s >= 10, name  # not on a single burst
+    assert rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSeconds"] >= 600
+
+
+def test_a_denoiser_and_a_prompt_encoder_share_one_gpu_node() -> None:
+    rayservice = one(rendered("gpu"), "RayService")
+    (gpu,) = [g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+    pair = [stages.denoiser.ray_actor_options, stages.prompt.ray_actor_options]
+    gpus_per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert sum(o["num_gpus"] for o in pair) <= gpus_per_pod
+    assert sum(o["resources"]["gpu_node"] for o in pair) <= ray_start_resources(gpu)["gpu_node"]
+
+
+def test_batch_rayjob_runs_instantid_batch_on_its_own_cluster_and_cleans_up() -> None:
+    import shlex
+    from importlib.metadata import entry_points
+
+    docs = rendered("batch")
+    job = one(docs, "RayJob")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    assert 0 < job["ttlSecondsAfterFinished"] <= 3600 and job["activeDeadlineSeconds"] > 0
+    # SidecarMode, as KubeRay validates it: no submitter pod template or config, head restartPolicy unset/Never.
+    assert job["submissionMode"] == "SidecarMode" and "submitterPodTemplate" not in job
+    assert job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].get("restartPolicy", "Never") == "Never"
+    # The entrypoint is a valid `instantid batch` command line (the installed console script's own parser).
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["instantid", "batch"]
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "instantid"]
+    parsed = import_module_attr(script.value.split(":")[0], "build_parser")().parse_args(argv[1:])
+    # The files it names are the ConfigMap's, mounted where it reads them; the config is the GPU overlay's.
+    configmap = one(docs, "ConfigMap")
+    mounts = {m["mountPath"]: m for c in [job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
+              for m in c["volumeMounts"]}
+    assert str(parsed.config).startswith("/etc/instantid/") and "/etc/instantid" in mounts
+    assert yaml.safe_load(configmap["data"][Path(parsed.config).name]) == render.render_serve_config("gpu")
+    from jobs.batch import load_prompts
+
+    prompts = Path(render.K8S_DIR / "batch" / Path(parsed.prompts).name)
+    assert configmap["data"][prompts.name] == prompts.read_text() and load_prompts(prompts)
+    # Its own GPU group, the online service's image, and a priority below the online pods'.
+    groups = {g["groupName"]: g for g in job["rayClusterSpec"]["workerGroupSpecs"]}
+    assert ray_start_resources(groups["batch-gpu"]) == {"gpu_node": 1}
+    assert groups["batch-gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    online_image = one(rendered("gpu"), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"][
+        "spec"]["containers"][0]["image"]
+    priority = one(docs, "PriorityClass")
+    assert priority["value"] < 0 and priority["preemptionPolicy"] == "Never"
+    for template in pod_templates(job["rayClusterSpec"]):
+        assert template["spec"]["priorityClassName"] == priority["metadata"]["name"]
+        assert {c["image"] for c in template["spec"]["containers"]} == {online_image}
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "instantid-batch"  # not the online pods'
+
+
+def import_module_attr(module: str, attr: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)

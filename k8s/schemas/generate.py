@@ -54,6 +54,7 @@ SOURCES: list[tuple[str, str, str, str]] = [
     ("prometheus-operator/prometheus-operator", "v0.93.0",
      "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml", "v1"),
     ("kubernetes-sigs/gateway-api", "v1.6.1", "config/crd/standard/gateway.networking.k8s.io_httproutes.yaml", "v1"),
+    ("kubernetes-sigs/gateway-api", "v1.6.1", "config/crd/standard/gateway.networking.k8s.io_gateways.yaml", "v1"),
 ]
 
 
