@@ -21,6 +21,20 @@ _SKIMAGE_ESTIMATE = r"`estimate` is deprecated"
 _INSIGHTFACE_ALIGN = r"insightface\.utils\.face_align"
 
 
+# Prompts longer than 77 tokens are encoded in chunks by compel (instantid_core.text); diffusers' encode_prompt,
+# which gives them their pooled vector, and the tokenizer both announce a truncation that does not happen to the
+# prompt's embeddings.
+_DIFFUSERS_SDXL_LOGGER = "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl"
+_TRUNCATED = "The following part of your input was truncated because CLIP can only handle"
+_TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
+_TOO_LONG = "Token indices sequence length is longer than the specified maximum sequence length"
+
+
+def _drop_truncation_notice(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return _TRUNCATED not in message and _TOO_LONG not in message
+
+
 def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:
     return _TORCHVISION_FALLBACK not in record.getMessage()
 
@@ -28,4 +42,6 @@ def _drop_torchvision_fallback(record: logging.LogRecord) -> bool:
 def silence_known_noise() -> None:
     """Install the filters; idempotent (the same filter object or warning filter is never added twice)."""
     logging.getLogger(_TRANSFORMERS_LOGGER).addFilter(_drop_torchvision_fallback)
+    logging.getLogger(_DIFFUSERS_SDXL_LOGGER).addFilter(_drop_truncation_notice)
+    logging.getLogger(_TOKENIZER_LOGGER).addFilter(_drop_truncation_notice)
     warnings.filterwarnings("ignore", message=_SKIMAGE_ESTIMATE, category=FutureWarning, module=_INSIGHTFACE_ALIGN)

@@ -87,6 +87,7 @@ class BatchKey:
     height: int
     steps: int
     scheduler: Scheduler
+    text_tokens: int = 77  # prompt length: 77 per chunk of a long prompt (longer prompts attend over more tokens)
 
 
 @dataclass
@@ -221,6 +222,11 @@ class IdentityDenoiser:
             if request.kps_image.shape != (key.height, key.width, 3):
                 raise InvalidParameter(f"kps_image has shape {request.kps_image.shape}, expected "
                                        f"{(key.height, key.width, 3)}", field="kps_image")
+            if request.prompt.prompt_embeds.shape[0] != key.text_tokens or (
+                    request.prompt.negative_prompt_embeds.shape != request.prompt.prompt_embeds.shape):
+                raise InvalidParameter(f"prompt embeddings have {request.prompt.prompt_embeds.shape[0]} tokens "
+                                       f"(negative {request.prompt.negative_prompt_embeds.shape[0]}), the batch "
+                                       f"{key.text_tokens}", field="prompt")
             if request.face_embedding.shape != (self.resampler.proj_in.in_features,):
                 raise InvalidParameter(f"face_embedding has shape {request.face_embedding.shape}",
                                        field="face_embedding")
@@ -245,7 +251,7 @@ class IdentityDenoiser:
             return torch.tensor(values, device=self.device, dtype=torch.float32)
 
         text = torch.cat([stack([r.prompt.negative_prompt_embeds for r in per_sample]),
-                          stack([r.prompt.prompt_embeds for r in per_sample])])  # (2B, 77, C)
+                          stack([r.prompt.prompt_embeds for r in per_sample])])  # (2B, T, C)
         pooled = torch.cat([stack([r.prompt.negative_pooled for r in per_sample]),
                             stack([r.prompt.pooled for r in per_sample])])  # (2B, P)
         face = stack([r.face_embedding.astype(np.float32) for r in per_sample])[:, None, :]  # (B, 1, 512)

@@ -81,7 +81,8 @@ def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateP
         num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
         adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
     )
-    key = BatchKey(face.width, face.height, params.steps, params.scheduler or default_scheduler)
+    key = BatchKey(face.width, face.height, params.steps, params.scheduler or default_scheduler,
+                   text_tokens=prompt.prompt_embeds.shape[0])
     return request, key
 
 
