@@ -26,8 +26,33 @@ class Scheduler(str, Enum):
     lcm = "lcm"
 
 
+NO_STYLE = "No style"
+
+
+def canonical_style(name: str) -> str:
+    """A style name as the presets are keyed: the demo's "(No style)" is "No style"."""
+    return NO_STYLE if name.strip() in (NO_STYLE, f"({NO_STYLE})") else name
+
+
+class StylePreset(BaseModel):
+    """One prompt style: `prompt` is a template with `{prompt}` where the user's prompt goes; `negative` comes
+    before the user's negative prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., max_length=2000)
+    negative: str = Field("", max_length=2000)
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}, where the user's prompt goes")
+        return value
+
+
 class Style(str, Enum):
-    """Prompt style templates from the InstantID demo."""
+    """The built-in style names (instantid_core/styles.yaml, the InstantID demo's); operators may add more."""
 
     none = "No style"
     watercolor = "Watercolor"
@@ -100,6 +125,10 @@ class PipelineSettings(BaseModel):
         default_factory=list, description="(width, height) pairs a GPU denoiser compiles before it reports ready."
     )
     warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1], description="Batch sizes to warm up.")
+    styles_file: str | None = Field(None, description="A YAML file of extra prompt styles (name: {prompt, negative}, "
+                                    "the shape of instantid_core/styles.yaml); same names replace built-ins.")
+    styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "
+                                           "win over styles_file and the built-ins.")
 
 
 class GenerateParams(BaseModel):
@@ -109,7 +138,9 @@ class GenerateParams(BaseModel):
 
     prompt: str = Field(..., min_length=1, max_length=2000, description="What to draw.")
     negative_prompt: str = Field("", max_length=2000)
-    style: Style = Style.none
+    style: str = Field(NO_STYLE, min_length=1, max_length=100, description="A prompt style preset: a built-in "
+                       f"({', '.join(s.value for s in Style)}) or one the operator configured; \"(No style)\" is "
+                       "accepted for \"No style\".")
     width: int | None = Field(None, description=f"Output width, multiple of 8 in [{MIN_SIDE}, {MAX_SIDE}]; "
                               "default follows the face (or pose) photo like the reference: short side 1024.")
     height: int | None = Field(None, description="Output height; same rules as width.")
@@ -139,6 +170,12 @@ class GenerateParams(BaseModel):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("style", mode="before")
+    @classmethod
+    def _style_name(cls, value: object) -> object:
+        value = getattr(value, "value", value)  # a Style member is its name
+        return canonical_style(value) if isinstance(value, str) else value
 
     @field_validator("prompt", "negative_prompt")
     @classmethod

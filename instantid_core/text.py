@@ -21,36 +21,15 @@ from compel import Compel, ReturnedEmbeddingsType
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .config import PipelineSettings, Style
+from .config import NO_STYLE, PipelineSettings
+from .styles import apply_style as styles_apply
+from .styles import builtin_styles, load_styles
 from .weighting import is_weighted, parse_weighted_prompt, plain_text
 
-# Our own wording of the demo's style presets: (prompt template, extra negative prompt).
-STYLE_TEMPLATES: dict[Style, tuple[str, str]] = {
-    Style.none: ("{prompt}", ""),
-    Style.watercolor: ("watercolor painting of {prompt}, soft washes of colour, painterly, textured paper",
-                       "photograph, photorealistic, 3d render, glitch, noise"),
-    Style.film_noir: ("film noir still of {prompt}, black and white, high contrast, dramatic shadows, moody",
-                      "colour, vibrant, cheerful, cartoon"),
-    Style.neon: ("{prompt} in a neon-lit city at night, glowing signs, cyberpunk, vivid magenta and cyan light",
-                 "daylight, dull colours, washed out"),
-    Style.jungle: ("{prompt} in a lush tropical jungle, dense foliage, humid air, cinematic light",
-                   "desert, snow, urban, dull"),
-    Style.mars: ("{prompt} on the surface of Mars, red dust, rocky plains, thin hazy sky, science fiction",
-                 "green vegetation, ocean, earth sky"),
-    Style.vibrant_color: ("{prompt}, vibrant saturated colours, bold palette, joyful, high detail",
-                          "monochrome, black and white, dull, desaturated"),
-    Style.snow: ("{prompt} in falling snow, winter landscape, cold blue light, frost",
-                 "summer, desert, heat, tropical"),
-    Style.line_art: ("line art drawing of {prompt}, clean black ink lines, minimal, white background",
-                     "photograph, colour, shading, realistic, 3d render"),
-}
 
-
-def apply_style(style: Style, prompt: str, negative_prompt: str) -> tuple[str, str]:
-    """The style's template around the prompt, its negative words before the user's."""
-    template, style_negative = STYLE_TEMPLATES[style]
-    negative = " ".join(part for part in (style_negative, negative_prompt) if part)
-    return template.replace("{prompt}", prompt), negative
+def apply_style(style: str, prompt: str, negative_prompt: str) -> tuple[str, str]:
+    """A built-in style's template around the prompt, its negative words before the user's (see `styles`)."""
+    return styles_apply(builtin_styles(), style, prompt, negative_prompt)
 
 
 @dataclass(frozen=True)
@@ -81,6 +60,7 @@ class PromptEncoder:
             force_zeros_for_empty_prompt=_force_zeros(sdxl_dir),
         )
         self._pipe.set_progress_bar_config(disable=True)
+        self.styles = load_styles(settings)  # built-in presets + the operator's
         self._force_zeros = self._pipe.config.force_zeros_for_empty_prompt
         # One compel per encoder (compel's own multi-encoder mode is deprecated), giving what encode_prompt takes
         # from each: the penultimate hidden states, not normalised; long prompts chunked, not truncated.
@@ -95,10 +75,10 @@ class PromptEncoder:
         self._lock = threading.Lock()
 
     @torch.inference_mode()
-    def encode(self, prompt: str, negative_prompt: str = "", style: Style = Style.none) -> PromptEmbeds:
+    def encode(self, prompt: str, negative_prompt: str = "", style: str = NO_STYLE) -> PromptEmbeds:
         """Encode one prompt pair after applying the style template; both may carry `(word:1.3)` weights and be
         longer than 77 tokens (then both come back as the same number of 77-token chunks)."""
-        prompt, negative_prompt = apply_style(style, prompt, negative_prompt)
+        prompt, negative_prompt = styles_apply(self.styles, style, prompt, negative_prompt)
         positive, negative_parts = parse_weighted_prompt(prompt), parse_weighted_prompt(negative_prompt)
         plain, plain_negative = plain_text(positive), plain_text(negative_parts)
         with self._lock:
