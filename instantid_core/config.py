@@ -10,6 +10,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+DEFAULT_STEPS = 30  # the published InstantID defaults (README, gradio_demo/app.py): 30 steps ...
+DEFAULT_GUIDANCE = 5.0  # ... at guidance 5
+# LCM fast mode: what the InstantID demo switches to when "Enable Fast Inference with LCM" is ticked
+# (gradio_demo/app.py, toggle_lcm_ui: steps 5, guidance 1.5). 30 steps at guidance 5 burn LCM images.
+LCM_STEPS = 5
+LCM_GUIDANCE = 1.5
 MIN_SIDE = 64
 MAX_SIDE = 2048
 LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
@@ -144,8 +150,10 @@ class GenerateParams(BaseModel):
     width: int | None = Field(None, description=f"Output width, multiple of 8 in [{MIN_SIDE}, {MAX_SIDE}]; "
                               "default follows the face (or pose) photo like the reference: short side 1024.")
     height: int | None = Field(None, description="Output height; same rules as width.")
-    steps: int = Field(30, ge=1, le=100)
-    guidance: float = Field(5.0, ge=0.0, le=20.0, description="Classifier-free guidance; <= 1 disables it.")
+    steps: int | None = Field(None, ge=1, le=100, description=f"Denoising steps; default {DEFAULT_STEPS}, or "
+                              f"{LCM_STEPS} with the lcm scheduler (the demo's LCM preset).")
+    guidance: float | None = Field(None, ge=0.0, le=20.0, description="Classifier-free guidance; <= 1 disables it. "
+                                   f"Default {DEFAULT_GUIDANCE}, or {LCM_GUIDANCE} with the lcm scheduler.")
     identitynet_strength: float = Field(0.8, ge=0.0, le=1.5)
     adapter_strength: float = Field(0.8, ge=0.0, le=1.5)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Random seed; drawn and reported when omitted.")
@@ -166,8 +174,8 @@ class GenerateParams(BaseModel):
 
     @field_validator("guidance", "identitynet_strength", "adapter_strength")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -183,6 +191,17 @@ class GenerateParams(BaseModel):
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
         return value
+
+    def resolved(self, default_scheduler: Scheduler) -> GenerateParams:
+        """These parameters with the scheduler, steps and guidance filled in: what was left unset takes the
+        scheduler's preset (LCM: few steps, low guidance; any other: the published 30 steps at guidance 5)."""
+        scheduler = self.scheduler or default_scheduler
+        lcm = scheduler == Scheduler.lcm
+        return self.model_copy(update={
+            "scheduler": scheduler,
+            "steps": self.steps if self.steps is not None else (LCM_STEPS if lcm else DEFAULT_STEPS),
+            "guidance": self.guidance if self.guidance is not None else (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE),
+        })
 
     @model_validator(mode="after")
     def _both_sides_or_none(self) -> GenerateParams:

@@ -76,12 +76,13 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
 def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
                     default_scheduler: Scheduler) -> tuple[DenoiseRequest, BatchKey]:
     """Everything one request brings to the denoiser, and the key of the batch it may join."""
+    params = params.resolved(default_scheduler)  # unset steps/guidance: the scheduler's preset
     request = DenoiseRequest(
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
         num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
         adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
     )
-    key = BatchKey(face.width, face.height, params.steps, params.scheduler or default_scheduler,
+    key = BatchKey(face.width, face.height, params.steps, params.scheduler,
                    text_tokens=prompt.prompt_embeds.shape[0])
     return request, key
 
@@ -93,6 +94,7 @@ class GenerationResult:
     width: int
     height: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
 
 
 class InstantIDPipeline:
@@ -123,6 +125,7 @@ class InstantIDPipeline:
         `face_names` / `pose_name` name the inputs in error messages (default `face_image[i]`, `pose_image`);
         the CLI passes the file paths."""
         timings: dict[str, float] = {}
+        params = params.resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         names = face_names or [f"face_image[{i}]" for i in range(len(face_images))]
         start = time.perf_counter()
@@ -139,4 +142,4 @@ class InstantIDPipeline:
         request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
-        return GenerationResult(images, seed, face.width, face.height, timings)
+        return GenerationResult(images, seed, face.width, face.height, timings, params)
