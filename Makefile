@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(TINY)/.done: | setup
-	$(PY) -m instantid_core.cli weights tiny $(TINY)
+	$(PY) -m instantid_cli weights tiny $(TINY)
 	touch $@
 
 # The main job on the tiny preset: the serving app on Ray local, one real HTTP request, outputs under ./outputs
@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m deployments.demo
 
 demo-cli: setup $(TINY)/.done
-	$(PY) -m instantid_core.cli generate --weights $(TINY) --face instantid_core/data/astronaut.jpg \
+	$(PY) -m instantid_cli generate --weights $(TINY) --face instantid_core/data/astronaut.jpg \
 		--prompt "an astronaut portrait, watercolor" --style Watercolor --steps 8 --width 512 --height 512 \
 		--seed 42 --out $(OUT)
 
@@ -34,7 +34,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check instantid_core deployments jobs bench tests
+	$(PY) -m ruff check instantid_core instantid_app instantid_cli deployments jobs bench tests
 
 bench: setup $(TINY)/.done
 	$(PY) bench/core.py --weights $(TINY)

@@ -5,8 +5,8 @@ the time to resume a job killed mid-way.
     python bench/batch.py --write-results          # the same, then adds the run to bench/RESULTS.md
     python bench/batch.py --images 64 --size 256 --steps 4   # bigger
 
-What runs: the job exactly as a user runs it against a cluster (`python -m jobs.batch ...` with RAY_ADDRESS set),
-over a real S3 API (moto's server on 127.0.0.1, started here) holding face photos, on local clusters from
+What runs: the job exactly as a user runs it against a cluster (`python -m instantid_cli batch ...` with RAY_ADDRESS
+set), over a real S3 API (moto's server on 127.0.0.1, started here) holding face photos, on local clusters from
 cluster/local.py (a head with no CPUs + N worker nodes, one `ray start` process each). With N nodes the job gets N
 face actors and N denoiser actors (`--face-actors N --denoise-actors N`). Per run: wall time of the job process
 (start to exit: imports, connecting, actor start-up, the work, the summary), the job's own `seconds` from
@@ -120,7 +120,8 @@ def check_prefix(prefix: str, pairs: int) -> dict[str, Any]:
 # --- one job run --------------------------------------------------------------------------------------------------
 def job_command(prefix: str, args: argparse.Namespace, actors: int, prompts: Path, weights: Path) -> list[str]:
     params = {"steps": args.steps, "width": args.size, "height": args.size}
-    return [sys.executable, "-m", "jobs.batch", "--input", f"s3://{BUCKET}/faces/", "--prompts", str(prompts),
+    return [sys.executable, "-m", "instantid_cli", "batch", "--input", f"s3://{BUCKET}/faces/", "--prompts",
+            str(prompts),
             "--output", f"s3://{BUCKET}/{prefix}/", "--params", json.dumps(params), "--weights", str(weights),
             "--face-actors", str(actors), "--denoise-actors", str(actors), "--no-progress"]
 
@@ -268,7 +269,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{p['size']}x{p['size']}, {p['steps']} steps, tiny preset, PNG outputs; input and output on moto's "
              f"S3 server on 127.0.0.1"),
              (f"- cluster: cluster/local.py, a head with 0 CPUs + N worker nodes of {CPUS_PER_NODE} logical CPUs "
-             f"each; the job submitted as `python -m jobs.batch` with RAY_ADDRESS, N face + N denoiser actors"), "",
+             f"each; the job submitted as `python -m instantid_cli batch` with RAY_ADDRESS, N face + N denoiser "
+              "actors"), "",
              table(report), "",
              ("job s: `run_batch` entry to summary (listing, manifest read, prompt encoding, actor start-up, work, "
              "writes); wall s adds the job process's start and imports and Ray's connect/teardown. At this size "

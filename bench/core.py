@@ -103,7 +103,7 @@ def bench_load(root: Path, settings: PipelineSettings, warmup: int, repeats: int
         laps.lap("load face pack (onnxruntime)")
         PromptEncoder(weights.sdxl, settings)
         laps.lap("load text encoders")
-        IdentityDenoiser(weights.sdxl, weights.identitynet, weights.adapter, settings, lcm_lora=weights.lcm_lora)
+        IdentityDenoiser.from_weights(weights, settings)
         laps.lap("load UNet + IdentityNet + adapter + VAE")
         laps.parts["weights load, total"] = laps.total()
         if run >= warmup:

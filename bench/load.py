@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     from deployments.app import build_app
-    from deployments.config import app_config_from_serve_config
+    from instantid_app.config import app_config_from_serve_config
 
     config = app_config_from_serve_config()
     config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")

@@ -31,8 +31,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
 from deployments.schemas import DenoiseResult, FaceResult, GenerateResponse, PromptResult
+from instantid_app.config import AppConfig
 from instantid_core.pipeline import FaceCondition
 from instantid_core.text import PromptEmbeds
 

@@ -40,7 +40,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -51,6 +50,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+from deployments.demo import free_port, wait_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def bench_config(max_batch_size: int, output_uri: str):
     """serve_config.yaml's AppConfig with the tiny preset in .cache/tiny, a temporary output folder, the given batch
     size and one replica per stage."""
-    from deployments.config import AutoscalingConfig, app_config_from_serve_config
+    from instantid_app.config import AutoscalingConfig, app_config_from_serve_config
 
     config = app_config_from_serve_config()
     config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
@@ -133,7 +134,7 @@ def bench_config(max_batch_size: int, output_uri: str):
 def stage_payloads(config, params: dict[str, Any]):
     """The face and prompt stages' real outputs for the benchmark's photo, size and prompt (the no-op DAG returns
     these), computed once here by the library on the tiny preset."""
-    from deployments.weights import resolve_app_weights
+    from instantid_app.weights import resolve_app_weights
     from instantid_core.config import GenerateParams
     from instantid_core.face import FaceAnalyzer
     from instantid_core.images import load_image
@@ -146,24 +147,6 @@ def stage_payloads(config, params: dict[str, Any]):
     face = prepare_face(FaceAnalyzer(weights.face_pack, settings), [photo], GenerateParams.model_validate(params))
     prompt = PromptEncoder(weights.sdxl, settings).encode(PROMPT, NEGATIVE)
     return face, prompt
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f}s")
 
 
 # --- measurement ----------------------------------------------------------------------------------------------------

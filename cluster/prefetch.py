@@ -4,7 +4,7 @@
 
 Runs as the init container of every KubeRay worker pod (k8s/overlays/gpu) and in the launcher's worker setup
 (cluster/aws.yaml), with the environment the Ray containers get (HF_HOME, HF_TOKEN, AWS_*): it downloads exactly
-what each replica will later resolve, through the same code (`deployments.weights.resolve_app_weights`), so the
+what each replica will later resolve, through the same code (`instantid_app.weights.resolve_app_weights`), so the
 replicas find a warm, validated cache instead of racing each other for the same 14 GB. Exit code 2 and one line on
 stderr for an expected failure (a source that cannot be fetched, a broken weights pack).
 """
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from deployments.config import app_config_from_serve_config
-from deployments.weights import resolve_app_weights
+from instantid_app.config import app_config_from_serve_config
+from instantid_app.weights import resolve_app_weights
 from instantid_core.errors import InstantIDError
 
 

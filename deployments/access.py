@@ -23,29 +23,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from instantid_core.errors import InstantIDError
+from instantid_app.config import AccessConfig
+
+from .errors import Forbidden, RateLimited, Unauthorized
 
 Action = Literal["generate", "jobs"]
 ALL_ACTIONS: tuple[Action, ...] = ("generate", "jobs")
-
-
-class Unauthorized(InstantIDError):
-    http_status = 401
-    code = "unauthorized"
-
-
-class Forbidden(InstantIDError):
-    http_status = 403
-    code = "forbidden"
-
-
-class RateLimited(InstantIDError):
-    http_status = 429
-    code = "rate_limited"
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class AccessConfigError(ValueError):
@@ -58,21 +41,6 @@ class ApiKey(BaseModel):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     key: SecretStr = Field(..., min_length=16)
     actions: list[Action] = Field(default_factory=lambda: list(ALL_ACTIONS))
-
-
-class AccessConfig(BaseModel):
-    """AppConfig.access: off unless a key source is given."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    api_keys_file: str | None = Field(None, description="YAML/JSON list of {name, key, actions} (a mounted Secret).")
-    api_keys_env: str | None = Field(None, description="Environment variable holding the same list as JSON.")
-    rate_limit_per_minute: float | None = Field(None, gt=0, description="Per key; unset: no limit.")
-    rate_limit_burst: int = Field(10, ge=1, description="Requests a key may send at once before the rate applies.")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.api_keys_file or self.api_keys_env)
 
 
 def load_keys(config: AccessConfig) -> list[ApiKey]:

@@ -11,7 +11,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .config import AppConfig
+from instantid_app.config import AppConfig
+
 from .denoiser import Denoiser
 from .face import FaceAnalysis
 from .ingress import Ingress

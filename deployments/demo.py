@@ -14,20 +14,21 @@ import time
 
 import httpx
 
-from .config import REPO_ROOT, app_config_from_serve_config
+from instantid_app.config import REPO_ROOT, app_config_from_serve_config
 
 FACE = REPO_ROOT / "instantid_core" / "data" / "astronaut.jpg"
 REQUEST = {"prompt": "an astronaut portrait, watercolor", "style": "Watercolor", "steps": 8, "width": 512,
            "height": 512, "seed": 42}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _wait_ready(url: str, timeout_s: float = 300) -> None:
+def wait_ready(url: str, timeout_s: float = 300) -> None:
+    """Poll `{url}/readyz` until it answers 200 (also used by the tests and benchmarks that serve the app)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -58,7 +59,7 @@ def main() -> int:
     config = app_config_from_serve_config()
     config.weights.tiny_preset_dir = str(REPO_ROOT / ".cache" / "tiny")
     config.output_uri = os.environ.get("OUTPUT_URI") or (REPO_ROOT / "outputs").resolve().as_uri()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
@@ -66,7 +67,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"starting the instantid app on {url} (tiny preset, CPU) ...", file=sys.stderr, flush=True)
         serve.run(build_app(config), name="instantid", route_prefix="/", blocking=False)
-        _wait_ready(url)
+        wait_ready(url)
         body = {"face_image": base64.b64encode(FACE.read_bytes()).decode(), **REQUEST}
         response = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
         if response.status_code != 200:

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from instantid_app.config import AppConfig
+from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from instantid_core.errors import InstantIDError
 from instantid_core.pipeline import denoise_request
 
-from .config import AppConfig
 from .schemas import DenoiseResult, FaceResult, PromptResult
-from .weights import resolve_app_weights
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,7 @@ def _images_in(items: list[_Item]) -> int:
 class Denoiser:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        weights = resolve_app_weights(self.config)
-        self.denoiser = IdentityDenoiser(weights.sdxl, weights.identitynet, weights.adapter, self.config.pipeline,
-                                         lcm_lora=weights.lcm_lora)
+        self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config), self.config.pipeline)
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -90,6 +88,3 @@ class Denoiser:
     async def check_health(self) -> None:
         """A tiny forward pass on the replica's device (Serve restarts the replica when it raises)."""
         await asyncio.to_thread(self.denoiser.probe)
-
-    def ready(self) -> bool:
-        return True

@@ -7,15 +7,14 @@ import hashlib
 import time
 from typing import Any
 
+from instantid_app.cache import LRUCache
+from instantid_app.config import AppConfig
+from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.face import FaceAnalyzer
-from instantid_core.images import load_image
-from instantid_core.pipeline import FaceCondition, prepare_face
+from instantid_core.pipeline import FaceCondition, face_condition
 
-from .cache import LRUCache
-from .config import AppConfig
 from .schemas import FaceResult
-from .weights import resolve_app_weights
 
 
 class FaceAnalysis:
@@ -36,12 +35,7 @@ class FaceAnalysis:
         return FaceResult(condition, time.perf_counter() - start, cache_hit=False)
 
     def _analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> FaceCondition:
-        settings = self.config.pipeline
-        photos = [load_image(data, name=f"face_image[{i}]", max_pixels=settings.max_image_pixels,
-                             max_side=settings.max_image_side) for i, data in enumerate(face_images)]
-        pose = None if pose_image is None else load_image(
-            pose_image, name="pose_image", max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
-        return prepare_face(self.analyzer, photos, params, pose)
+        return face_condition(self.analyzer, face_images, params, self.config.pipeline, pose_image)
 
     @staticmethod
     def _cache_key(face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> tuple:
@@ -52,6 +46,3 @@ class FaceAnalysis:
     async def check_health(self) -> None:
         """One detector forward pass on a small blank image."""
         await asyncio.to_thread(self.analyzer.probe)
-
-    def ready(self) -> bool:
-        return True

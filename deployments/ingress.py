@@ -1,4 +1,6 @@
-"""Ingress (FastAPI): validates, assigns a request id, fans out face || prompt, then denoise, then write.
+"""Ingress (FastAPI) routes: validates, assigns a request id, fans out face || prompt, then denoise, then write.
+
+Reading the body and the images is `inputs.py`'s; the status code and JSON body of every error is `errors.py`'s.
 
 Stage responses are passed straight into the next handle call (Serve resolves them in the callee), so the ingress
 awaits once, at the end. The same `generate` method serves HTTP and Python `DeploymentHandle` callers.
@@ -7,35 +9,38 @@ awaits once, at the end. The same `generate` method serves HTTP and Python `Depl
 
 
 import asyncio
-import base64
-import binascii
 import hashlib
-import json
 import logging
-import threading
 import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
+from instantid_app.config import AppConfig
+from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.pipeline import draw_seed
-from instantid_core.storage import OutputStore, fetch_url, make_s3_client, read_uri
+from instantid_core.storage import OutputStore
 
 from . import metrics
-from .access import AccessControl, Action, RateLimited, Unauthorized
-from .config import AppConfig
+from .access import AccessControl, Action
+from .errors import (
+    InternalError,
+    JobNotFound,
+    ServiceOverloaded,
+    StageTimeout,
+    error_response,
+    http_status,
+    install_error_handlers,
+)
+from .inputs import InputReader
 from .schemas import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, JobStatus
 
 logger = logging.getLogger("ray.serve")
@@ -83,62 +88,7 @@ def openapi_schema() -> dict[str, Any]:
 app.openapi = openapi_schema
 
 
-class ServiceOverloaded(InstantIDError):
-    http_status = 503
-    code = "overloaded"
-
-
-class StageTimeout(InstantIDError):
-    http_status = 504
-    code = "stage_timeout"
-
-
-class InternalError(InstantIDError):
-    http_status = 500
-    code = "internal"
-
-
-class JobNotFound(InstantIDError):
-    http_status = 404
-    code = "job_not_found"
-
-
-def error_response(exc: InstantIDError, retry_after_s: int) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field))
-    headers = {}
-    if exc.http_status in (429, 503):
-        headers["Retry-After"] = str(exc.retry_after_s if isinstance(exc, RateLimited) else retry_after_s)
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.http_status, headers=headers or None)
-
-
-def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path")) or None
-    return InvalidParameter(f"{field or 'body'}: {first['msg']}", field=field)
-
-
-class RouteNotFound(InstantIDError):
-    http_status = 404
-    code = "not_found"
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Starlette's own 404/405 answer in the same error format as ours.
-    error = RouteNotFound(f"no route {request.method} {request.url.path}") if exc.status_code == 404 else \
-        InstantIDError(str(exc.detail))
-    error.http_status = exc.status_code
-    if exc.status_code == 405:
-        error.code = "method_not_allowed"
-    return error_response(error, retry_after_s=1)
-
-
-@app.exception_handler(RequestValidationError)
-async def _parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own checks (query and path parameters) answer in the same error format as ours.
-    return error_response(validation_error(exc), retry_after_s=1)
+install_error_handlers(app)
 
 
 @serve.ingress(app)
@@ -149,9 +99,8 @@ class Ingress:
         self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
         self.jobs = OutputStore(self.config.output_uri)
         self.access = AccessControl(self.config.access)
+        self.inputs = InputReader(self.config)
         self._tasks: set[asyncio.Task] = set()
-        self._input_s3_client: Any = None
-        self._input_s3_lock = threading.Lock()
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
     async def generate(self, request: GenerateRequest, inline: bool = False,
@@ -174,8 +123,9 @@ class Ingress:
         face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
         if not 1 <= len(face_sources) <= 8:
             raise InvalidParameter("face_image: give 1 to 8 images", field="face_image")
-        faces = await asyncio.gather(*(self._read_image(src, f"face_image[{i}]") for i, src in enumerate(face_sources)))
-        pose = await self._read_image(request.pose_image, "pose_image") if request.pose_image else None
+        faces = await asyncio.gather(*(self.inputs.read_image(src, f"face_image[{i}]")
+                                       for i, src in enumerate(face_sources)))
+        pose = await self.inputs.read_image(request.pose_image, "pose_image") if request.pose_image else None
         meta = {
             # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
             "request_id": request_id, "params": {**params.model_dump(mode="json"),
@@ -209,44 +159,12 @@ class Ingress:
         metrics.observe_response(response)
         return response
 
-    async def _read_image(self, source: str, field: str) -> bytes:
-        limit = self.config.max_image_bytes
-        try:
-            if source.startswith("s3://"):
-                data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets,
-                                               s3_client=self._input_s3(), max_bytes=limit)
-            elif source.startswith(("http://", "https://")):
-                if not self.config.allow_url_inputs:
-                    raise InputNotAllowed(f"{field}: fetching URLs is disabled on this server; send base64 or s3://")
-                data = await asyncio.to_thread(fetch_url, source, allowed_hosts=self.config.allowed_url_hosts,
-                                               max_bytes=limit)
-            else:
-                if len(source) > limit * 4 // 3 + 4:
-                    raise ImageTooLarge(f"{field}: larger than {limit} bytes")
-                try:
-                    data = base64.b64decode(source, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise InvalidParameter(f"{field}: not valid base64 (or an s3:// URI)") from exc
-        except InstantIDError as exc:
-            exc.field = field  # the request's field, whatever the reader called it
-            raise
-        if len(data) > limit:
-            raise ImageTooLarge(f"{field}: {len(data)} bytes, the limit is {limit}", field=field)
-        return data
-
-    def _input_s3(self) -> Any:
-        """One S3 client for input reads, made on first use (boto3 clients are thread-safe once made)."""
-        with self._input_s3_lock:
-            if self._input_s3_client is None:
-                self._input_s3_client = make_s3_client()
-            return self._input_s3_client
-
     # --- HTTP -------------------------------------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=GENERATE_BODY)
     async def http_generate(self, request: Request, inline: bool = False) -> Response:
         """Generate images: a JSON body (images as base64 or s3:// URIs) or a multipart upload."""
         async def run() -> Response:
-            result = await self.generate(await self._parse_request(request), inline=inline)
+            result = await self.generate(await self.inputs.parse_request(request), inline=inline)
             return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "generate", run, action="generate")
@@ -258,7 +176,7 @@ class Ingress:
 
         The request is stored with the job, so if this replica dies the next poll resumes the job elsewhere."""
         async def submit() -> Response:
-            body = await self._parse_request(request)
+            body = await self.inputs.parse_request(request)
             if body.seed is None:  # fixed now, so a resumed job makes the same images
                 body = body.model_copy(update={"seed": draw_seed()})
             job_id = uuid.uuid4().hex
@@ -295,8 +213,11 @@ class Ingress:
         stages = {"face": self.face, "prompt": self.prompt, "denoiser": self.denoiser, "writer": self.writer}
 
         async def probe(handle: DeploymentHandle) -> bool:
+            # Ready = the stage answers its own health check (a real forward pass of its model, or an encode) in
+            # time, through its request queue: a stage that is loading, broken or saturated is not ready.
             try:
-                return bool(await asyncio.wait_for(handle.ready.remote(), timeout=5.0))
+                await asyncio.wait_for(handle.check_health.remote(), timeout=5.0)
+                return True
             except Exception:  # any failure means "not ready", which is the answer, not an error
                 return False
 
@@ -315,63 +236,11 @@ class Ingress:
             self.access.check(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
             response = await run()
         except InstantIDError as exc:
-            if exc.http_status >= 500 and exc.http_status not in (503, 504):
+            if http_status(exc) >= 500 and http_status(exc) not in (503, 504):
                 logger.error("route %s: %s", route, exc.message)
             response = error_response(exc, self.config.retry_after_s)
         metrics.observe_http(route, response.status_code, time.perf_counter() - started)
         return response
-
-    async def _parse_request(self, request: Request) -> GenerateRequest:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
-        # Every body, JSON or multipart, chunked or not, is counted while it streams in: nothing larger than
-        # max_body_bytes is ever held in memory or spooled to disk.
-        body = await self._read_body(request)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await self._parse_multipart(request, body)
-        try:
-            return GenerateRequest.model_validate_json(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from exc
-
-    async def _read_body(self, request: Request) -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.config.max_body_bytes:
-                raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _parse_multipart(self, request: Request, body: bytes) -> GenerateRequest:
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=9, max_fields=4,
-                                                               max_part_size=self.config.max_image_bytes)
-        except Exception as exc:  # starlette raises several types for a broken multipart body
-            if "maximum size" in str(exc):
-                raise ImageTooLarge(f"an uploaded part is over {self.config.max_image_bytes} bytes") from exc
-            raise InvalidParameter(f"malformed multipart body: {exc}") from exc
-        faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
-        pose = form.get("pose_image")
-        try:
-            params = json.loads(form.get("params") or "{}")
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise InvalidParameter("params: not a JSON object", field="params") from exc
-        if not isinstance(params, dict):
-            raise InvalidParameter("params: not a JSON object", field="params")
-        if not faces:
-            raise InvalidParameter("face_image: upload at least one file", field="face_image")
-        encoded = {"face_image": [base64.b64encode(f).decode() for f in faces]}
-        if pose is not None and hasattr(pose, "read"):
-            encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
-        try:
-            return GenerateRequest.model_validate({**params, **encoded})
-        except ValidationError as exc:
-            raise validation_error(exc) from exc
 
     # --- jobs: state lives in the output store; a running job renews its lease, a stale one is adopted -----------
     def _start_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:

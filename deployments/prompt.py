@@ -6,13 +6,13 @@ import asyncio
 import time
 from typing import Any
 
+from instantid_app.cache import LRUCache
+from instantid_app.config import AppConfig
+from instantid_app.weights import resolve_app_weights
 from instantid_core.config import Style
 from instantid_core.text import PromptEmbeds, PromptEncoder
 
-from .cache import LRUCache
-from .config import AppConfig
 from .schemas import PromptResult
-from .weights import resolve_app_weights
 
 
 class PromptEncoderDeployment:
@@ -34,6 +34,3 @@ class PromptEncoderDeployment:
     async def check_health(self) -> None:
         """Both text encoders on a one-word prompt (not cached: it runs the models)."""
         await asyncio.to_thread(self.encoder.encode, "health")
-
-    def ready(self) -> bool:
-        return True

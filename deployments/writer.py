@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from instantid_app.config import AppConfig
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
-from .config import AppConfig
 from .schemas import DenoiseResult, GenerateResponse
 
 HEALTH_IMAGE = np.zeros((8, 8, 3), np.uint8)
@@ -44,6 +44,3 @@ class OutputWriter:
         """Encode a tiny image (the encoder libraries work); the store is checked by real writes, so an S3 outage
         answers 503 rather than restarting this replica."""
         await asyncio.to_thread(encode_image, HEALTH_IMAGE, "png")
-
-    def ready(self) -> bool:
-        return True

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from .config import PipelineSettings, Scheduler
 from .errors import InvalidParameter, WeightsError
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
 from .text import PromptEmbeds
+from .weights import ResolvedWeights
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
     Scheduler.euler: (EulerDiscreteScheduler, {}),
@@ -98,8 +99,33 @@ class _Samples:
     owner: list[int] = field(default_factory=list)  # index of the request each sample belongs to
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """Per-sample tensors of one call, laid out [uncond samples..., cond samples...] as diffusers' pipelines do
+    (`guidance` has one row per sample). Every tensor's first dimension is per sample, so `select_samples` can
+    drop a request's rows from all of them."""
+
+    text: torch.Tensor  # (2B, 77, C) negative then positive prompt embeddings
+    face_tokens: torch.Tensor  # (2B, 16, C) Resampler of a zero embedding (uncond) then of the face
+    unet_states: torch.Tensor  # (2B, 77 + 16, C) what the UNet's cross-attention sees
+    added: dict[str, torch.Tensor]  # SDXL's added conditioning: text_embeds (2B, P), time_ids (2B, 6)
+    control: torch.Tensor  # (2B, 3, H, W) keypoint images in [0, 1]
+    identitynet_scale: torch.Tensor  # (2B, 1, 1, 1) IdentityNet strength
+    adapter_scale: torch.Tensor  # (2B,) face-token attention strength
+    guidance: torch.Tensor  # (B, 1, 1, 1) CFG scale
+    region_masks: torch.Tensor | None = None  # (2B, 1, H, W) face-box masks (region control), None: no box
+    attention_masks: dict[int, torch.Tensor] | None = None  # the same masks per cross-attention token count
+
+
 class IdentityDenoiser:
     """The GPU stage of InstantID: PromptEmbeds + face embedding + keypoint image -> uint8 images."""
+
+    @classmethod
+    def from_weights(cls, weights: ResolvedWeights, settings: PipelineSettings, *,
+                     accel: acc.AccelSettings | None = None) -> IdentityDenoiser:
+        """The denoiser of a resolved weights folder (SDXL, IdentityNet, adapter and the LCM-LoRA when present)."""
+        return cls(weights.sdxl, weights.identitynet, weights.adapter, settings, lcm_lora=weights.lcm_lora,
+                   accel=accel)
 
     def __init__(self, sdxl_dir: Path, identitynet_dir: Path, adapter_path: Path, settings: PipelineSettings,
                  lcm_lora: Path | None = None, *, accel: acc.AccelSettings | None = None) -> None:
@@ -240,7 +266,8 @@ class IdentityDenoiser:
                 samples.owner.append(index)
         return samples
 
-    def prepare_conditioning(self, requests: list[DenoiseRequest], samples: _Samples, key: BatchKey) -> dict:
+    def prepare_conditioning(self, requests: list[DenoiseRequest], samples: _Samples,
+                             key: BatchKey) -> Conditioning:
         """Per-sample tensors laid out [uncond samples..., cond samples...], as diffusers' pipelines do."""
         per_sample = [requests[owner] for owner in samples.owner]
 
@@ -264,7 +291,7 @@ class IdentityDenoiser:
             [Image.fromarray(r.kps_image) for r in per_sample], height=key.height, width=key.width
         ).to(self.device, self.dtype)  # (B, 3, H, W) in [0, 1]
         strength = scalars([r.identitynet_strength for r in per_sample]).to(self.dtype)[:, None, None, None]
-        return dict(
+        return Conditioning(
             **self.prepare_face_region(per_sample, size),
             text=text, face_tokens=face_tokens, unet_states=torch.cat([text, face_tokens], dim=1),
             added={"text_embeds": pooled, "time_ids": time_ids}, control=torch.cat([control, control]),
@@ -296,13 +323,13 @@ class IdentityDenoiser:
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
         return latents * scheduler.init_noise_sigma
 
-    def denoise(self, latents: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
+    def denoise(self, latents: torch.Tensor, cond: Conditioning, scheduler: SchedulerMixin,
                 generators: list[torch.Generator], on_step: StepCallback | None = None,
                 samples: _Samples | None = None) -> torch.Tensor:
         """The denoising loop. With `on_step`, requests it no longer wants leave the batch after a step: their
         samples are dropped from the latents, the conditioning, the generators, the scheduler's per-sample state
         and `samples` (updated in place); the loop stops when no sample is left."""
-        use_cfg = bool((cond["guidance"] > 1.0).any())
+        use_cfg = bool((cond.guidance > 1.0).any())
         steps = len(scheduler.timesteps)
         with acc.sdpa_context(self.accel.sdpa_backend):
             for index, t in enumerate(scheduler.timesteps):
@@ -322,8 +349,8 @@ class IdentityDenoiser:
         return latents
 
     @staticmethod
-    def select_samples(keep: list[int], latents: torch.Tensor, cond: dict,
-                       scheduler: SchedulerMixin) -> tuple[torch.Tensor, dict]:
+    def select_samples(keep: list[int], latents: torch.Tensor, cond: Conditioning,
+                       scheduler: SchedulerMixin) -> tuple[torch.Tensor, Conditioning]:
         """Keep only samples `keep` of a running batch: latents and scheduler state are (B, ...), conditioning is
         (2B, ...) laid out [uncond..., cond...] or (B, ...) (every tensor in `cond` is per sample)."""
         count = latents.shape[0]
@@ -346,12 +373,12 @@ class IdentityDenoiser:
                                           and item.shape[0] == count else item for item in state])
             elif isinstance(state, torch.Tensor) and state.ndim and state.shape[0] == count:
                 setattr(scheduler, name, state[one])
-        return latents[one], pick(cond)
+        return latents[one], Conditioning(**{f.name: pick(getattr(cond, f.name)) for f in fields(cond)})
 
-    def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, cond: dict, scheduler: SchedulerMixin,
+    def denoise_step(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, scheduler: SchedulerMixin,
                      generators: list[torch.Generator], use_cfg: bool) -> torch.Tensor:
         """One scheduler step: model input, noise prediction (the compiled part when `compile`), CFG, step."""
-        guidance = cond["guidance"]
+        guidance = cond.guidance
         model_input = torch.cat([latents] * 2) if use_cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         if self._mark_step:
@@ -369,24 +396,25 @@ class IdentityDenoiser:
         extra = {"generator": generators} if _takes_generator(scheduler) else {}
         return scheduler.step(noise, t, latents, return_dict=False, **extra)[0]
 
-    def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, cond: dict, use_cfg: bool) -> torch.Tensor:
+    def predict_noise(self, model_input: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                      use_cfg: bool) -> torch.Tensor:
         """One UNet + IdentityNet evaluation. IdentityNet sees only the face tokens (plus pooled text and time
         ids); the UNet sees text + face tokens, the face part scaled per sample."""
         pick = (lambda x: x) if use_cfg else (lambda x: x[x.shape[0] // 2:])  # cond half only when unguided
-        added = {name: pick(value) for name, value in cond["added"].items()}
+        added = {name: pick(value) for name, value in cond.added.items()}
         down, mid = self.identitynet(
-            model_input, t, encoder_hidden_states=pick(cond["face_tokens"]), controlnet_cond=pick(cond["control"]),
-            conditioning_scale=pick(cond["identitynet_scale"]), added_cond_kwargs=added, return_dict=False,
+            model_input, t, encoder_hidden_states=pick(cond.face_tokens), controlnet_cond=pick(cond.control),
+            conditioning_scale=pick(cond.identitynet_scale), added_cond_kwargs=added, return_dict=False,
         )
-        if cond["region_masks"] is not None:  # region control: the demo's control_mask, per sample
-            masks = pick(cond["region_masks"])
+        if cond.region_masks is not None:  # region control: the demo's control_mask, per sample
+            masks = pick(cond.region_masks)
             down = [residual * residual_mask(masks, residual) for residual in down]
             mid = mid * residual_mask(masks, mid)
-        region = cond["attention_masks"]
-        attention_kwargs = {"ip_adapter_scale": pick(cond["adapter_scale"]),
+        region = cond.attention_masks
+        attention_kwargs = {"ip_adapter_scale": pick(cond.adapter_scale),
                             "face_region": None if region is None else {n: pick(m) for n, m in region.items()}}
         return self.unet(
-            model_input, t, encoder_hidden_states=pick(cond["unet_states"]),
+            model_input, t, encoder_hidden_states=pick(cond.unet_states),
             cross_attention_kwargs=attention_kwargs, added_cond_kwargs=added,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
         )[0]

@@ -1,4 +1,5 @@
-"""Typed errors for expected failures; the serving layer maps each to an HTTP status."""
+"""Typed errors for expected failures. `code` is a stable machine-readable name; HTTP status codes are the
+serving layer's business (`deployments/errors.py` maps each type to one)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from __future__ import annotations
 class InstantIDError(Exception):
     """Base class: an expected failure whose message tells the caller what to fix."""
 
-    http_status: int = 400
     code: str = "bad_request"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -18,54 +18,46 @@ class InstantIDError(Exception):
 class InvalidParameter(InstantIDError):
     """A request parameter is missing, of the wrong type or out of range."""
 
-    http_status = 400
     code = "invalid_parameter"
 
 
 class InvalidImage(InstantIDError):
-    """The bytes are not a decodable image (empty, truncated, not an image format)."""
+    """The bytes are not a decodable image: empty, truncated, or in no format Pillow reads. Nothing was run; send
+    a PNG, JPEG or WebP file."""
 
-    http_status = 415
     code = "invalid_image"
 
 
 class ImageTooLarge(InstantIDError):
-    """The image (bytes or pixels) is above the configured limit."""
-
-    http_status = 413
-    code = "image_too_large"
+    code = "image_too_large"  # bytes or pixels above the configured limit; the message names the limit
 
 
 class NoFaceDetected(InstantIDError):
-    """The face detector found no face (or not the requested face index) in the image."""
+    """The face detector found no face in the image, or fewer faces than the requested face index.
 
-    http_status = 422
+    The message names the input (API field or file path) so the caller knows which photo to replace."""
+
     code = "no_face"
 
 
 class WeightsError(InstantIDError):
     """A weight source is missing, incomplete or corrupt; the message names the file."""
 
-    http_status = 500
     code = "weights_error"
 
 
 class StorageError(InstantIDError):
-    """The output store (file:// or s3://) could not be read or written."""
-
-    http_status = 503
-    code = "storage_unavailable"
+    code = "storage_unavailable"  # the output store (file:// or s3://) could not be read or written
 
 
 class InputNotAllowed(InstantIDError):
-    """An input URI points somewhere this deployment may not read (bucket or scheme not allowed)."""
+    """An input URI points somewhere this deployment may not read: a bucket outside the allowed list, a host
+    outside the allowed URL hosts, or a scheme that is not served."""
 
-    http_status = 403
     code = "input_not_allowed"
 
 
 class InputNotFound(InstantIDError):
     """An input URI points to an object that does not exist."""
 
-    http_status = 404
     code = "input_not_found"

@@ -8,10 +8,8 @@ the InstantID reference does, with two fixes: the largest face really is the lar
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -21,7 +19,7 @@ from insightface.app.common import Face
 from PIL import Image
 
 from .config import PipelineSettings
-from .errors import InvalidParameter, NoFaceDetected, WeightsError
+from .errors import NoFaceDetected, WeightsError
 from .images import image_to_bgr
 
 EMBEDDING_DIM = 512
@@ -62,16 +60,6 @@ class FaceInfo:
             object.__setattr__(self, field, value)
         object.__setattr__(self, "det_score", float(self.det_score))
         object.__setattr__(self, "image_size", (int(self.image_size[0]), int(self.image_size[1])))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (JSON-ready)."""
-        return {"embedding": self.embedding.tolist(), "kps": self.kps.tolist(), "bbox": self.bbox.tolist(),
-                "det_score": self.det_score, "image_size": list(self.image_size)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FaceInfo:
-        """The inverse of `to_dict` (lists or arrays)."""
-        return cls(data["embedding"], data["kps"], data["bbox"], data["det_score"], tuple(data["image_size"]))
 
 
 def _retry_sizes(det_size: int) -> tuple[int, ...]:
@@ -147,22 +135,6 @@ class FaceAnalyzer:
         face = Face(bbox=boxes[chosen, :4], kps=kpss[chosen], det_score=boxes[chosen, 4])
         embedding = self._recogniser.get(bgr, face)
         return FaceInfo(embedding, face.kps, face.bbox, face.det_score, image.size)
-
-    def analyze_many(self, images: Sequence[Image.Image], *, names: Sequence[str] | None = None) -> FaceInfo:
-        """Several photos of one person: the mean of their raw embeddings; keypoints, box, score and size of the
-        first photo (its largest face).
-
-        Raises:
-            InvalidParameter: No images.
-            NoFaceDetected: Any photo without a face (named).
-        """
-        if not images:
-            raise InvalidParameter("at least one face image is required", field="face_image")
-        names = list(names) if names is not None else [f"face_image[{i}]" for i in range(len(images))]
-        faces = [self.analyze(image, name=n) for image, n in zip(images, names, strict=True)]
-        embedding = np.mean(np.stack([f.embedding for f in faces]), axis=0)  # (N, 512) -> (512,)
-        first = faces[0]
-        return FaceInfo(embedding, first.kps, first.bbox, first.det_score, first.image_size)
 
     def probe(self) -> None:
         """One detector forward pass on a small blank image (a health check: raises if the session is broken)."""

@@ -1,7 +1,7 @@
 """The three InstantID stages and their glue, usable one by one (serving app, batch job) or together
 (`InstantIDPipeline`, for the CLI, tests and parity checks).
 
-    face photo(s) [+ pose photo] --prepare_face-->  FaceCondition (embedding, keypoint image, face box, size)
+    photo bytes [+ pose photo]   --face_condition--> FaceCondition (embedding, keypoint image, face box, size)
     prompt, negative, style      --PromptEncoder--> PromptEmbeds
     both + params + seed         --denoise_request--> DenoiseRequest --IdentityDenoiser--> uint8 images
 """
@@ -73,6 +73,21 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
     return FaceCondition(embedding, kps_image, box, width, height, float(layout_face.det_score))
 
 
+def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: GenerateParams,
+                   settings: PipelineSettings, pose_image: bytes | None = None, *, names: list[str] | None = None,
+                   pose_name: str = "pose_image") -> FaceCondition:
+    """Photo bytes -> FaceCondition: decode each photo within the settings' limits, then `prepare_face`. The one
+    path from uploaded photos to the denoiser's face input (pipeline, FaceAnalysis deployment, batch job)."""
+    names = names or [f"face_image[{i}]" for i in range(len(face_images))]
+
+    def load(data: bytes, name: str) -> Image.Image:
+        return load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+
+    photos = [load(data, name) for data, name in zip(face_images, names, strict=True)]
+    pose = load(pose_image, pose_name) if pose_image is not None else None
+    return prepare_face(analyzer, photos, params, pose, names, pose_name)
+
+
 def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
                     default_scheduler: Scheduler) -> tuple[DenoiseRequest, BatchKey]:
     """Everything one request brings to the denoiser, and the key of the batch it may join."""
@@ -106,16 +121,11 @@ class InstantIDPipeline:
         self.weights = weights or resolve_weights(sources)
         self.face = FaceAnalyzer(self.weights.face_pack, self.settings)
         self.text = PromptEncoder(self.weights.sdxl, self.settings)
-        self.denoiser = IdentityDenoiser(self.weights.sdxl, self.weights.identitynet, self.weights.adapter,
-                                         self.settings, lcm_lora=self.weights.lcm_lora)
+        self.denoiser = IdentityDenoiser.from_weights(self.weights, self.settings)
 
     @classmethod
     def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> InstantIDPipeline:
         return cls(ModelSources.from_root(str(root)), settings)
-
-    def load_photo(self, data: bytes, name: str) -> Image.Image:
-        return load_image(data, name=name, max_pixels=self.settings.max_image_pixels,
-                          max_side=self.settings.max_image_side)
 
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
@@ -127,11 +137,9 @@ class InstantIDPipeline:
         timings: dict[str, float] = {}
         params = params.resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
-        names = face_names or [f"face_image[{i}]" for i in range(len(face_images))]
         start = time.perf_counter()
-        photos = [self.load_photo(data, name) for data, name in zip(face_images, names, strict=True)]
-        pose = self.load_photo(pose_image, pose_name) if pose_image is not None else None
-        face = prepare_face(self.face, photos, params, pose, names, pose_name)
+        face = face_condition(self.face, face_images, params, self.settings, pose_image, names=face_names,
+                              pose_name=pose_name)
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Batch generation over an image set: every photo x every prompt, on Ray Data, resumable, with a manifest.
 
     instantid batch --input s3://bucket/faces/ --prompts prompts.yaml --output s3://bucket/out/ [--params JSON]
-    ray job submit -- python -m jobs.batch --input ... --prompts ... --output ...
+    ray job submit -- python -m instantid_cli batch --input ... --prompts ... --output ...
 
 Stages (the core library's, not the HTTP app's): face analysis on a CPU actor pool, prompt encoding once per prompt
 (in one task before the dataset runs), the denoiser on an actor pool that asks for GPUs when the pipeline runs on
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from deployments.cache import LRUCache
+from instantid_app.cache import LRUCache
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
 from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
@@ -117,12 +117,9 @@ def list_inputs(store: OutputStore, input_uri: str, limit: int | None, output_ur
 
 # --- Ray Data stages (classes: one model per actor, loaded once) ---------------------------------------------------
 def _resolve(settings: BatchSettings):
-    from instantid_core.tiny import ensure_tiny_preset
-    from instantid_core.weights import resolve_weights
+    from instantid_app.weights import resolve_sources
 
-    if settings.tiny_preset_dir:
-        return resolve_weights(ModelSources.from_root(str(ensure_tiny_preset(Path(settings.tiny_preset_dir)))))
-    return resolve_weights(settings.sources)
+    return resolve_sources(settings.sources, settings.tiny_preset_dir)
 
 
 class FaceStage:
@@ -136,8 +133,7 @@ class FaceStage:
         self.cache = LRUCache(64)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from instantid_core.images import load_image
-        from instantid_core.pipeline import prepare_face
+        from instantid_core.pipeline import face_condition
 
         out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
         cache = self.cache  # one analysis per (image, output size, face index), across batches
@@ -149,9 +145,8 @@ class FaceStage:
                 face = cache.get(key)
                 if face is None:
                     data = self.store.read_bytes(image_uri)
-                    photo = load_image(data, name=image_uri, max_pixels=self.settings.pipeline.max_image_pixels,
-                                       max_side=self.settings.pipeline.max_image_side)
-                    face = pickle.dumps(prepare_face(self.analyzer, [photo], params, names=[image_uri]))
+                    face = pickle.dumps(face_condition(self.analyzer, [data], params, self.settings.pipeline,
+                                                       names=[image_uri]))
                     cache.put(key, face)
             except NoFaceDetected as exc:
                 status, message = "no_face", exc.message
@@ -170,9 +165,7 @@ class DenoiseStage:
                  base_seed: dict[str, int | None]) -> None:
         from instantid_core.denoise import IdentityDenoiser
 
-        weights = _resolve(settings)
-        self.denoiser = IdentityDenoiser(weights.sdxl, weights.identitynet, weights.adapter, settings.pipeline,
-                                         lcm_lora=weights.lcm_lora)
+        self.denoiser = IdentityDenoiser.from_weights(_resolve(settings), settings.pipeline)
         self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -395,7 +388,7 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> BatchSettings:
-    from deployments.config import SERVE_CONFIG_PATH, app_config_from_serve_config
+    from instantid_app.config import SERVE_CONFIG_PATH, app_config_from_serve_config
 
     app = app_config_from_serve_config(args.config or SERVE_CONFIG_PATH)
     # The same node types as the serving app: face actors where FaceAnalysis goes, denoisers where the Denoiser goes.
@@ -414,19 +407,3 @@ def run_from_args(args: argparse.Namespace) -> None:
     run_batch(args.input, load_prompts(args.prompts), args.output, settings_from_args(args), params, args.limit,
               args.format, args.denoise_actors, args.face_actors, progress=not args.no_progress)
 
-
-def add_batch_command(commands: argparse._SubParsersAction) -> None:
-    """Register `instantid batch` on the core CLI."""
-    parser = commands.add_parser("batch", help="every photo x every prompt over an image set (Ray Data)")
-    add_batch_arguments(parser)
-    parser.set_defaults(func=run_from_args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from instantid_core.cli import main as cli_main
-
-    return cli_main(["batch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import os
-import socket
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
-import httpx
 import pytest
+
+from deployments.demo import free_port, wait_ready
 
 
 @dataclass(frozen=True)
@@ -21,25 +20,7 @@ class ServedApp:
     url: str  # http://127.0.0.1:PORT
     bucket: str
     tiny_dir: Path
-    config: object  # deployments.config.AppConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+    config: object  # instantid_app.config.AppConfig
 
 
 def small_stage_options(**denoiser) -> dict:
@@ -80,7 +61,7 @@ def deploy(port: int, name: str, route_prefix: str, config_overrides: dict, buck
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.config import AppConfig
+    from instantid_app.config import AppConfig
 
     config = AppConfig.model_validate({
         "weights": {"tiny_preset_dir": str(tiny_dir)}, "output_uri": f"s3://{bucket}/out",

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from instantid_core.cli import main as cli_main
+from instantid_cli import main as cli_main
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
 from instantid_core.storage import OutputStore
@@ -140,7 +140,7 @@ def test_batch_seeds_are_deterministic_per_image_and_prompt(s3_bucket, astronaut
 def test_killed_batch_job_resumes_without_duplicates_or_losses(s3_bucket, astronaut_bytes, batch_settings,
                                                                 prompts_file, ray_instance, tmp_path):
     expected = upload_image_set(s3_bucket, astronaut_bytes)
-    command = [sys.executable, "-m", "jobs.batch", "--input", f"s3://{s3_bucket}/faces/", "--prompts",
+    command = [sys.executable, "-m", "instantid_cli", "batch", "--input", f"s3://{s3_bucket}/faces/", "--prompts",
                str(prompts_file), "--output", f"s3://{s3_bucket}/out/", "--params", json.dumps(PARAMS),
                "--weights", str(batch_settings.sources.sdxl).removesuffix("/sdxl"), "--no-progress"]
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO)}

@@ -38,11 +38,33 @@ def test_sides_are_multiples_of_8_within_the_limits(width: int, height: int) -> 
     assert GenerateParams(prompt="x", width=64, height=2048).height == 2048
 
 
-def test_instantid_core_imports_neither_ray_nor_fastapi() -> None:
-    # A fresh interpreter imports every module of the core, then reports which frameworks came along.
-    code = ("import importlib, json, pkgutil, sys, instantid_core\n"
-            "for m in pkgutil.walk_packages(instantid_core.__path__, 'instantid_core.'):\n"
+def _imported_by(package: str, watched: set[str]) -> list[str]:
+    """Which of `watched` (top-level names) a fresh interpreter holds after importing every module of `package`."""
+    code = (f"import importlib, json, pkgutil, sys, {package}\n"
+            f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
             "    importlib.import_module(m.name)\n"
-            "print(json.dumps(sorted({n.split('.')[0] for n in sys.modules} & {'ray', 'fastapi', 'starlette'})))")
+            f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & set({sorted(watched)!r}))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_instantid_core_imports_no_framework_and_no_layer_above_it() -> None:
+    layers_above = {"instantid_app", "instantid_cli", "deployments", "jobs", "bench", "cluster"}
+    assert _imported_by("instantid_core", {"ray", "fastapi", "starlette", *layers_above}) == []
+
+
+def test_the_batch_job_and_the_shared_app_layer_import_nothing_of_the_serving_app() -> None:
+    assert _imported_by("jobs", {"deployments", "instantid_cli", "bench"}) == []
+    assert _imported_by("instantid_app", {"deployments", "jobs", "instantid_cli", "ray", "fastapi"}) == []
+
+
+def test_core_errors_carry_no_http_status_and_the_serving_table_maps_each_one() -> None:
+    import inspect
+
+    from deployments.errors import HTTP_STATUS, http_status
+    from instantid_core import errors
+
+    core = [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.InstantIDError)]
+    assert all(not hasattr(cls, "http_status") and not hasattr(cls, "status_code") for cls in core)
+    assert set(core) <= set(HTTP_STATUS), set(core) - set(HTTP_STATUS)
+    assert http_status(errors.NoFaceDetected("x")) == 422 and http_status(errors.ImageTooLarge("x")) == 413

@@ -86,7 +86,7 @@ def test_identitynet_sees_the_keypoint_image_scaled_to_unit_range(denoiser, prom
     # The reference feeds IdentityNet the keypoint image as diffusers' control images are: float RGB in [0, 1].
     request = _request(prompt_encoder, "a portrait", 3)
     samples = denoiser.expand_samples([request])
-    control = denoiser.prepare_conditioning([request], samples, KEY)["control"]  # (2B, 3, H, W): uncond, cond
+    control = denoiser.prepare_conditioning([request], samples, KEY).control  # (2B, 3, H, W): uncond, cond
     expected = torch.from_numpy(request.kps_image.astype(np.float32) / 255.0).permute(2, 0, 1)
     assert control.shape == (2, 3, HEIGHT, WIDTH)
     for half in control:

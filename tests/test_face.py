@@ -17,11 +17,12 @@ from insightface.model_zoo.scrfd import SCRFD
 from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
-from instantid_core.config import PipelineSettings
+from instantid_core.config import GenerateParams, PipelineSettings
 from instantid_core.errors import NoFaceDetected, WeightsError
 from instantid_core.face import KPS_COLORS, FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from instantid_core.images import load_image
-from instantid_core.tiny_face import DETECTOR_FILE, RECOGNISER_FILE, write_tiny_face_pack
+from instantid_core.pipeline import prepare_face
+from instantid_core.tiny.face import DETECTOR_FILE, RECOGNISER_FILE, write_tiny_face_pack
 
 TOM_HANKS = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
 # The astronaut's eyes, nose tip and mouth corners (pixels of skimage's 512x512 image, measured by eye).
@@ -162,27 +163,25 @@ def test_same_photo_same_embedding_and_different_faces_differ(analyzer: FaceAnal
     assert cosine < 0.9
 
 
-def test_analyze_many_averages_raw_embeddings_and_keeps_first_layout(analyzer: FaceAnalyzer, astronaut):
+def test_several_photos_average_raw_embeddings_and_keep_the_first_layout(analyzer: FaceAnalyzer, astronaut):
     tom = load_image(TOM_HANKS.read_bytes(), name="tom", **LIMITS)
     first, second = analyzer.analyze(astronaut), analyzer.analyze(tom)
-    both = analyzer.analyze_many([astronaut, tom])
+    params = GenerateParams(prompt="x")
+    both, alone = (prepare_face(analyzer, photos, params) for photos in ([astronaut, tom], [astronaut]))
     np.testing.assert_allclose(both.embedding, (first.embedding + second.embedding) / 2, rtol=1e-6)
-    np.testing.assert_array_equal(both.kps, first.kps)
-    np.testing.assert_array_equal(both.bbox, first.bbox)
-    assert both.image_size == first.image_size
+    np.testing.assert_array_equal(both.kps_image, alone.kps_image)
+    assert both.face_box == alone.face_box
     with pytest.raises(NoFaceDetected, match=r"face_image\[1\]: no face"):
-        analyzer.analyze_many([astronaut, Image.new("RGB", (64, 64))])
+        prepare_face(analyzer, [astronaut, Image.new("RGB", (64, 64))], params)
 
 
-def test_face_info_round_trips_through_plain_lists_and_pickle(analyzer: FaceAnalyzer, astronaut):
+def test_face_info_round_trips_through_pickle(analyzer: FaceAnalyzer, astronaut):
     face = analyzer.analyze(astronaut)
-    plain = face.to_dict()
-    assert isinstance(plain["embedding"], list) and len(plain["embedding"]) == 512
-    for copy in (FaceInfo.from_dict(plain), pickle.loads(pickle.dumps(face))):
-        np.testing.assert_array_equal(copy.embedding, face.embedding)
-        np.testing.assert_array_equal(copy.kps, face.kps)
-        np.testing.assert_array_equal(copy.bbox, face.bbox)
-        assert (copy.det_score, copy.image_size) == (face.det_score, face.image_size)
+    copy = pickle.loads(pickle.dumps(face))
+    np.testing.assert_array_equal(copy.embedding, face.embedding)
+    np.testing.assert_array_equal(copy.kps, face.kps)
+    np.testing.assert_array_equal(copy.bbox, face.bbox)
+    assert (copy.det_score, copy.image_size) == (face.det_score, face.image_size)
     with pytest.raises(ValueError, match="shape"):
         FaceInfo(np.zeros(128), face.kps, face.bbox, 0.9, (512, 512))
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-from deployments.config import SERVE_CONFIG_PATH, load_serve_config
+from instantid_app.config import SERVE_CONFIG_PATH, load_serve_config
 from k8s import render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import ray
 import yaml
 from ray import serve
 
-from deployments.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config
+from instantid_app.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config
 
 FAST = {"steps": 3, "width": 128, "height": 128}
 

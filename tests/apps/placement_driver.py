@@ -144,7 +144,7 @@ def replica_counts() -> dict[str, dict[str, int]]:
 
 
 def app_config(tiny_dir: str, output_dir: str) -> Any:
-    from deployments.config import AppConfig
+    from instantid_app.config import AppConfig
     from k8s.render import app_entry, cpu_only, render_serve_config
 
     args = app_entry(cpu_only(render_serve_config("gpu")))["args"]

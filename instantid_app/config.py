@@ -1,4 +1,5 @@
-"""AppConfig: the one pydantic model behind `serve_config.yaml`, the KubeRay manifest and `build_app`."""
+"""AppConfig: the one pydantic model behind `serve_config.yaml`, the KubeRay manifest, `build_app` and the batch
+job's `--config`, and the loader that reads it out of a Serve config file."""
 
 from __future__ import annotations
 
@@ -10,11 +11,24 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from instantid_core.config import ModelSources, PipelineSettings
 
-from .access import AccessConfig
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
 APP_NAME = "instantid"
+
+
+class AccessConfig(BaseModel):
+    """AppConfig.access: off unless a key source is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys_file: str | None = Field(None, description="YAML/JSON list of {name, key, actions} (a mounted Secret).")
+    api_keys_env: str | None = Field(None, description="Environment variable holding the same list as JSON.")
+    rate_limit_per_minute: float | None = Field(None, gt=0, description="Per key; unset: no limit.")
+    rate_limit_burst: int = Field(10, ge=1, description="Requests a key may send at once before the rate applies.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_file or self.api_keys_env)
 
 
 class AutoscalingConfig(BaseModel):

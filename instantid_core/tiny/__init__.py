@@ -23,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .tiny_face import write_tiny_face_pack
+from .face import write_tiny_face_pack
 
 TEXT_HIDDEN = 32  # each text encoder's width; UNet cross-attention dim = 2 * TEXT_HIDDEN, as in SDXL (768 + 1280)
 CROSS_ATTENTION_DIM = 2 * TEXT_HIDDEN

@@ -1,4 +1,7 @@
-"""`instantid` command line: weights (tiny | download | check) and generate.
+"""`instantid` command line: weights (tiny | download | check), generate, and batch.
+
+It sits above the core library and the batch job (both are imported, neither imports it), so `instantid_core`
+stays a plain library.
 
 Expected failures (no face, not an image, unreadable file, bad parameter, broken weights) exit with code 2 and one
 clear line on stderr; anything else is a bug and keeps its traceback.
@@ -17,8 +20,8 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
-from .errors import InstantIDError, WeightsError
+from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
+from instantid_core.errors import InstantIDError, WeightsError
 
 EXIT_USAGE = 2
 
@@ -29,7 +32,7 @@ def _weights_tiny(args: argparse.Namespace) -> None:
     if target.exists() and not target.is_dir():
         raise WeightsError(f"cannot write the tiny preset to {target}: it is a file, not a folder", field="dir")
 
-    from .tiny import write_tiny_preset
+    from instantid_core.tiny import write_tiny_preset
 
     try:
         root = write_tiny_preset(target)
@@ -39,14 +42,14 @@ def _weights_tiny(args: argparse.Namespace) -> None:
 
 
 def _weights_download(args: argparse.Namespace) -> None:
-    from .weights import download_all
+    from instantid_core.weights import download_all
 
     resolved = download_all(Path(args.dir), _sources(args))
     print(f"weights ready under {args.dir} ({resolved.downloaded_files} files downloaded)")
 
 
 def _weights_check(args: argparse.Namespace) -> None:
-    from .weights import resolve_weights
+    from instantid_core.weights import resolve_weights
 
     resolved = resolve_weights(ModelSources.from_root(_weights_root(args.dir)))
     print(f"ok: {resolved.sdxl}, {resolved.identitynet}, {resolved.adapter}, {resolved.face_pack}")
@@ -65,8 +68,8 @@ def _generate(args: argparse.Namespace) -> None:
     pose = _read_image(args.pose, settings) if args.pose else None
     sources = _sources(args)
 
-    from .pipeline import InstantIDPipeline
-    from .storage import OutputStore, encode_image
+    from instantid_core.pipeline import InstantIDPipeline
+    from instantid_core.storage import OutputStore, encode_image
 
     pipeline = InstantIDPipeline(sources, settings)
     result = pipeline.generate(faces, params, pose, face_names=list(args.face), pose_name=args.pose or "pose_image")
@@ -87,7 +90,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _read_image(path: str, settings: PipelineSettings) -> bytes:
     """The file's bytes, once they are known to decode (with the pipeline's own limits) as an image."""
-    from .images import load_image  # PIL only
+    from instantid_core.images import load_image  # PIL only
 
     try:
         data = Path(path).read_bytes()
@@ -185,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output prefix: a folder, file:// or s3:// URI")
     gen.set_defaults(func=_generate)
 
-    _add_extra_commands(commands)
+    from jobs.batch import add_batch_arguments, run_from_args
+
+    batch = commands.add_parser("batch", help="every photo x every prompt over an image set (Ray Data)")
+    add_batch_arguments(batch)
+    batch.set_defaults(func=run_from_args)
     return parser
 
 
@@ -194,15 +201,6 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
         name = dest.replace("_", "-")
         parser.add_argument(f"--{name}", dest=dest, help=f"{name} source (path, hub id, s3://)"
                             + ("; enables --scheduler lcm" if dest == "lcm_lora" else ""))
-
-
-def _add_extra_commands(commands: argparse._SubParsersAction) -> None:
-    """Commands that live outside the core library (batch job), registered only when installed."""
-    try:
-        from jobs.batch import add_batch_command
-    except ImportError:
-        return
-    add_batch_command(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,129 @@
+"""Error mapping of the HTTP API: the one table of status codes per error type, and the JSON error body.
+
+The core's errors carry a `code` and a message, never an HTTP status; the serving layer's own errors (overload,
+timeouts, access) are defined here too. Every error answers `{"error": {code, message, field}}`.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from instantid_core import errors as core
+from instantid_core.errors import InstantIDError, InvalidParameter
+
+from .schemas import ErrorBody, ErrorDetail
+
+
+class Unauthorized(InstantIDError):
+    code = "unauthorized"  # no API key, or one that matches none (answers with WWW-Authenticate: Bearer)
+
+
+class Forbidden(InstantIDError):
+    """The API key is valid but not for this action (its `actions` list leaves it out)."""
+
+    code = "forbidden"
+
+
+class RateLimited(InstantIDError):
+    """The key sent more than its per-minute rate allows; Retry-After says when its bucket holds a request again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceOverloaded(InstantIDError):
+    """A stage's queue is full, or a stage replica restarted under the request: retry after Retry-After."""
+
+    code = "overloaded"
+
+
+class StageTimeout(InstantIDError):
+    code = "stage_timeout"  # the request's stages took longer than stage_timeout_s; they are cancelled
+
+
+class InternalError(InstantIDError):
+    """A bug in a stage. The answer names the request id (the logs have the traceback), never the internals."""
+
+    code = "internal"
+
+
+class JobNotFound(InstantIDError):
+    code = "job_not_found"
+
+
+class RouteNotFound(InstantIDError):
+    """Starlette's 404 for a path no route serves, in our error format."""
+
+    code = "not_found"
+
+
+class MethodNotAllowed(InstantIDError):
+    code = "method_not_allowed"
+
+
+# The most specific class in an error's MRO decides; an InstantIDError not listed is a 400.
+HTTP_STATUS: dict[type[InstantIDError], int] = {
+    InstantIDError: 400,
+    InvalidParameter: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    core.InputNotAllowed: 403,
+    core.InputNotFound: 404,
+    JobNotFound: 404,
+    RouteNotFound: 404,
+    MethodNotAllowed: 405,
+    core.ImageTooLarge: 413,
+    core.InvalidImage: 415,
+    core.NoFaceDetected: 422,
+    RateLimited: 429,
+    InternalError: 500,
+    core.WeightsError: 500,
+    core.StorageError: 503,
+    ServiceOverloaded: 503,
+    StageTimeout: 504,
+}
+RETRYABLE = (429, 503)  # these answer with Retry-After
+
+
+def http_status(exc: InstantIDError) -> int:
+    return next(HTTP_STATUS[cls] for cls in type(exc).__mro__ if cls in HTTP_STATUS)
+
+
+def error_response(exc: InstantIDError, retry_after_s: int, status: int | None = None) -> JSONResponse:
+    status = status or http_status(exc)
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field))
+    headers = {}
+    if status in RETRYABLE:
+        headers["Retry-After"] = str(exc.retry_after_s if isinstance(exc, RateLimited) else retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers or None)
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path")) or None
+    return InvalidParameter(f"{field or 'body'}: {first['msg']}", field=field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Starlette's own 404/405 and FastAPI's parameter checks answer in the same error format as ours."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"), retry_after_s=1)
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(str(exc.detail)), retry_after_s=1)
+        return error_response(InstantIDError(str(exc.detail)), retry_after_s=1, status=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc), retry_after_s=1)

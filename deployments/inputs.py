@@ -1,0 +1,113 @@
+"""Input reading of the HTTP API: the request body (JSON or multipart, counted while it streams in) and each
+image source (base64, `s3://` in an allowed bucket, or an allowed http(s) URL), all within the configured limits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import threading
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from instantid_app.config import AppConfig
+from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
+from instantid_core.storage import fetch_url, make_s3_client, read_uri
+
+from .errors import validation_error
+from .schemas import GenerateRequest
+
+
+class InputReader:
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._s3_client: Any = None
+        self._s3_lock = threading.Lock()
+
+    async def read_image(self, source: str, field: str) -> bytes:
+        """The bytes an image field names; errors name the field."""
+        limit = self.config.max_image_bytes
+        try:
+            if source.startswith("s3://"):
+                data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets,
+                                               s3_client=self._s3(), max_bytes=limit)
+            elif source.startswith(("http://", "https://")):
+                if not self.config.allow_url_inputs:
+                    raise InputNotAllowed(f"{field}: fetching URLs is disabled on this server; send base64 or s3://")
+                data = await asyncio.to_thread(fetch_url, source, allowed_hosts=self.config.allowed_url_hosts,
+                                               max_bytes=limit)
+            else:
+                if len(source) > limit * 4 // 3 + 4:
+                    raise ImageTooLarge(f"{field}: larger than {limit} bytes")
+                try:
+                    data = base64.b64decode(source, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise InvalidParameter(f"{field}: not valid base64 (or an s3:// URI)") from exc
+        except InstantIDError as exc:
+            exc.field = field  # the request's field, whatever the reader called it
+            raise
+        if len(data) > limit:
+            raise ImageTooLarge(f"{field}: {len(data)} bytes, the limit is {limit}", field=field)
+        return data
+
+    def _s3(self) -> Any:
+        """One S3 client for input reads, made on first use (boto3 clients are thread-safe once made)."""
+        with self._s3_lock:
+            if self._s3_client is None:
+                self._s3_client = make_s3_client()
+            return self._s3_client
+
+    async def parse_request(self, request: Request) -> GenerateRequest:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
+            raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+        # Every body, JSON or multipart, chunked or not, is counted while it streams in: nothing larger than
+        # max_body_bytes is ever held in memory or spooled to disk.
+        body = await self._read_body(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return await self._parse_multipart(request, body)
+        try:
+            return GenerateRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
+
+    async def _read_body(self, request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.config.max_body_bytes:
+                raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse_multipart(self, request: Request, body: bytes) -> GenerateRequest:
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=9, max_fields=4,
+                                                               max_part_size=self.config.max_image_bytes)
+        except Exception as exc:  # starlette raises several types for a broken multipart body
+            if "maximum size" in str(exc):
+                raise ImageTooLarge(f"an uploaded part is over {self.config.max_image_bytes} bytes") from exc
+            raise InvalidParameter(f"malformed multipart body: {exc}") from exc
+        faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
+        pose = form.get("pose_image")
+        try:
+            params = json.loads(form.get("params") or "{}")
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise InvalidParameter("params: not a JSON object", field="params") from exc
+        if not isinstance(params, dict):
+            raise InvalidParameter("params: not a JSON object", field="params")
+        if not faces:
+            raise InvalidParameter("face_image: upload at least one file", field="face_image")
+        encoded = {"face_image": [base64.b64encode(f).decode() for f in faces]}
+        if pose is not None and hasattr(pose, "read"):
+            encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
+        try:
+            return GenerateRequest.model_validate({**params, **encoded})
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
