@@ -131,6 +131,16 @@ class PipelineSettings(BaseModel):
         default_factory=list, description="(width, height) pairs a GPU denoiser compiles before it reports ready."
     )
     warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1], description="Batch sizes to warm up.")
+    size_buckets: bool = Field(True, description="A request without a size gets the SDXL bucket nearest its photo's "
+                               "aspect ratio (requests share batches); false: the reference's exact rule.")
+    face_threads: int | None = Field(None, ge=1, description="onnxruntime threads per face session; unset: "
+                                     "onnxruntime's default (every core). The serving app sets its replica's CPUs.")
+    vae_tile_above_pixels: int | None = Field(
+        1536 * 1536, ge=64 * 64, description="Decode images larger than this in overlapping tiles (VAE memory "
+        "grows with the image); batches always decode one image at a time. Unset: never tile.")
+    oom_above_samples: int | None = Field(
+        None, ge=0, description="TEST ONLY: raise torch.OutOfMemoryError in the forward pass of a batch of more "
+        "samples than this (proves out-of-memory handling without a GPU).")
     styles_file: str | None = Field(None, description="A YAML file of extra prompt styles (name: {prompt, negative}, "
                                     "the shape of instantid_core/styles.yaml); same names replace built-ins.")
     styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "

@@ -384,6 +384,10 @@ class IdentityDenoiser:
         if self._mark_step:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         # Both CFG halves go through IdentityNet: running it on the conditional half only would change the image.
+        limit = self.settings.oom_above_samples
+        if limit is not None and latents.shape[0] > limit:  # test only: the real exception type, at the forward
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {latents.shape[0]} samples in the batch, "
+                                         f"oom_above_samples={limit})")
         noise = self._step(model_input, t, cond, use_cfg)
         if use_cfg:
             uncond, text = noise.chunk(2)
@@ -427,9 +431,16 @@ class IdentityDenoiser:
         return (image * 255).round().astype(np.uint8)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode: (B, 4, h, w) latents -> (B, 3, H, W) images in [-1, 1]."""
+        """VAE decode: (B, 4, h, w) latents -> (B, 3, H, W) images in [-1, 1].
+
+        One image at a time (diffusers' VAE slicing, done here): the decoder's full-resolution activations dominate
+        a batch's peak memory, and per image they do not grow with the batch. Above `vae_tile_above_pixels`,
+        diffusers' tiled decode (overlapping tiles, blended) keeps one image's memory bounded too."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(latents, return_dict=False)[0]
+        pixels = latents.shape[-1] * latents.shape[-2] * self.vae_scale_factor ** 2
+        limit = self.settings.vae_tile_above_pixels
+        decode = self.vae.tiled_decode if limit is not None and pixels > limit else self.vae.decode
+        return torch.cat([decode(sample, return_dict=False)[0] for sample in latents.split(1)])
 
     @contextlib.contextmanager
     def lora_scope(self, scheduler: Scheduler):

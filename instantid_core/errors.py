@@ -57,6 +57,14 @@ class InputNotAllowed(InstantIDError):
     code = "input_not_allowed"
 
 
+class GPUMemoryError(InstantIDError):
+    """One request does not fit in the device's free memory even alone: its batch was split and retried down to
+    it, and the others of the batch went on. The message names its size; a smaller size, fewer images or a later
+    retry fits."""
+
+    code = "gpu_memory"
+
+
 class InputNotFound(InstantIDError):
     """An input URI points to an object that does not exist."""
 

@@ -93,8 +93,12 @@ class FaceAnalyzer:
         providers = [p for p in settings.face_providers if p in available] or ["CPUExecutionProvider"]
         ctx_id = -1 if providers[0] == "CPUExecutionProvider" else 0  # insightface: ctx_id < 0 means CPU
         try:
+            options = onnxruntime.SessionOptions()
+            if settings.face_threads is not None:  # one replica's CPUs, not every core of the node
+                options.intra_op_num_threads = settings.face_threads
+                options.inter_op_num_threads = 1
             self._app = FaceAnalysis(name=str(folder), allowed_modules=["detection", "recognition"],
-                                     providers=providers)
+                                     providers=providers, sess_options=options)
             self._app.prepare(ctx_id=ctx_id, det_size=(settings.det_size, settings.det_size))
         except Exception as err:  # insightface asserts, onnxruntime raises its own types
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

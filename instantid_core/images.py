@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -163,3 +164,28 @@ def resize_like_reference(width: int, height: int) -> tuple[int, int]:
     ratio = REFERENCE_MAX_SIDE / max(w, h)
     m = REFERENCE_MULTIPLE
     return max(m, round(ratio * w) // m * m), max(m, round(ratio * h) // m * m)
+
+
+# Aspect ratios of the default output sizes (landscape; each also portrait). A request without a size gets the
+# bucket nearest its photo's aspect ratio, sized by the reference's rule: so requests from different photos share
+# a size, and with it a denoiser batch, where the exact rule gives nearly every photo its own size.
+BUCKET_RATIOS = ((1, 1), (5, 4), (4, 3), (3, 2), (16, 9), (2, 1))
+
+
+def size_buckets() -> list[tuple[int, int]]:
+    """The default output sizes: the reference's rule applied to each bucket ratio, landscape and portrait
+    (1280x1280, 1280x1024, 1280x960, 1280x832, 1280x704, 1280x640 and their transposes)."""
+    sizes = []
+    for w, h in BUCKET_RATIOS:
+        for size in (resize_like_reference(w * 1000, h * 1000), resize_like_reference(h * 1000, w * 1000)):
+            if size not in sizes:
+                sizes.append(size)
+    return sizes
+
+
+def bucket_size(width: int, height: int) -> tuple[int, int]:
+    """The default output size of a photo: the bucket whose aspect ratio is nearest (in log ratio) to the photo's."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    ratio = math.log(width / height)
+    return min(size_buckets(), key=lambda size: abs(math.log(size[0] / size[1]) - ratio))

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -20,7 +22,7 @@ from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from .errors import InvalidParameter
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
-from .images import load_image, resize_like_reference
+from .images import bucket_size, load_image, resize_like_reference
 from .text import PromptEmbeds, PromptEncoder
 from .weights import ResolvedWeights, resolve_weights
 
@@ -37,55 +39,90 @@ class FaceCondition:
     det_score: float
 
 
+class FaceCache(Protocol):
+    """Where `face_condition` keeps analyses: (sha256 of the photo's bytes, face index) -> FaceInfo."""
+
+    def get(self, key: tuple[str, int | None]) -> FaceInfo | None: ...
+
+    def __setitem__(self, key: tuple[str, int | None], value: FaceInfo) -> None: ...
+
+
 def draw_seed() -> int:
     """A fresh seed for a request that gave none; reported back so the image can be reproduced."""
     return secrets.randbits(62)
 
 
-def output_size(params: GenerateParams, photo_size: tuple[int, int]) -> tuple[int, int]:
-    """The requested size (validated by GenerateParams), or the reference rule applied to the pose/face photo."""
+def output_size(params: GenerateParams, photo_size: tuple[int, int], buckets: bool = True) -> tuple[int, int]:
+    """The requested size (validated by GenerateParams); else, from the pose/face photo, the SDXL bucket of the
+    nearest aspect ratio (`buckets`, so that requests without a size can share a batch) or the reference's exact
+    rule."""
     if params.width is not None and params.height is not None:
         return params.width, params.height
-    return resize_like_reference(*photo_size)
+    return bucket_size(*photo_size) if buckets else resize_like_reference(*photo_size)
 
 
 def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params: GenerateParams,
                  pose_photo: Image.Image | None = None, names: list[str] | None = None,
-                 pose_name: str = "pose_image") -> FaceCondition:
+                 pose_name: str = "pose_image", *, buckets: bool = True) -> FaceCondition:
     """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo.
 
     `names` and `pose_name` are what the caller calls these inputs (API fields, file paths); errors name them."""
     if not face_photos:
         raise InvalidParameter("at least one face image is required", field="face_image")
     names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
-    faces: list[FaceInfo] = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
-                             for i, (photo, name) in enumerate(zip(face_photos, names, strict=True))]
+    faces = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
+             for i, (photo, name) in enumerate(zip(face_photos, names, strict=True))]
+    pose = analyzer.analyze(pose_photo, name=pose_name) if pose_photo is not None else None
+    return condition_from_faces(faces, params, pose, buckets=buckets)
+
+
+def condition_from_faces(faces: list[FaceInfo], params: GenerateParams, pose: FaceInfo | None = None, *,
+                         buckets: bool = True) -> FaceCondition:
+    """The denoiser's face input from face analyses alone: the mean embedding of `faces`, the keypoint image and
+    face box of `pose` (or the first face) mapped to the output size (each FaceInfo knows its photo's size)."""
     embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
-    layout_photo, layout_face = face_photos[0], faces[0]
-    if pose_photo is not None:
-        layout_photo, layout_face = pose_photo, analyzer.analyze(pose_photo, name=pose_name)
-    width, height = output_size(params, layout_photo.size)
-    kps = map_kps_to_output(layout_face.kps, layout_photo.size, (width, height))
-    x1, y1, x2, y2 = layout_face.bbox
-    corners = map_kps_to_output(np.array([[x1, y1], [x2, y2]], np.float32), layout_photo.size, (width, height))
+    layout = pose if pose is not None else faces[0]
+    width, height = output_size(params, layout.image_size, buckets)
+    kps = map_kps_to_output(layout.kps, layout.image_size, (width, height))
+    x1, y1, x2, y2 = layout.bbox
+    corners = map_kps_to_output(np.array([[x1, y1], [x2, y2]], np.float32), layout.image_size, (width, height))
     box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
     kps_image = np.asarray(draw_kps((width, height), kps), dtype=np.uint8)
-    return FaceCondition(embedding, kps_image, box, width, height, float(layout_face.det_score))
+    return FaceCondition(embedding, kps_image, box, width, height, float(layout.det_score))
 
 
 def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: GenerateParams,
                    settings: PipelineSettings, pose_image: bytes | None = None, *, names: list[str] | None = None,
-                   pose_name: str = "pose_image") -> FaceCondition:
-    """Photo bytes -> FaceCondition: decode each photo within the settings' limits, then `prepare_face`. The one
-    path from uploaded photos to the denoiser's face input (pipeline, FaceAnalysis deployment, batch job)."""
+                   pose_name: str = "pose_image",
+                   cache: FaceCache | None = None) -> FaceCondition:
+    """Photo bytes -> FaceCondition: each photo decoded within the settings' limits and analysed (or its analysis
+    taken from `cache`, keyed by the bytes' sha256 and the face index), then `condition_from_faces`. The one path
+    from uploaded photos to the denoiser's face input (pipeline, FaceAnalysis deployment, batch job).
+
+    The cache holds analyses (a few KB each), not keypoint images: one photo serves every output size."""
+    if not face_images:
+        raise InvalidParameter("at least one face image is required", field="face_image")
     names = names or [f"face_image[{i}]" for i in range(len(face_images))]
 
-    def load(data: bytes, name: str) -> Image.Image:
-        return load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
-
-    photos = [load(data, name) for data, name in zip(face_images, names, strict=True)]
-    pose = load(pose_image, pose_name) if pose_image is not None else None
-    return prepare_face(analyzer, photos, params, pose, names, pose_name)
+    wanted = [(data, name, params.face_index if i == 0 else None)
+              for i, (data, name) in enumerate(zip(face_images, names, strict=True))]
+    if pose_image is not None:
+        wanted.append((pose_image, pose_name, None))
+    keys = [(hashlib.sha256(data).hexdigest(), face_index) for data, _, face_index in wanted]
+    known = {key: cache.get(key) for key in keys} if cache is not None else {}
+    # Every photo not analysed before is decoded first: a broken file is reported before any analysis runs.
+    photos = {key: load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+              for key, (data, name, _) in zip(keys, wanted, strict=True) if known.get(key) is None}
+    analyses = []
+    for key, (_, name, face_index) in zip(keys, wanted, strict=True):
+        face = known.get(key)
+        if face is None:
+            face = known[key] = analyzer.analyze(photos[key], face_index=face_index, name=name)
+            if cache is not None:
+                cache[key] = face
+        analyses.append(face)
+    faces, pose = (analyses[:-1], analyses[-1]) if pose_image is not None else (analyses, None)
+    return condition_from_faces(faces, params, pose, buckets=settings.size_buckets)
 
 
 def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
