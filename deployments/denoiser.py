@@ -1,12 +1,25 @@
-"""Denoiser deployment: collects requests from different callers with `@serve.batch` and runs those that share
-size, steps and scheduler as one IdentityDenoiser batch. Returns uint8 images only."""
+"""Denoiser deployment: collects requests from different callers with `@serve.batch` and runs those that share a
+batch key as one IdentityDenoiser batch. Returns uint8 images only.
+
+The batch key (`instantid_core.denoise.BatchKey`) is what requests must share to run in one forward pass:
+output width and height, steps and scheduler. Everything else (prompt, seed, guidance, strengths, number of
+images, face region) is per sample. A request without a size gets the SDXL bucket nearest its photo's aspect
+ratio (`PipelineSettings.size_buckets`), so requests from different photos can share a key.
+
+Under GPU pressure: a batch that runs out of device memory is split and its halves retried, down to one request;
+one that does not fit alone answers `gpu_memory` (503, Retry-After), the others of its batch still get images.
+A request whose caller went away (client disconnect, or the ingress's 504) leaves its batch at the next
+denoising step, through the denoiser's `on_step` hook; when none is left the forward pass stops.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,9 +30,12 @@ from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from instantid_core.errors import InstantIDError
+from instantid_core.memory import run_splitting
 from instantid_core.pipeline import denoise_request
 
 from .schemas import DenoiseResult, FaceResult, PromptResult
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -27,10 +43,15 @@ class _Item:
     request: DenoiseRequest
     key: BatchKey
     enqueued: float
+    abandoned: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
 
 
 def _images_in(items: list[_Item]) -> int:
     return sum(item.request.num_images for item in items)
+
+
+def _size(item: _Item) -> str:
+    return f"{item.key.width}x{item.key.height} with {item.request.num_images} image(s)"
 
 
 class Denoiser:
@@ -46,11 +67,17 @@ class Denoiser:
                                        self.config.pipeline.default_scheduler)
         self.denoiser.check_inputs([request], key)  # a bad request fails alone, never its batch
         item = _Item(request, key, time.perf_counter())
-        if request.num_images > self.config.max_batch_size:
-            # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
-            (result,) = await self._run_group([item])
-        else:
-            result = await self._run_batch(item)
+        try:
+            if request.num_images > self.config.max_batch_size:
+                # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
+                (result,) = await self._run_group([item])
+            else:
+                result = await self._run_batch(item)
+        except asyncio.CancelledError:
+            # The caller went away (Serve cancels this call when the client disconnects or the ingress gives up):
+            # the running batch drops this request's samples at its next step.
+            item.abandoned.set()
+            raise
         if isinstance(result, Exception):
             raise result
         images, batch_size, queue_s, denoise_s = result
@@ -70,18 +97,34 @@ class Denoiser:
         return results
 
     async def _run_group(self, items: list[_Item]) -> list[Any]:
-        """One IdentityDenoiser call for items that share a BatchKey: per item, (images, batch images, queue s,
-        denoise s) or the typed error that item gets."""
+        """IdentityDenoiser calls for items that share a BatchKey (one, or more when out of memory splits it): per
+        item, (images, batch images, queue s, denoise s) or the typed error that item gets."""
         started = time.perf_counter()
-        requests = [item.request for item in items]
+        key = items[0].key
+        by_request = {id(item.request): item for item in items}
+
+        def run(requests: list[DenoiseRequest], on_step) -> list[Any]:
+            return self.denoiser(requests, key, on_step)
+
+        def still_wanted(step: int, steps: int) -> list[bool]:
+            return [not item.abandoned.is_set() for item in items]
+
+        def attempt() -> list[Any]:
+            return run_splitting(run, [item.request for item in items],
+                                 lambda request: _size(by_request[id(request)]), self.denoiser.device,
+                                 on_step=still_wanted)
+
         try:
             # The forward pass blocks; a thread keeps the replica's event loop (health, new requests) alive.
-            outputs = await asyncio.to_thread(self.denoiser, requests, items[0].key)
+            outputs = await asyncio.to_thread(attempt)
         except InstantIDError as exc:
             outputs = [exc] * len(items)
         elapsed = time.perf_counter() - started
-        batch_images = sum(request.num_images for request in requests)
-        return [output if isinstance(output, Exception) else (
+        if any(output is None for output in outputs):
+            logger.info("%d of %d requests left their batch (%s): their callers went away",
+                        sum(output is None for output in outputs), len(items), _size(items[0]))
+        batch_images = sum(item.request.num_images for item in items)
+        return [output if output is None or isinstance(output, Exception) else (
             np.ascontiguousarray(output), batch_images, started - item.enqueued, elapsed)
             for item, output in zip(items, outputs, strict=True)]
 

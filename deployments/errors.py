@@ -6,6 +6,9 @@ timeouts, access) are defined here too. Every error answers `{"error": {code, me
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,7 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from instantid_core import errors as core
 from instantid_core.errors import InstantIDError, InvalidParameter
 
+from . import metrics
 from .schemas import ErrorBody, ErrorDetail
+
+logger = logging.getLogger("ray.serve")
 
 
 class Unauthorized(InstantIDError):
@@ -86,6 +92,7 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     InternalError: 500,
     core.WeightsError: 500,
     core.StorageError: 503,
+    core.GPUMemoryError: 503,  # the size that does not fit is named; Retry-After: memory frees as batches end
     ServiceOverloaded: 503,
     StageTimeout: 504,
 }
@@ -107,6 +114,15 @@ def error_response(exc: InstantIDError, retry_after_s: int, status: int | None =
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers or None)
 
 
+def internal_error_response(request_id: str, route: str, exc: BaseException) -> JSONResponse:
+    """An unexpected exception: logged with its traceback, counted as `internal`, answered as a JSON 500 that
+    names the request id (what an operator greps the logs for), never a plain-text page or the internals."""
+    logger.error("request %s: unexpected error in %s", request_id, route, exc_info=exc)
+    metrics.observe_error("internal")
+    return error_response(InternalError(f"internal error in request {request_id}; it has been logged"),
+                          retry_after_s=1)
+
+
 def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path")) or None
@@ -123,6 +139,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             return error_response(MethodNotAllowed(str(exc.detail)), retry_after_s=1)
         return error_response(InstantIDError(str(exc.detail)), retry_after_s=1, status=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Routes outside the ingress's own error handling (health, readiness, docs) answer in JSON too.
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        return internal_error_response(request_id, request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _parameter_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,47 +1,71 @@
-"""FaceAnalysis deployment: image bytes -> FaceCondition (embedding, keypoint image, face box, output size)."""
+"""FaceAnalysis deployment: image bytes -> FaceCondition (embedding, keypoint image, face box, output size).
+
+Its cache holds face analyses (embedding, keypoints, box: a few KB), keyed by each photo's sha256 and the face
+index, bounded in bytes: the keypoint image is drawn per request (milliseconds), so one cached photo serves every
+output size. Hashing, decoding and analysis run in a worker thread, never on the replica's event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import math
 import time
 from typing import Any
 
-from instantid_app.cache import LRUCache
+from instantid_app.cache import LRUCache, nbytes
 from instantid_app.config import AppConfig
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
-from instantid_core.face import FaceAnalyzer
-from instantid_core.pipeline import FaceCondition, face_condition
+from instantid_core.face import FaceAnalyzer, FaceInfo
+from instantid_core.pipeline import face_condition
 
 from .schemas import FaceResult
+
+
+def replica_cpus(default: int = 1) -> int:
+    """The CPUs Ray assigned to this replica (its `num_cpus`, rounded up), so onnxruntime's thread pool matches
+    the replica's share instead of every core of the node."""
+    import ray
+
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not inside a Ray worker (a plain Python caller)
+        return default
+    return max(1, math.ceil(assigned)) if assigned else default
+
+
+class _Lookups:
+    """One request's view of the shared cache: counts its own misses (cache_hit = every photo was known)."""
+
+    def __init__(self, cache: LRUCache[FaceInfo]) -> None:
+        self.cache, self.misses = cache, 0
+
+    def get(self, key: tuple[str, int | None]) -> FaceInfo | None:
+        found = self.cache.get(key)
+        self.misses += found is None
+        return found
+
+    def __setitem__(self, key: tuple[str, int | None], value: FaceInfo) -> None:
+        self.cache.put(key, value)
 
 
 class FaceAnalysis:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        self.analyzer = FaceAnalyzer(resolve_app_weights(self.config).face_pack, self.config.pipeline)
-        self.cache: LRUCache[FaceCondition] = LRUCache(self.config.face_cache_size)
+        settings = self.config.pipeline
+        if settings.face_threads is None:
+            settings = settings.model_copy(update={"face_threads": replica_cpus()})
+        self.settings = settings
+        self.analyzer = FaceAnalyzer(resolve_app_weights(self.config).face_pack, settings)
+        self.cache: LRUCache[FaceInfo] = LRUCache(self.config.face_cache_bytes, sizeof=nbytes)
 
     async def analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> FaceResult:
         start = time.perf_counter()
-        key = self._cache_key(face_images, pose_image, params)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return FaceResult(cached, time.perf_counter() - start, cache_hit=True)
+        lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.
-        condition = await asyncio.to_thread(self._analyze, face_images, pose_image, params)
-        self.cache.put(key, condition)
-        return FaceResult(condition, time.perf_counter() - start, cache_hit=False)
-
-    def _analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> FaceCondition:
-        return face_condition(self.analyzer, face_images, params, self.config.pipeline, pose_image)
-
-    @staticmethod
-    def _cache_key(face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> tuple:
-        digests = tuple(hashlib.sha256(data).hexdigest() for data in face_images)
-        pose = hashlib.sha256(pose_image).hexdigest() if pose_image is not None else None
-        return digests, pose, params.face_index, params.width, params.height
+        condition = await asyncio.to_thread(face_condition, self.analyzer, face_images, params, self.settings,
+                                            pose_image, cache=lookups)
+        return FaceResult(condition, time.perf_counter() - start, cache_hit=lookups.misses == 0)
 
     async def check_health(self) -> None:
         """One detector forward pass on a small blank image."""

@@ -39,6 +39,7 @@ from .errors import (
     error_response,
     http_status,
     install_error_handlers,
+    internal_error_response,
 )
 from .inputs import InputReader
 from .schemas import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, JobStatus
@@ -142,8 +143,14 @@ class Ingress:
             response: GenerateResponse = await asyncio.wait_for(written, timeout=self.config.stage_timeout_s)
         except InstantIDError:
             raise
+        except asyncio.CancelledError:
+            # The caller went away (HTTP client disconnected, or a handle caller cancelled): every stage still
+            # running for it stops (the Denoiser drops its samples at the next step) and the writer never starts.
+            for stage in (face, prompt, images, written):
+                stage.cancel()
+            raise
         except asyncio.TimeoutError as exc:
-            for stage in (face, prompt, images):  # nobody waits for them any more: free the replicas
+            for stage in (face, prompt, images, written):  # nobody waits for them any more: free the replicas
                 stage.cancel()
             raise StageTimeout(f"the request took longer than {self.config.stage_timeout_s:.0f}s; retry later or "
                                "ask for fewer steps/images") from exc
@@ -164,7 +171,8 @@ class Ingress:
     async def http_generate(self, request: Request, inline: bool = False) -> Response:
         """Generate images: a JSON body (images as base64 or s3:// URIs) or a multipart upload."""
         async def run() -> Response:
-            result = await self.generate(await self.inputs.parse_request(request), inline=inline)
+            result = await self.generate(await self.inputs.parse_request(request), inline=inline,
+                                         request_id=request.state.request_id)
             return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "generate", run, action="generate")
@@ -232,6 +240,7 @@ class Ingress:
     # --- helpers ----------------------------------------------------------------------------------------------------
     async def _http(self, request: Request, route: str, run, action: Action) -> Response:
         started = time.perf_counter()
+        request.state.request_id = request_id = uuid.uuid4().hex
         try:
             self.access.check(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
             response = await run()
@@ -239,6 +248,8 @@ class Ingress:
             if http_status(exc) >= 500 and http_status(exc) not in (503, 504):
                 logger.error("route %s: %s", route, exc.message)
             response = error_response(exc, self.config.retry_after_s)
+        except Exception as exc:  # a bug: a JSON 500 naming the request, the traceback in the log, counted
+            response = internal_error_response(request_id, route, exc)
         metrics.observe_http(route, response.status_code, time.perf_counter() - started)
         return response
 

@@ -19,7 +19,7 @@ class PromptEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         self.encoder = PromptEncoder(resolve_app_weights(self.config).sdxl, self.config.pipeline)
-        self.cache: LRUCache[PromptEmbeds] = LRUCache(self.config.prompt_cache_size)
+        self.cache: LRUCache[PromptEmbeds] = LRUCache(self.config.prompt_cache_bytes)
 
     async def encode(self, prompt: str, negative_prompt: str, style: Style) -> PromptResult:
         start = time.perf_counter()

@@ -101,8 +101,10 @@ class AppConfig(BaseModel):
     inline_max_pixels: int = Field(1024 * 1024, description="?inline=true returns images up to this many pixels.")
     max_batch_size: int = Field(4, ge=1, description="Denoiser: most images per GPU batch.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="Denoiser: how long a batch waits to fill.")
-    face_cache_size: int = Field(256, ge=0)
-    prompt_cache_size: int = Field(512, ge=0)
+    face_cache_bytes: int = Field(16 * 2**20, ge=0, description="FaceAnalysis: bytes of face analyses kept "
+                                  "(about 2.2 KB each; 0: no cache).")
+    prompt_cache_bytes: int = Field(256 * 2**20, ge=0, description="PromptEncoder: bytes of prompt embeddings kept "
+                                    "(about 1.3 MB each with SDXL; 0: no cache).")
     retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
     job_lease_s: float = Field(30.0, gt=0, description="A queued/running job not renewed for this long is resumed "
                                "by the replica that answers its next poll.")

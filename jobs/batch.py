@@ -13,6 +13,7 @@ sidecars already written) and skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import pickle
@@ -130,7 +131,7 @@ class FaceStage:
         self.analyzer = FaceAnalyzer(_resolve(settings).face_pack, settings.pipeline)
         self.params = params
         self.store = OutputStore("file:///")
-        self.cache = LRUCache(64)
+        self.cache = LRUCache(64 * 2**20)  # pickled FaceConditions (keypoint image included), by bytes
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from instantid_core.pipeline import face_condition
@@ -168,9 +169,13 @@ class DenoiseStage:
         self.denoiser = IdentityDenoiser.from_weights(_resolve(settings), settings.pipeline)
         self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
 
+    def _denoise(self, key: Any, requests: list, on_step: Any) -> list:
+        return self.denoiser(requests, key, on_step)
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from collections import defaultdict
 
+        from instantid_core.memory import run_splitting
         from instantid_core.pipeline import denoise_request
 
         rows = len(batch["image"])
@@ -187,14 +192,23 @@ class DenoiseStage:
             groups[key].append((i, request))
         for key, members in groups.items():  # rows sharing size/steps/scheduler run as one GPU batch
             try:
-                outputs = self.denoiser([request for _, request in members], key)
-                for (i, _), output in zip(members, outputs, strict=False):
-                    images[i] = pickle.dumps(output)
+                # Out of device memory: the rows are retried in halves; a row that does not fit alone is an error.
+                outputs = run_splitting(functools.partial(self._denoise, key), [request for _, request in members],
+                                        functools.partial(_size, key), self.denoiser.device)
+                for (i, _), output in zip(members, outputs, strict=True):
+                    if isinstance(output, Exception):
+                        status[i], message[i] = "error", f"{type(output).__name__}: {output}"
+                    else:
+                        images[i] = pickle.dumps(output)
             except Exception as exc:  # recorded per row; the job goes on
                 for i, _ in members:
                     status[i], message[i] = "error", f"{type(exc).__name__}: {exc}"
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
                 "images": images}
+
+
+def _size(key: Any, request: Any) -> str:
+    return f"{key.width}x{key.height} with {request.num_images} image(s)"
 
 
 class WriteStage:
