@@ -23,6 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .extensions import write_tiny_extensions
 from .face import write_tiny_face_pack
 
 TEXT_HIDDEN = 32  # each text encoder's width; UNet cross-attention dim = 2 * TEXT_HIDDEN, as in SDXL (768 + 1280)
@@ -179,6 +180,7 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
     torch.save(adapter, root / "InstantID" / "ip-adapter.bin")
 
     write_tiny_face_pack(root / "antelopev2")
+    write_tiny_extensions(root, unet, seed=seed)  # LoRAs, extra ControlNets, depth estimator
     return root
 
 
