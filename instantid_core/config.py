@@ -19,6 +19,8 @@ LCM_GUIDANCE = 1.5
 MIN_SIDE = 64
 MAX_SIDE = 2048
 LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
+LORAS_DIR, CONTROLNETS_DIR, DEPTH_ESTIMATOR_DIR = "loras", "controlnets", "depth-estimator"  # extensions, same root
+DEFAULT_CONTROLS = ("canny", "depth")
 
 
 class Scheduler(str, Enum):
@@ -71,6 +73,65 @@ class Style(str, Enum):
     line_art = "Line art"
 
 
+# --- extensions: per-request LoRAs and extra ControlNets (logic in `loras` and `controls`) ------------------------
+MAX_LORAS_PER_REQUEST = 3
+MAX_CONTROLS_PER_REQUEST = 3
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class LoraWeight(BaseModel):
+    """One LoRA a request asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=LORA_NAME_PATTERN, description="A LoRA registered on the server (`loras:`).")
+    scale: float = Field(1.0, ge=-2.0, le=2.0, description="Adapter scale; 0 is exactly no LoRA.")
+
+
+class LoraEntry(BaseModel):
+    """A LoRA registry entry: where the file is, and optionally the sampling preset it was trained for (few-step
+    LoRAs: LCM, SDXL-Lightning, Hyper-SD, TCD), used for the fields a request leaves unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(..., description="A .safetensors file, a folder or s3:// prefix (each .safetensors file "
+                        "in it becomes a name: its stem), or a hub id `org/repo[/file.safetensors][@rev]`.")
+    scheduler: Scheduler | None = None
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance: float | None = Field(None, ge=0.0, le=20.0)
+
+    def preset(self) -> dict:
+        return {k: v for k, v in (("scheduler", self.scheduler), ("steps", self.steps),
+                                  ("guidance", self.guidance)) if v is not None}
+
+
+class ControlType(str, Enum):
+    canny = "canny"
+    depth = "depth"
+    pose = "pose"
+
+
+class ControlParams(BaseModel):
+    """One extra ControlNet a request asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: ControlType
+    strength: float = Field(0.5, ge=0.0, le=2.0, description="Residual scale; 0 is exactly without it.")
+    image: str | None = Field(None, description="Base64 image or s3:// URI: the canny/depth input (default: the "
+                              "pose photo, else the face photo); for pose, the pose map itself (required).")
+
+
+def _unique(values: list, what: str, limit: int, key) -> list:
+    if len(values) > limit:
+        raise ValueError(f"at most {limit} {what}s per request, got {len(values)}")
+    keys = [key(v) for v in values]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{what} {twice[0]!r} given twice")
+    return values
+
+
 class ModelSources(BaseModel):
     """Where each part of the weights lives: a local folder, a Hugging Face repo id
     (optionally `repo@revision`), or an `s3://bucket/prefix`."""
@@ -88,6 +149,12 @@ class ModelSources(BaseModel):
     face_pack: str = Field("DIAMONIKAKA/antelopev2", description="antelopev2 ONNX pack (SCRFD + ArcFace).")
     lcm_lora: str | None = Field(None, description="Optional LCM-LoRA for SDXL (enables the `lcm` scheduler).")
     cache_dir: str | None = Field(None, description="Where s3:// sources are cached; default ~/.cache/instantid.")
+    loras: dict[str, str | LoraEntry] = Field(default_factory=dict, description="LoRA registry: name -> source "
+                                              "(file, folder, s3:// prefix or hub id) or {source, preset}.")
+    controlnets: dict[ControlType, str] = Field(default_factory=dict, description="Extra ControlNets by type "
+                                                "(canny, depth, pose): diffusers ControlNetModel folders.")
+    depth_estimator: str | None = Field(None, description="A transformers depth-estimation model (the `depth` "
+                                        "control's input), e.g. a Depth Anything folder or hub id.")
 
     @classmethod
     def from_root(cls, root: str, **overrides: str) -> ModelSources:
@@ -95,7 +162,9 @@ class ModelSources(BaseModel):
         `lcm-lora-sdxl/` when a local root has one); `overrides` replace single parts."""
         root = root.rstrip("/")
         lcm = f"{root}/{LCM_LORA_DIR}"
+        local = "://" not in root
         return cls(**{
+            **(extension_sources(root) if local else {}),
             "sdxl": f"{root}/sdxl",
             "identitynet": f"{root}/InstantID/ControlNetModel",
             "adapter": f"{root}/InstantID/ip-adapter.bin",
@@ -103,6 +172,22 @@ class ModelSources(BaseModel):
             "lcm_lora": lcm if "://" not in root and Path(lcm).is_dir() else None,
             **overrides,
         })
+
+
+def extension_sources(root: str) -> dict:
+    """The LoRAs, extra ControlNets and depth estimator a local root holds (the tiny preset writes them):
+    `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`. `pose` is left
+    out: the issue's default offer is tiny-style, canny and depth; a config adds pose by naming its folder."""
+    out: dict = {}
+    if Path(f"{root}/{LORAS_DIR}").is_dir():
+        out["loras"] = {Path(root).name or "root": f"{root}/{LORAS_DIR}"}
+    controlnets = {kind: f"{root}/{CONTROLNETS_DIR}/{kind}" for kind in DEFAULT_CONTROLS
+                   if Path(f"{root}/{CONTROLNETS_DIR}/{kind}").is_dir()}
+    if controlnets:
+        out["controlnets"] = controlnets
+    if Path(f"{root}/{DEPTH_ESTIMATOR_DIR}").is_dir():
+        out["depth_estimator"] = f"{root}/{DEPTH_ESTIMATOR_DIR}"
+    return out
 
 
 class PipelineSettings(BaseModel):
@@ -145,6 +230,7 @@ class PipelineSettings(BaseModel):
                                     "the shape of instantid_core/styles.yaml); same names replace built-ins.")
     styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "
                                            "win over styles_file and the built-ins.")
+    max_loaded_loras: int = Field(8, ge=3, le=256, description="LoRA adapters kept loaded per denoiser (LRU).")
 
 
 class GenerateParams(BaseModel):
@@ -172,6 +258,20 @@ class GenerateParams(BaseModel):
     enhance_face_region: bool = Field(True, description="Limit IdentityNet and the face tokens to the face box "
                                       "(region control, the demo's default).")
     face_index: int | None = Field(None, ge=0, le=63, description="Which face to use; default the largest.")
+    loras: list[LoraWeight] = Field(default_factory=list, description=f"Up to {MAX_LORAS_PER_REQUEST} registered "
+                                    "LoRAs with their scales, active for this request only.")
+    controls: list[ControlParams] = Field(default_factory=list, description="Extra ControlNets (canny, depth, "
+                                          "pose) beside IdentityNet, each with its strength.")
+
+    @field_validator("loras")
+    @classmethod
+    def _few_distinct_loras(cls, value: list[LoraWeight]) -> list[LoraWeight]:
+        return _unique(value, "LoRA", MAX_LORAS_PER_REQUEST, lambda lora: lora.name)
+
+    @field_validator("controls")
+    @classmethod
+    def _few_distinct_controls(cls, value: list[ControlParams]) -> list[ControlParams]:
+        return _unique(value, "control", MAX_CONTROLS_PER_REQUEST, lambda control: control.type.value)
 
     @field_validator("width", "height")
     @classmethod
