@@ -68,6 +68,9 @@ FETCH_PATTERNS: dict[str, list[str]] = {
     "adapter": [ADAPTER_FILE],
     "face_pack": [*FACE_MODELS, *(f"*/{name}" for name in FACE_MODELS)],  # `*` also matches a nested antelopev2/
     "lcm_lora": ["*.safetensors"],
+    "loras": ["*.safetensors"],
+    "controlnets": ["config.json", *_without_fp16(_UNET_WEIGHTS)],
+    "depth_estimator": ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"],
 }
 # Small parts first: a broken adapter or face pack fails before a 14 GB SDXL download starts.
 _PART_ORDER = ("adapter", "face_pack", "identitynet", "lcm_lora", "sdxl")
@@ -82,6 +85,10 @@ class ResolvedWeights:
     adapter: Path  # the ip-adapter.bin file
     face_pack: Path  # the folder that holds the ONNX files (a nested antelopev2/ already followed)
     lcm_lora: Path | None = None
+    loras: dict[str, Path] = field(default_factory=dict)  # LoRA name -> .safetensors file (folders expanded)
+    lora_presets: dict[str, dict] = field(default_factory=dict)  # LoRA name -> {scheduler, steps, guidance}
+    controlnets: dict[str, Path] = field(default_factory=dict)  # control type -> ControlNet folder
+    depth_estimator: Path | None = None
     revisions: dict[str, str] = field(default_factory=dict)  # part -> commit sha | "etag:<digest>" | "local"
     downloaded_files: int = 0
 
@@ -314,7 +321,58 @@ def resolve_weights(
             paths[part] = _CHECKS[part](path)
         except WeightsError as err:
             raise WeightsError(f"{err.message} (source: {source})", field=part) from err
-    return ResolvedWeights(**paths, revisions=revisions, downloaded_files=downloaded)  # type: ignore[arg-type]
+    extensions = resolve_extensions(sources, offline=offline, cache_root=cache_root, client=s3_client)
+    return ResolvedWeights(**paths, **extensions, revisions=revisions,  # type: ignore[arg-type]
+                           downloaded_files=downloaded)
+
+
+def resolve_extensions(sources: ModelSources, *, offline: bool | None, cache_root: Path,
+                       client: Any) -> dict[str, Any]:
+    """Fetch and check the LoRA registry, the extra ControlNets and the depth estimator (the same fetchers as
+    every part). A LoRA folder or prefix gives one name per .safetensors file in it (its stem)."""
+    from instantid_core.config import LoraEntry
+
+    if client is None and any(str(v).startswith("s3://") for v in _extension_sources(sources)):
+        from instantid_core.storage import make_s3_client
+
+        client = make_s3_client()
+    loras: dict[str, Path] = {}
+    presets: dict[str, dict] = {}
+    for key, value in sources.loras.items():
+        entry = value if isinstance(value, LoraEntry) else LoraEntry(source=value)
+        path, _, _ = _fetch("loras", entry.source, offline=offline, cache_root=cache_root, client=client)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            raise WeightsError(f"loras.{key}: no .safetensors file at {path} (source: {entry.source})",
+                               field=f"loras.{key}")
+        for file in files:
+            name = key if path.is_file() else file.stem
+            _check_safetensors(f"loras.{key}", file)
+            if name in loras and loras[name] != file:
+                raise WeightsError(f"loras.{key}: the name {name!r} is also given by {loras[name]}",
+                                   field=f"loras.{key}")
+            loras[name], presets[name] = file, entry.preset()
+    controlnets = {}
+    for kind, source in sources.controlnets.items():
+        kind = getattr(kind, "value", kind)
+        path, _, _ = _fetch("controlnets", source, offline=offline, cache_root=cache_root, client=client)
+        try:
+            controlnets[kind] = check_identitynet(path)
+        except WeightsError as err:
+            raise WeightsError(err.message.replace("identitynet", f"controlnets.{kind}", 1) + f" (source: {source})",
+                               field=f"controlnets.{kind}") from err
+    depth = None
+    if sources.depth_estimator:
+        depth, _, _ = _fetch("depth_estimator", sources.depth_estimator, offline=offline, cache_root=cache_root,
+                             client=client)
+        _need_dir("depth_estimator", depth)
+        _check_json("depth_estimator", _need_file("depth_estimator", depth, "config.json"))
+    return {"loras": loras, "lora_presets": presets, "controlnets": controlnets, "depth_estimator": depth}
+
+
+def _extension_sources(sources: ModelSources) -> list[str]:
+    out = [v if isinstance(v, str) else v.source for v in sources.loras.values()]
+    return [*out, *sources.controlnets.values(), *([sources.depth_estimator] if sources.depth_estimator else [])]
 
 
 def download_all(
