@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,7 +40,9 @@ from PIL import Image
 from . import accel as acc
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
+from .controls import ControlMap, ExtraControlNets
 from .errors import InvalidParameter, WeightsError
+from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
 from .text import PromptEmbeds
 from .weights import ResolvedWeights
@@ -78,6 +80,7 @@ class DenoiseRequest:
     identitynet_strength: float = 0.8
     adapter_strength: float = 0.8
     face_box: tuple[float, float, float, float] | None = None  # output pixels; region control (`regions`) when set
+    controls: tuple[ControlMap, ...] = ()  # extra ControlNets (canny/depth/pose), maps at the output size
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class BatchKey:
     steps: int
     scheduler: Scheduler
     text_tokens: int = 77  # prompt length: 77 per chunk of a long prompt (longer prompts attend over more tokens)
+    loras: LoraSet = ()  # sorted (name, scale): one forward activates one LoRA set
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Conditioning:
     guidance: torch.Tensor  # (B, 1, 1, 1) CFG scale
     region_masks: torch.Tensor | None = None  # (2B, 1, H, W) face-box masks (region control), None: no box
     attention_masks: dict[int, torch.Tensor] | None = None  # the same masks per cross-attention token count
+    # extra ControlNets in use: type -> (maps (2B, 3, H, W), strengths (2B, 1, 1, 1)); empty: none
+    extra_controls: dict = field(default_factory=dict)
 
 
 class IdentityDenoiser:
@@ -125,21 +131,27 @@ class IdentityDenoiser:
                      accel: acc.AccelSettings | None = None) -> IdentityDenoiser:
         """The denoiser of a resolved weights folder (SDXL, IdentityNet, adapter and the LCM-LoRA when present)."""
         return cls(weights.sdxl, weights.identitynet, weights.adapter, settings, lcm_lora=weights.lcm_lora,
-                   accel=accel)
+                   accel=accel, loras=weights.loras, controlnets=weights.controlnets,
+                   depth_estimator=weights.depth_estimator)
 
     def __init__(self, sdxl_dir: Path, identitynet_dir: Path, adapter_path: Path, settings: PipelineSettings,
-                 lcm_lora: Path | None = None, *, accel: acc.AccelSettings | None = None) -> None:
+                 lcm_lora: Path | None = None, *, accel: acc.AccelSettings | None = None,
+                 loras: Mapping[str, Path] | None = None, controlnets: Mapping[str, Path] | None = None,
+                 depth_estimator: Path | None = None) -> None:
         """Load the models and apply the speed switches.
 
         Args:
             accel: every speed switch; default `AccelSettings.from_settings(settings)` (the switches that
                 `PipelineSettings` carries). When `settings.warmup_sizes` is set, the constructor returns only
                 after a warm-up call per size and batch size (compiled shapes exist before the replica is ready).
+            loras: the LoRA registry (name -> .safetensors file), loaded on first use (`loras.LoraLibrary`).
+            controlnets: extra ControlNets by type (canny/depth/pose -> folder), loaded here once.
+            depth_estimator: the transformers depth model that turns a photo into the `depth` control's map.
         """
         self.settings = settings
         self.device = torch.device(settings.device)
         self.accel = accel if accel is not None else acc.AccelSettings.from_settings(settings)
-        self.accel.check(self.device, lora=lcm_lora is not None)
+        self.accel.check(self.device, lora=lcm_lora is not None or bool(loras))
         self.dtype = getattr(torch, settings.dtype)
         load = dict(torch_dtype=self.dtype)
         self.unet = UNet2DConditionModel.from_pretrained(sdxl_dir / "unet", **load)
@@ -155,6 +167,9 @@ class IdentityDenoiser:
             load_lcm_lora(self.unet, lcm_lora)
         for module in (self.unet, self.identitynet, self.vae, self.resampler):
             module.to(self.device).eval().requires_grad_(False)
+        self.loras = LoraLibrary(self.unet, loras or {}, max_loaded=settings.max_loaded_loras,
+                                 resident=[LCM_ADAPTER] if self.lcm_enabled else ())
+        self.controls = ExtraControlNets(controlnets or {}, depth_estimator, device=self.device, dtype=self.dtype)
         self.apply_accel()
         self.scheduler_config = dict(EulerDiscreteScheduler.load_config(sdxl_dir / "scheduler"))
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -221,7 +236,7 @@ class IdentityDenoiser:
              on_step: StepCallback | None = None) -> list[np.ndarray | None]:
         self.check_inputs(requests, key)
         samples = self.expand_samples(requests)
-        with self._lock, self.lora_scope(key.scheduler):
+        with self._lock, self.lora_scope(key.scheduler, key.loras):
             cond = self.prepare_conditioning(requests, samples, key)
             scheduler = self.make_scheduler(key.scheduler)
             scheduler.set_timesteps(key.steps, device=self.device)
@@ -244,6 +259,7 @@ class IdentityDenoiser:
         if key.scheduler == Scheduler.lcm and not self.lcm_enabled:
             raise InvalidParameter("scheduler 'lcm' needs an LCM-LoRA in the model sources (lcm_lora)",
                                    field="scheduler")
+        self.loras.check(key.loras)
         for request in requests:
             if request.kps_image.shape != (key.height, key.width, 3):
                 raise InvalidParameter(f"kps_image has shape {request.kps_image.shape}, expected "
@@ -256,6 +272,10 @@ class IdentityDenoiser:
             if request.face_embedding.shape != (self.resampler.proj_in.in_features,):
                 raise InvalidParameter(f"face_embedding has shape {request.face_embedding.shape}",
                                        field="face_embedding")
+            for control in request.controls:
+                if control.type not in self.controls.models or control.image.shape != (key.height, key.width, 3):
+                    raise InvalidParameter(f"controls: no {control.type.value} ControlNet for a "
+                                           f"{control.image.shape} map", field="controls")
 
     @staticmethod
     def expand_samples(requests: list[DenoiseRequest]) -> _Samples:
@@ -298,6 +318,7 @@ class IdentityDenoiser:
             identitynet_scale=torch.cat([strength, strength]),  # (2B, 1, 1, 1)
             adapter_scale=torch.cat([scalars([r.adapter_strength for r in per_sample])] * 2),
             guidance=scalars([r.guidance for r in per_sample])[:, None, None, None],
+            extra_controls=self.controls.conditioning([r.controls for r in per_sample], size, self.control_processor),
         )
 
     def prepare_face_region(self, per_sample: list[DenoiseRequest], size: tuple[int, int]) -> dict:
@@ -417,6 +438,9 @@ class IdentityDenoiser:
         region = cond.attention_masks
         attention_kwargs = {"ip_adapter_scale": pick(cond.adapter_scale),
                             "face_region": None if region is None else {n: pick(m) for n, m in region.items()}}
+        if cond.extra_controls:  # canny/depth/pose ControlNets, on the text embeddings, scaled per sample
+            down, mid = self.controls.add_residuals(down, mid, model_input, t, pick(cond.text), added,
+                                                    cond.extra_controls, pick)
         return self.unet(
             model_input, t, encoder_hidden_states=pick(cond.unet_states),
             cross_attention_kwargs=attention_kwargs, added_cond_kwargs=added,
@@ -442,17 +466,16 @@ class IdentityDenoiser:
         decode = self.vae.tiled_decode if limit is not None and pixels > limit else self.vae.decode
         return torch.cat([decode(sample, return_dict=False)[0] for sample in latents.split(1)])
 
-    @contextlib.contextmanager
-    def lora_scope(self, scheduler: Scheduler):
-        """LCM-LoRA is active only inside a call that asked for the LCM scheduler (under the call lock)."""
-        if scheduler != Scheduler.lcm:
-            yield
-            return
-        self.unet.enable_lora()
-        try:
-            yield
-        finally:
-            self.unet.disable_lora()
+    def lora_scope(self, scheduler: Scheduler, loras: LoraSet = ()) -> contextlib.AbstractContextManager:
+        """The call's LoRA set (and the LCM-LoRA for the LCM scheduler) is active only inside the call that asked
+        for it (under the call lock); outside, every adapter is off."""
+        lcm = [(LCM_ADAPTER, 1.0)] if scheduler == Scheduler.lcm else []
+        return self.loras.activate(loras, extra=lcm)
+
+    def preload_loras(self, names: list[str]) -> None:
+        """Load LoRA adapters ahead of their first forward (the Serve replica's multiplexed loader)."""
+        with self._lock:
+            self.loras.load(names)
 
 
 def load_lcm_lora(unet: UNet2DConditionModel, path: Path) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 import time
@@ -18,11 +19,13 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler
+from .config import ControlParams, GenerateParams, ModelSources, PipelineSettings, Scheduler
+from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from .errors import InvalidParameter
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .images import bucket_size, load_image, resize_like_reference
+from .loras import lora_set
 from .text import PromptEmbeds, PromptEncoder
 from .weights import ResolvedWeights, resolve_weights
 
@@ -126,16 +129,20 @@ def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: Gen
 
 
 def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
-                    default_scheduler: Scheduler) -> tuple[DenoiseRequest, BatchKey]:
-    """Everything one request brings to the denoiser, and the key of the batch it may join."""
+                    default_scheduler: Scheduler,
+                    controls: tuple[ControlMap, ...] = ()) -> tuple[DenoiseRequest, BatchKey]:
+    """Everything one request brings to the denoiser, and the key of the batch it may join.
+
+    `controls`: the request's extra ControlNet maps (`ExtraControlNets.prepare`), at the output size."""
     params = params.resolved(default_scheduler)  # unset steps/guidance: the scheduler's preset
     request = DenoiseRequest(
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
         num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
         adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
+        controls=controls,
     )
     key = BatchKey(face.width, face.height, params.steps, params.scheduler,
-                   text_tokens=prompt.prompt_embeds.shape[0])
+                   text_tokens=prompt.prompt_embeds.shape[0], loras=lora_set(params.loras))
     return request, key
 
 
@@ -184,7 +191,15 @@ class InstantIDPipeline:
         timings["prompt"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler)
+        controls = self.denoiser.controls.prepare(
+            params.controls, [_control_image(c) for c in params.controls],
+            pose_image if pose_image is not None else face_images[0], (face.width, face.height))
+        request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler, controls)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
         return GenerationResult(images, seed, face.width, face.height, timings, params)
+
+
+def _control_image(control: ControlParams) -> bytes | None:
+    """A control's own image as bytes (the library takes base64 in the params, like the HTTP API)."""
+    return base64.b64decode(control.image) if control.image else None
