@@ -91,10 +91,15 @@ def write_tiny_controlnet(folder: Path, unet: UNet2DConditionModel, *, seed: int
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
     # As for IdentityNet: from_unet zero-initialises the output convs; a trained ControlNet's are not.
+    # Its conditioning embedding is made strong, so the map's content (not only its presence) shows in the image.
     with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                     controlnet.controlnet_cond_embedding.conv_out]:
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0.0, 0.05)
+        for conv in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):  # He-initialised, no bias: the output follows the map
+                conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
+                conv.bias.zero_()
+        controlnet.controlnet_cond_embedding.conv_out.weight.mul_(10.0)  # an embedding of the map's size ~1
     controlnet.save_pretrained(folder)
 
 
