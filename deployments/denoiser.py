@@ -2,7 +2,7 @@
 batch key as one IdentityDenoiser batch. Returns uint8 images only.
 
 The batch key (`instantid_core.denoise.BatchKey`) is what requests must share to run in one forward pass:
-output width and height, steps and scheduler. Everything else (prompt, seed, guidance, strengths, number of
+output width and height, steps, scheduler and LoRA set. Everything else (prompt, seed, guidance, strengths, number of
 images, face region) is per sample. A request without a size gets the SDXL bucket nearest its photo's aspect
 ratio (`PipelineSettings.size_buckets`), so requests from different photos can share a key.
 
@@ -10,6 +10,10 @@ Under GPU pressure: a batch that runs out of device memory is split and its halv
 one that does not fit alone answers `gpu_memory` (503, Retry-After), the others of its batch still get images.
 A request whose caller went away (client disconnect, or the ingress's 504) leaves its batch at the next
 denoising step, through the denoiser's `on_step` hook; when none is left the forward pass stops.
+
+LoRA sets are Serve multiplexed models: the ingress sends a request's set as its `multiplexed_model_id`, Serve
+routes it to a replica that already holds that set, and `load_lora_set` (under `@serve.multiplexed`) loads the
+adapters on a replica's first use of the set.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from instantid_core.errors import InstantIDError
+from instantid_core.loras import lora_set_id
 from instantid_core.memory import run_splitting
 from instantid_core.pipeline import denoise_request
 
@@ -46,6 +51,18 @@ class _Item:
     abandoned: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
 
 
+# Serve's multiplexed cache size is fixed when the class is defined; it only steers routing (which replica holds
+# which set): the memory bound is the core's adapter LRU, `pipeline.max_loaded_loras`.
+MAX_LORA_SETS_PER_REPLICA = 8
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a replica (a plain instance in a test or a script)
+        return None
+
+
 def _images_in(items: list[_Item]) -> int:
     return sum(item.request.num_images for item in items)
 
@@ -58,14 +75,27 @@ class Denoiser:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config), self.config.pipeline)
+        self.replica_id = _replica_id()
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams,
-                       seed: int) -> DenoiseResult:
+    async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
+                       control_images: list[bytes | None] | None = None,
+                       control_fallback: bytes | None = None) -> DenoiseResult:
+        """`control_images`: per `params.controls` entry its own image bytes or None; `control_fallback`: the pose
+        photo, else the face photo (the canny/depth input when a control brings no image)."""
+        self.denoiser.loras.check(params.loras)  # 400 naming an unknown LoRA before anything is loaded
+        controls = ()
+        if params.controls:
+            size = (face.condition.width, face.condition.height)
+            controls = await asyncio.to_thread(self.denoiser.controls.prepare, params.controls,
+                                               control_images or [None] * len(params.controls), control_fallback, size)
         request, key = denoise_request(face.condition, prompt.embeds, params, seed,
-                                       self.config.pipeline.default_scheduler)
+                                       self.config.pipeline.default_scheduler, controls)
         self.denoiser.check_inputs([request], key)  # a bad request fails alone, never its batch
+        if key.loras:
+            # Also what tells Serve this replica holds the set; a file that is no LoRA raises InvalidLora here.
+            await self.load_lora_set(lora_set_id(key.loras))
         item = _Item(request, key, time.perf_counter())
         try:
             if request.num_images > self.config.max_batch_size:
@@ -83,7 +113,17 @@ class Denoiser:
         images, batch_size, queue_s, denoise_s = result
         timings = {"face": face.seconds, "prompt": prompt.seconds, "queue": queue_s, "denoise": denoise_s}
         cache_hits = {"face": face.cache_hit, "prompt": prompt.cache_hit}
-        return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits)
+        return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits,
+                             replica_id=self.replica_id)
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_LORA_SETS_PER_REPLICA)
+    async def load_lora_set(self, model_id: str) -> tuple[str, ...]:
+        """Load the adapters of one LoRA set (`a+b+c`); Serve keeps the most recently used sets per replica and
+        routes requests for a set to replicas that hold it. The adapters themselves live in the core's LRU
+        (`pipeline.max_loaded_loras`), which the batch job and the CLI share."""
+        names = tuple(model_id.split("+"))
+        await asyncio.to_thread(self.denoiser.preload_loras, list(names))
+        return names
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_images_in)
     async def _run_batch(self, items: list[_Item]) -> list[Any]:

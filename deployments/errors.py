@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instantid_core import errors as core
 from instantid_core.errors import InstantIDError, InvalidParameter
+from instantid_core.loras import InvalidLora
 
 from . import metrics
 from .schemas import ErrorBody, ErrorDetail
@@ -88,6 +89,7 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     core.ImageTooLarge: 413,
     core.InvalidImage: 415,
     core.NoFaceDetected: 422,
+    InvalidLora: 422,
     RateLimited: 429,
     InternalError: 500,
     core.WeightsError: 500,

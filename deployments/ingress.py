@@ -25,7 +25,9 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from instantid_app.config import AppConfig
+from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
+from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.pipeline import draw_seed
 from instantid_core.storage import OutputStore
 
@@ -92,6 +94,19 @@ app.openapi = openapi_schema
 install_error_handlers(app)
 
 
+async def _none() -> None:
+    return None
+
+
+def _control_digests(params: GenerateParams, images: list[bytes | None]) -> dict[str, Any]:
+    """The sidecar's `controls`: type and strength, and the sha256 of each control's own image (never the image)."""
+    if not params.controls:
+        return {}
+    return {"controls": [{**control.model_dump(mode="json", exclude={"image"}),
+                          "image_sha256": hashlib.sha256(data).hexdigest() if data else None}
+                         for control, data in zip(params.controls, images, strict=True)]}
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
@@ -127,17 +142,22 @@ class Ingress:
         faces = await asyncio.gather(*(self.inputs.read_image(src, f"face_image[{i}]")
                                        for i, src in enumerate(face_sources)))
         pose = await self.inputs.read_image(request.pose_image, "pose_image") if request.pose_image else None
+        control_images, params = await self._read_control_images(params)
         meta = {
             # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
             "request_id": request_id, "params": {**params.model_dump(mode="json"),
-                                                 "scheduler": (params.scheduler or default_scheduler).value},
+                                                 "scheduler": (params.scheduler or default_scheduler).value,
+                                                 **_control_digests(params, control_images)},
             "inputs": {"face_image_sha256": [hashlib.sha256(f).hexdigest() for f in faces],
                        "pose_image_sha256": hashlib.sha256(pose).hexdigest() if pose else None},
         }
         try:
             face = self.face.analyze.remote(faces, pose, params)
             prompt = self.prompt.encode.remote(params.prompt, params.negative_prompt, params.style)
-            images = self.denoiser.generate.remote(face, prompt, params, seed)
+            # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
+            denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)
+                        else self.denoiser)
+            images = denoiser.generate.remote(face, prompt, params, seed, control_images, pose or faces[0])
             written = self.writer.write.remote(images, request_id, seed, meta, request.output.format,
                                                request.output.prefix, inline)
             response: GenerateResponse = await asyncio.wait_for(written, timeout=self.config.stage_timeout_s)
@@ -165,6 +185,15 @@ class Ingress:
         response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
         metrics.observe_response(response)
         return response
+
+    async def _read_control_images(self, params: GenerateParams) -> tuple[list[bytes | None], GenerateParams]:
+        """Each control's own image as bytes (base64, s3:// or URL, like face_image), and the params without them:
+        images travel to the Denoiser as bytes, and the sidecar records their digests only."""
+        images = await asyncio.gather(*(
+            self.inputs.read_image(control.image, f"controls[{i}].image") if control.image else _none()
+            for i, control in enumerate(params.controls)))
+        stripped = [control.model_copy(update={"image": None}) for control in params.controls]
+        return list(images), params.model_copy(update={"controls": stripped})
 
     # --- HTTP -------------------------------------------------------------------------------------------------------
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES, openapi_extra=GENERATE_BODY)
@@ -302,3 +331,4 @@ class Ingress:
     async def _save_job(self, status: JobStatus) -> None:
         await asyncio.to_thread(self.jobs.put_json, f"jobs/{status.job_id}.json",
                                 status.model_dump(mode="json", exclude_none=True))
+

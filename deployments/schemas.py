@@ -60,6 +60,8 @@ class GenerateResponse(BaseModel):
     cache_hits: dict[str, bool] = Field(default_factory=dict, description="Whether the face and prompt stages "
                                         "answered from their caches.")
     inline_images: list[str] | None = Field(None, description="Base64 images when ?inline=true.")
+    denoiser_replica: str | None = Field(None, description="The Denoiser replica that ran the request (requests "
+                                         "for one LoRA set are routed to replicas that hold it).")
 
 
 class JobStatus(BaseModel):
@@ -104,3 +106,4 @@ class DenoiseResult:
     batch_size: int  # images in the batch this request ran in
     timings: dict[str, float] = field(default_factory=dict)  # seconds: face, prompt, queue, denoise
     cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt
+    replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)

@@ -36,7 +36,7 @@ class OutputWriter:
         return GenerateResponse(
             request_id=request_id, seed=seed, width=result.width, height=result.height, images=stored.image_uris,
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
-            batch_size=result.batch_size, cache_hits=result.cache_hits,
+            batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
         )
 

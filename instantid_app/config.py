@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from instantid_core.config import ModelSources, PipelineSettings
+from instantid_core.config import ControlType, LoraEntry, ModelSources, PipelineSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
@@ -109,6 +109,15 @@ class AppConfig(BaseModel):
     job_lease_s: float = Field(30.0, gt=0, description="A queued/running job not renewed for this long is resumed "
                                "by the replica that answers its next poll.")
     access: AccessConfig = Field(default_factory=AccessConfig)
+    loras: dict[str, str | LoraEntry | None] = Field(
+        default_factory=dict, description="LoRA registry added over the weights' own (the tiny preset registers "
+        "tiny-style): name -> source (file, folder or s3:// prefix whose .safetensors files become names, hub id) "
+        "or {source, scheduler, steps, guidance}; null removes a name.")
+    controlnets: dict[ControlType, str | None] = Field(
+        default_factory=dict, description="Extra ControlNets added over the weights' own (the tiny preset "
+        "registers canny and depth): type (canny, depth, pose) -> ControlNetModel source; null removes one.")
+    depth_estimator: str | None = Field(None, description="transformers depth-estimation model for the `depth` "
+                                        "control; default the weights' own (the tiny preset has one).")
     deployments: StageOptions = Field(default_factory=StageOptions)
 
     @model_validator(mode="after")

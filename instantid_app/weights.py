@@ -13,11 +13,26 @@ from .config import AppConfig
 
 
 def resolve_app_weights(config: AppConfig) -> ResolvedWeights:
-    return resolve_sources(config.weights.sources, config.weights.tiny_preset_dir)
+    return resolve_sources(config.weights.sources, config.weights.tiny_preset_dir, config)
 
 
-def resolve_sources(sources: ModelSources, tiny_preset_dir: str | None) -> ResolvedWeights:
-    """The tiny preset when a folder for it is named (written there on first use), else the sources."""
+def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSources:
+    """The app config's `loras`/`controlnets`/`depth_estimator` over the weights' own; a null value removes."""
+    if config is None:
+        return sources
+    loras = {**sources.loras, **config.loras}
+    controlnets = {**sources.controlnets, **config.controlnets}
+    return sources.model_copy(update={
+        "loras": {name: value for name, value in loras.items() if value is not None},
+        "controlnets": {kind: value for kind, value in controlnets.items() if value is not None},
+        "depth_estimator": config.depth_estimator or sources.depth_estimator,
+    })
+
+
+def resolve_sources(sources: ModelSources, tiny_preset_dir: str | None,
+                    config: AppConfig | None = None) -> ResolvedWeights:
+    """The tiny preset when a folder for it is named (written there on first use), else the sources; with the
+    app config's LoRAs and ControlNets over theirs."""
     if tiny_preset_dir:
-        return resolve_weights(ModelSources.from_root(str(ensure_tiny_preset(Path(tiny_preset_dir)))))
-    return resolve_weights(sources)
+        sources = ModelSources.from_root(str(ensure_tiny_preset(Path(tiny_preset_dir))))
+    return resolve_weights(with_extensions(sources, config))

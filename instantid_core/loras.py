@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class InvalidLora(InstantIDError):
-    """A registered LoRA file is not a LoRA for this UNet (wrong keys or shapes, not a safetensors file)."""
+    """A registered LoRA file is not a LoRA for this UNet (wrong keys or shapes, not a safetensors file): the
+    request is refused and the UNet is left as it was."""
 
-    http_status = 422
     code = "invalid_lora"
 
 
