@@ -85,6 +85,7 @@ class Denoiser:
         """`control_images`: per `params.controls` entry its own image bytes or None; `control_fallback`: the pose
         photo, else the face photo (the canny/depth input when a control brings no image)."""
         self.denoiser.loras.check(params.loras)  # 400 naming an unknown LoRA before anything is loaded
+        params = self.denoiser.loras.with_presets(params)  # a few-step LoRA's scheduler/steps/guidance if unset
         controls = ()
         if params.controls:
             size = (face.condition.width, face.condition.height)

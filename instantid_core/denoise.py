@@ -132,12 +132,12 @@ class IdentityDenoiser:
         """The denoiser of a resolved weights folder (SDXL, IdentityNet, adapter and the LCM-LoRA when present)."""
         return cls(weights.sdxl, weights.identitynet, weights.adapter, settings, lcm_lora=weights.lcm_lora,
                    accel=accel, loras=weights.loras, controlnets=weights.controlnets,
-                   depth_estimator=weights.depth_estimator)
+                   depth_estimator=weights.depth_estimator, lora_presets=weights.lora_presets)
 
     def __init__(self, sdxl_dir: Path, identitynet_dir: Path, adapter_path: Path, settings: PipelineSettings,
                  lcm_lora: Path | None = None, *, accel: acc.AccelSettings | None = None,
                  loras: Mapping[str, Path] | None = None, controlnets: Mapping[str, Path] | None = None,
-                 depth_estimator: Path | None = None) -> None:
+                 depth_estimator: Path | None = None, lora_presets: Mapping[str, dict] | None = None) -> None:
         """Load the models and apply the speed switches.
 
         Args:
@@ -168,7 +168,7 @@ class IdentityDenoiser:
         for module in (self.unet, self.identitynet, self.vae, self.resampler):
             module.to(self.device).eval().requires_grad_(False)
         self.loras = LoraLibrary(self.unet, loras or {}, max_loaded=settings.max_loaded_loras,
-                                 resident=[LCM_ADAPTER] if self.lcm_enabled else ())
+                                 resident=[LCM_ADAPTER] if self.lcm_enabled else (), presets=lora_presets)
         self.controls = ExtraControlNets(controlnets or {}, depth_estimator, device=self.device, dtype=self.dtype)
         self.apply_accel()
         self.scheduler_config = dict(EulerDiscreteScheduler.load_config(sdxl_dir / "scheduler"))

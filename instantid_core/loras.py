@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from .config import MAX_LORAS_PER_REQUEST, LoraEntry, LoraWeight
+from .config import MAX_LORAS_PER_REQUEST, GenerateParams, LoraEntry, LoraWeight
 from .errors import InstantIDError, InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,13 @@ class LoraLibrary:
     """
 
     def __init__(self, unet, registry: Mapping[str, Path], *, max_loaded: int = 8,
-                 resident: Sequence[str] = ()) -> None:
+                 resident: Sequence[str] = (), presets: Mapping[str, dict] | None = None) -> None:
         """Args:
             unet: the diffusers UNet (peft adapters are added to it).
             registry: name -> resolved local .safetensors file.
             max_loaded: most adapters kept loaded; the least recently used is deleted beyond that.
             resident: adapters already on the UNet that are never evicted (the LCM-LoRA).
+            presets: name -> {scheduler, steps, guidance} a LoRA was trained for (`with_presets`).
         """
         if max_loaded < MAX_LORAS_PER_REQUEST:
             raise ValueError(f"max_loaded must be >= {MAX_LORAS_PER_REQUEST} (one request's LoRAs)")
@@ -76,9 +77,20 @@ class LoraLibrary:
         self.registry = dict(registry)
         self.max_loaded = max_loaded
         self.resident = tuple(resident)
+        self.presets = {name: preset for name, preset in (presets or {}).items() if preset}
         # An OrderedDict LRU (cachetools is not a dependency of the core): name -> peft adapter name.
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self.load_seconds: dict[str, float] = {}
+
+    def with_presets(self, params: GenerateParams) -> GenerateParams:
+        """`params` with the scheduler, steps and guidance it left unset taken from the first of its LoRAs that
+        has a preset (a few-step LoRA is then a name away); set values are kept."""
+        for lora in params.loras:
+            preset = self.presets.get(lora.name)
+            if preset and lora.scale != 0.0:
+                unset = {k: v for k, v in preset.items() if getattr(params, k) is None}
+                return params.model_copy(update=unset)
+        return params
 
     @property
     def loaded(self) -> list[str]:

@@ -179,7 +179,7 @@ class InstantIDPipeline:
         `face_names` / `pose_name` name the inputs in error messages (default `face_image[i]`, `pose_image`);
         the CLI passes the file paths."""
         timings: dict[str, float] = {}
-        params = params.resolved(self.settings.default_scheduler)
+        params = self.denoiser.loras.with_presets(params).resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
         face = face_condition(self.face, face_images, params, self.settings, pose_image, names=face_names,
