@@ -188,9 +188,10 @@ class DenoiseStage:
             prompt_id, image_uri = batch["prompt_id"][i], batch["image"][i]
             seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
             request, key = denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
-                                           self.params[prompt_id], seed, self.settings.pipeline.default_scheduler)
+                                           self.denoiser.loras.with_presets(self.params[prompt_id]), seed,
+                                           self.settings.pipeline.default_scheduler)
             groups[key].append((i, request))
-        for key, members in groups.items():  # rows sharing size/steps/scheduler run as one GPU batch
+        for key, members in groups.items():  # rows sharing size/steps/scheduler/LoRA set run as one GPU batch
             try:
                 # Out of device memory: the rows are retried in halves; a row that does not fit alone is an error.
                 outputs = run_splitting(functools.partial(self._denoise, key), [request for _, request in members],
@@ -314,6 +315,9 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     per_prompt = {p.id: GenerateParams.model_validate({**(params or {}), **p.params, "prompt": p.prompt,
                                                        "negative_prompt": p.negative_prompt, "style": p.style})
                   for p in prompts}
+    if any(p.controls for p in per_prompt.values()):  # the face actors keep no photo bytes for canny/depth maps
+        raise InvalidParameter("controls: the batch job does not run extra ControlNets (the HTTP API and the "
+                               "library do); LoRAs (`loras`) work here", field="controls")
     base_seed = {pid: p.seed for pid, p in per_prompt.items()}
     pairs = [(image, p.id) for image in images for p in prompts]
 
