@@ -184,6 +184,16 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
     return root
 
 
+# Written into `.complete`; bumped when the preset gains members, so a folder written by an older version (e.g.
+# without the LoRAs and ControlNets of issue 14) is rewritten rather than served without them.
+PRESET_VERSION = "2"
+
+
+def _current(root: Path) -> bool:
+    marker = root / ".complete"
+    return marker.is_file() and marker.read_text().strip() == PRESET_VERSION
+
+
 def ensure_tiny_preset(root: Path) -> Path:
     """Write the tiny preset to `root` unless it is already there; safe when several processes race.
 
@@ -191,16 +201,16 @@ def ensure_tiny_preset(root: Path) -> Path:
     whichever rename wins, every process sees the same weights.
     """
     root = Path(root)
-    if (root / ".complete").exists():
+    if _current(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     write_tiny_preset(staging)
-    (staging / ".complete").touch()
+    (staging / ".complete").write_text(PRESET_VERSION)
     try:
         staging.rename(root)
-    except OSError:  # another process won the race (or an old incomplete folder is in the way)
-        if not (root / ".complete").exists():
+    except OSError:  # another process won the race (or an old, incomplete or outdated folder is in the way)
+        if not _current(root):
             shutil.rmtree(root, ignore_errors=True)
             staging.rename(root)
         else:
