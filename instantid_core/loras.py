@@ -160,7 +160,10 @@ def _load_adapter(unet, path: Path, adapter: str, name: str) -> None:
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
+    existed = adapter in (getattr(unet, "peft_config", None) or {})
     try:
+        if existed:
+            raise ValueError(f"adapter {adapter} is already on the UNet")
         # diffusers' own reader: converts kohya / SGM / old diffusers key names to the UNet's.
         state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path.parent), weight_name=path.name,
                                                                   unet_config=unet.config)
@@ -170,8 +173,8 @@ def _load_adapter(unet, path: Path, adapter: str, name: str) -> None:
         if adapter not in (getattr(unet, "peft_config", None) or {}):
             raise ValueError("no key matched a UNet module")
     except Exception as exc:  # diffusers/peft/safetensors raise many types for a wrong file
-        if adapter in (getattr(unet, "peft_config", None) or {}):
-            unet.delete_adapters([adapter])
+        if not existed and adapter in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters([adapter])  # a half-injected adapter: the UNet is left as it was
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise InvalidLora(f"LoRA {name!r} ({path.name}) is not a LoRA for this UNet: {reason}",
                           field="loras") from exc
