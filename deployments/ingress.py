@@ -143,13 +143,17 @@ class Ingress:
                                        for i, src in enumerate(face_sources)))
         pose = await self.inputs.read_image(request.pose_image, "pose_image") if request.pose_image else None
         control_images, params = await self._read_control_images(params)
+        # Up to 8 images of max_image_bytes each (and control images): hashed in a worker thread, never on the
+        # event loop.
+        face_digests, pose_digest, control_digests = await asyncio.to_thread(lambda: (
+            [hashlib.sha256(f).hexdigest() for f in faces], hashlib.sha256(pose).hexdigest() if pose else None,
+            _control_digests(params, control_images)))
         meta = {
             # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
             "request_id": request_id, "params": {**params.model_dump(mode="json"),
                                                  "scheduler": (params.scheduler or default_scheduler).value,
-                                                 **_control_digests(params, control_images)},
-            "inputs": {"face_image_sha256": [hashlib.sha256(f).hexdigest() for f in faces],
-                       "pose_image_sha256": hashlib.sha256(pose).hexdigest() if pose else None},
+                                                 **control_digests},
+            "inputs": {"face_image_sha256": face_digests, "pose_image_sha256": pose_digest},
         }
         try:
             face = self.face.analyze.remote(faces, pose, params)
