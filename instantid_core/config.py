@@ -8,7 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_STEPS = 30  # the published InstantID defaults (README, gradio_demo/app.py): 30 steps ...
 DEFAULT_GUIDANCE = 5.0  # ... at guidance 5
@@ -262,6 +262,22 @@ class GenerateParams(BaseModel):
                                     "LoRAs with their scales, active for this request only.")
     controls: list[ControlParams] = Field(default_factory=list, description="Extra ControlNets (canny, depth, "
                                           "pose) beside IdentityNet, each with its strength.")
+    # --- issue 12: identity controls, pose face, img2img / inpainting (the images travel beside the parameters)
+    identity_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps after which IdentityNet "
+                                  "and the face tokens start acting (0 = from the first step).")
+    identity_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which they stop "
+                                "(1 = to the last step); lower it to let the prompt finish the details.")
+    negative_face_noise: float = Field(0.0, ge=0.0, le=1.0, description="The negative branch's face embedding is "
+                                       "uniform noise in [0, this) drawn from the request's seed (the ComfyUI "
+                                       "node's noise) instead of zeros; 0 is the reference.")
+    pose_face_index: int | None = Field(None, ge=0, le=63, description="Which face of the pose photo (or of the "
+                                        "init photo, when it gives the pose) gives the keypoints; default the "
+                                        "largest.")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="With an init image: the fraction of the steps "
+                                   "that run from the photo noised to that point (1 = from pure noise). Default 0.8 "
+                                   "for img2img, 1.0 for inpainting.")
+    inpaint_face: bool = Field(False, description="With an init image: regenerate only its face (the detected face "
+                               "box, dilated), keep every other pixel.")
 
     @field_validator("loras")
     @classmethod
@@ -282,7 +298,8 @@ class GenerateParams(BaseModel):
             raise ValueError(f"must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, got {value}")
         return value
 
-    @field_validator("guidance", "identitynet_strength", "adapter_strength")
+    @field_validator("guidance", "identitynet_strength", "adapter_strength", "strength", "negative_face_noise",
+                     "identity_start", "identity_end")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -312,6 +329,14 @@ class GenerateParams(BaseModel):
             "steps": self.steps if self.steps is not None else (LCM_STEPS if lcm else DEFAULT_STEPS),
             "guidance": self.guidance if self.guidance is not None else (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE),
         })
+
+    @field_validator("identity_end")
+    @classmethod
+    def _identity_window(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("identity_start")
+        if start is not None and start >= value:
+            raise ValueError(f"must be above identity_start ({start}), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _both_sides_or_none(self) -> GenerateParams:
