@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from . import accel as acc
+from . import identity, img2img
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
 from .controls import ControlMap, ExtraControlNets
@@ -81,6 +82,12 @@ class DenoiseRequest:
     adapter_strength: float = 0.8
     face_box: tuple[float, float, float, float] | None = None  # output pixels; region control (`regions`) when set
     controls: tuple[ControlMap, ...] = ()  # extra ControlNets (canny/depth/pose), maps at the output size
+    # issue 12 (`identity`, `img2img`): when IdentityNet and the face tokens act, the negative face, the photo
+    identity_start: float = 0.0  # fraction of the steps run before they start acting
+    identity_end: float = 1.0  # fraction of the steps after which they stop
+    negative_face_noise: float = 0.0  # uniform noise in [0, this) as the negative branch's face embedding
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img / inpainting starts from this photo
+    mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (inpainting); needs init_image
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class BatchKey:
     scheduler: Scheduler
     text_tokens: int = 77  # prompt length: 77 per chunk of a long prompt (longer prompts attend over more tokens)
     loras: LoraSet = ()  # sorted (name, scale): one forward activates one LoRA set
+    strength: float = 1.0  # img2img strength (the steps skipped are shared); 1: from noise, any mode may join
 
 
 @dataclass
@@ -121,6 +129,10 @@ class Conditioning:
     attention_masks: dict[int, torch.Tensor] | None = None  # the same masks per cross-attention token count
     # extra ControlNets in use: type -> (maps (2B, 3, H, W), strengths (2B, 1, 1, 1)); empty: none
     extra_controls: dict = field(default_factory=dict)
+    identity_window: torch.Tensor | None = None  # (B, 2) CPU (start, end) fractions; None: every step
+    init_latents: torch.Tensor | None = None  # (B, 4, h, w) VAE latents of the init photos (zeros without one)
+    inpaint_mask: torch.Tensor | None = None  # (B, 1, h, w) 1 = generate, 0 = follow the init photo's latents
+    noise: torch.Tensor | None = None  # (B, 4, h, w) the initial noise, re-added to the init latents every step
 
 
 class IdentityDenoiser:
@@ -240,11 +252,17 @@ class IdentityDenoiser:
             cond = self.prepare_conditioning(requests, samples, key)
             scheduler = self.make_scheduler(key.scheduler)
             scheduler.set_timesteps(key.steps, device=self.device)
+            if cond.init_latents is not None:
+                img2img.skip_steps(scheduler, key.steps, key.strength)
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in samples.seeds]
             latents = self.prepare_latents(generators, key, scheduler)
+            if cond.init_latents is not None:  # img2img / inpainting: start from the photo, keep its unmasked part
+                cond = replace(cond, noise=latents / scheduler.init_noise_sigma)
+                latents = img2img.start_latents(scheduler, cond.init_latents, cond.noise, latents, key.strength)
             latents = self.denoise(latents, cond, scheduler, generators, on_step, samples)
             images = self.decode(latents) if samples.owner else None
-        return [images[[i for i, owner in enumerate(samples.owner) if owner == r]] if r in samples.owner else None
+        return [img2img.keep_outside_mask(images[[i for i, owner in enumerate(samples.owner) if owner == r]],
+                                          requests[r]) if r in samples.owner else None
                 for r in range(len(requests))]
 
     # --- stages -------------------------------------------------------------------------------------------------
@@ -256,6 +274,8 @@ class IdentityDenoiser:
                 raise InvalidParameter(f"{name} must be a multiple of 8, got {side}", field=name)
         if key.steps < 1:
             raise InvalidParameter(f"steps must be >= 1, got {key.steps}", field="steps")
+        if not 0 < key.strength <= 1:
+            raise InvalidParameter(f"strength must be in (0, 1], got {key.strength}", field="strength")
         if key.scheduler == Scheduler.lcm and not self.lcm_enabled:
             raise InvalidParameter("scheduler 'lcm' needs an LCM-LoRA in the model sources (lcm_lora)",
                                    field="scheduler")
@@ -276,6 +296,7 @@ class IdentityDenoiser:
                 if control.type not in self.controls.models or control.image.shape != (key.height, key.width, 3):
                     raise InvalidParameter(f"controls: no {control.type.value} ControlNet for a "
                                            f"{control.image.shape} map", field="controls")
+            img2img.check_request(request, key)
 
     @staticmethod
     def expand_samples(requests: list[DenoiseRequest]) -> _Samples:
@@ -302,7 +323,9 @@ class IdentityDenoiser:
         pooled = torch.cat([stack([r.prompt.negative_pooled for r in per_sample]),
                             stack([r.prompt.pooled for r in per_sample])])  # (2B, P)
         face = stack([r.face_embedding.astype(np.float32) for r in per_sample])[:, None, :]  # (B, 1, 512)
-        face_tokens = self.resampler(torch.cat([torch.zeros_like(face), face]))  # (2B, 16, C): zero face = uncond
+        negative_face = identity.negative_faces([r.negative_face_noise for r in per_sample], samples.seeds,
+                                                face)  # zeros (the reference), or the noise asked for
+        face_tokens = self.resampler(torch.cat([negative_face, face]))  # (2B, 16, C): negative face = uncond
         size = (key.height, key.width)
         time_ids = torch.tensor([size + (0, 0) + size], device=self.device, dtype=self.dtype).repeat(len(text), 1)
         # As PIL images, like the reference pipeline: diffusers scales PIL input to [0, 1] but takes numpy input
@@ -319,6 +342,8 @@ class IdentityDenoiser:
             adapter_scale=torch.cat([scalars([r.adapter_strength for r in per_sample])] * 2),
             guidance=scalars([r.guidance for r in per_sample])[:, None, None, None],
             extra_controls=self.controls.conditioning([r.controls for r in per_sample], size, self.control_processor),
+            identity_window=identity.windows([(r.identity_start, r.identity_end) for r in per_sample]),
+            **img2img.prepare_init_latents(self.vae, per_sample, size, self.vae_scale_factor, self.dtype),
         )
 
     def prepare_face_region(self, per_sample: list[DenoiseRequest], size: tuple[int, int]) -> dict:
@@ -354,7 +379,10 @@ class IdentityDenoiser:
         steps = len(scheduler.timesteps)
         with acc.sdpa_context(self.accel.sdpa_backend):
             for index, t in enumerate(scheduler.timesteps):
-                latents = self.denoise_step(latents, t, cond, scheduler, generators, use_cfg)
+                step_cond = identity.at_step(cond, index, steps)  # cond itself when every window is [0, 1]
+                latents = self.denoise_step(latents, t, step_cond, scheduler, generators, use_cfg)
+                if cond.inpaint_mask is not None:
+                    latents = img2img.keep_unmasked_latents(latents, cond, scheduler, index)
                 if on_step is None or samples is None:
                     continue
                 wanted = list(on_step(index + 1, steps))

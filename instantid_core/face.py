@@ -1,8 +1,10 @@
 """The face stage: photo -> FaceInfo (identity embedding, five keypoints, box), and the keypoint image.
 
 `FaceAnalyzer` wraps insightface's `FaceAnalysis` on an antelopev2-layout pack (detection + recognition only), as
-the InstantID reference does, with two fixes: the largest face really is the largest (the reference's sort key
-`(x2 - x1) * y2 - y1` has the parentheses wrong), and no face is a typed error instead of an IndexError.
+the InstantID reference does. It picks the largest face by box area, `(x2 - x1) * (y2 - y1)`, as the official demo
+does (gradio_demo/app.py sorts by exactly that key; a widely used hosted fork's `(x2 - x1) * y2 - y1` is the one
+with the parentheses wrong), or the index the caller asks for in that order (`face_index` for the face photo,
+`pose_face_index` for the pose photo); no face is a typed error instead of an IndexError.
 """
 
 from __future__ import annotations

@@ -14,12 +14,20 @@ latents start from pure noise, as diffusers' inpainting does at full strength.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from .errors import InvalidParameter
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    from .denoise import BatchKey, Conditioning, DenoiseRequest
 
 SEAM_PX = 16  # the feathered seam outside the mask (the issue's bound: at most 16 px)
 FACE_MASK_DILATION = 0.25  # inpaint_face: the face box grown by this fraction of its larger side on every side
@@ -37,9 +45,28 @@ def init_size(photo_size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
 
 
+def framing(photo_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float]:
+    """How a photo of `photo_size` becomes the output `size` (both (width, height)): (scale, left, top) of the
+    crop. A photo at most 7 px larger than the output in each side (the floor to a multiple of 8) is only
+    centre-cropped, so its pixels stay exactly as they were; any other is scaled to cover the output (uniform
+    scale) and centre-cropped, as `face.map_kps_to_output` frames keypoints."""
+    (pw, ph), (width, height) = photo_size, size
+    if 0 <= pw - width < MULTIPLE and 0 <= ph - height < MULTIPLE:
+        return 1.0, float((pw - width) // 2), float((ph - height) // 2)
+    scale = max(width / pw, height / ph)
+    cover = (max(width, round(pw * scale)), max(height, round(ph * scale)))
+    return scale, float((cover[0] - width) // 2), float((cover[1] - height) // 2)
+
+
+def map_points(points: np.ndarray, photo_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """(N, 2) points of the init photo in output pixels, with `framing`'s scale and crop."""
+    scale, left, top = framing(photo_size, size)
+    return (np.asarray(points, np.float64) * scale - np.array([left, top])).astype(np.float32)
+
+
 def prepare_init(photo: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """The init photo at the output size `(width, height)`: resized to cover it (uniform scale) and centre-cropped,
-    the framing `face.map_kps_to_output` gives keypoints; untouched when it already has that size.
+    """The init photo at the output size `(width, height)`, framed by `framing`; untouched when it already has
+    that size.
 
     Returns:
         (H, W, 3) uint8 RGB.
@@ -47,12 +74,11 @@ def prepare_init(photo: Image.Image, size: tuple[int, int]) -> np.ndarray:
     photo = photo.convert("RGB")
     width, height = size
     if photo.size != size:
-        scale = max(width / photo.width, height / photo.height)
-        cover = (max(width, round(photo.width * scale)), max(height, round(photo.height * scale)))
-        if cover != photo.size:
+        scale, left, top = framing(photo.size, size)
+        if scale != 1.0:
+            cover = (max(width, round(photo.width * scale)), max(height, round(photo.height * scale)))
             photo = photo.resize(cover, Image.Resampling.LANCZOS)
-        left, top = (photo.width - width) // 2, (photo.height - height) // 2
-        photo = photo.crop((left, top, left + width, top + height))
+        photo = photo.crop((int(left), int(top), int(left) + width, int(top) + height))
     return np.asarray(photo, dtype=np.uint8).copy()
 
 
@@ -115,3 +141,84 @@ def start_step(steps: int, strength: float) -> int:
     """How many of `steps` are skipped at this strength (diffusers' img2img `get_timesteps` rule, but at least one
     step runs)."""
     return steps - max(1, min(int(steps * strength), steps))  # at least one step runs
+
+
+# --- the denoiser's side (IdentityDenoiser calls these; every tensor is per sample) --------------------------------
+def check_request(request: DenoiseRequest, key: BatchKey) -> None:
+    """The init photo and mask fit the batch: output size, and an init photo for every sample below strength 1."""
+    size = (key.height, key.width)
+    if request.init_image is None:
+        if request.mask is not None:
+            raise InvalidParameter("mask_image needs an init_image to inpaint", field="mask_image")
+        if key.strength < 1:
+            raise InvalidParameter("strength below 1 needs an init_image", field="strength")
+        return
+    if request.init_image.shape != (*size, 3) or request.init_image.dtype != np.uint8:
+        raise InvalidParameter(f"init_image has shape {request.init_image.shape}, expected {(*size, 3)} uint8",
+                               field="init_image")
+    if request.mask is not None:
+        if request.mask.shape != size:
+            raise InvalidParameter(f"mask_image has shape {request.mask.shape}, expected {size}", field="mask_image")
+        check_mask(request.mask)
+
+
+@torch.inference_mode()
+def prepare_init_latents(vae: AutoencoderKL, per_sample: list[DenoiseRequest], size: tuple[int, int],
+                         scale: int, dtype: torch.dtype) -> dict:
+    """The init photos' VAE latents (the distribution's mode: no randomness) and the latent inpainting masks;
+    Nones when no sample has an init photo. Samples without one get zero latents and a mask of ones (generate
+    everywhere), which leaves their latents exactly as they are."""
+    if all(r.init_image is None for r in per_sample):
+        return dict(init_latents=None, inpaint_mask=None)
+    height, width = size
+    device = vae.device
+    pixels = torch.stack([torch.from_numpy(r.init_image if r.init_image is not None
+                                           else np.zeros((height, width, 3), np.uint8)) for r in per_sample])
+    pixels = pixels.permute(0, 3, 1, 2).to(device, vae.dtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+    latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor  # (B, 4, h, w)
+    has_init = torch.tensor([r.init_image is not None for r in per_sample], device=device)
+    latents = torch.where(has_init[:, None, None, None], latents, torch.zeros_like(latents)).to(dtype)
+    mask = None
+    if any(r.mask is not None for r in per_sample):
+        cells = [latent_mask(seam_alpha(r.mask), scale) if r.mask is not None
+                 else np.ones((height // scale, width // scale), np.float32) for r in per_sample]
+        mask = torch.from_numpy(np.stack(cells))[:, None].to(device, dtype)  # (B, 1, h, w)
+    return dict(init_latents=latents, inpaint_mask=mask)
+
+
+def skip_steps(scheduler: SchedulerMixin, steps: int, strength: float) -> None:
+    """Drop the first steps the strength skips from the scheduler's timesteps (diffusers' img2img rule)."""
+    skipped = start_step(steps, strength) * scheduler.order
+    scheduler.timesteps = scheduler.timesteps[skipped:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(skipped)
+
+
+def start_latents(scheduler: SchedulerMixin, init_latents: torch.Tensor, noise: torch.Tensor,
+                  latents: torch.Tensor, strength: float) -> torch.Tensor:
+    """At strength 1 the pure-noise latents (as text-to-image, and diffusers' inpainting at full strength); below,
+    the init latents noised to the first step that runs."""
+    if strength >= 1:
+        return latents
+    first = scheduler.timesteps[:1].repeat(len(init_latents))
+    return scheduler.add_noise(init_latents, noise, first)
+
+
+def keep_unmasked_latents(latents: torch.Tensor, cond: Conditioning, scheduler: SchedulerMixin,
+                          index: int) -> torch.Tensor:
+    """After step `index`: outside the mask the latents are the init photo's, noised to the next step (clean after
+    the last), as diffusers' SDXL inpainting does with a 4-channel UNet."""
+    known = cond.init_latents
+    if index < len(scheduler.timesteps) - 1:
+        following = scheduler.timesteps[index + 1:index + 2].repeat(len(known))
+        known = scheduler.add_noise(known, cond.noise, following)
+    mask = cond.inpaint_mask
+    return (1 - mask) * known + mask * latents
+
+
+def keep_outside_mask(images: np.ndarray, request: DenoiseRequest) -> np.ndarray:
+    """(N, H, W, 3) generated images with every pixel beyond the mask's seam the init photo's."""
+    if request.mask is None or request.init_image is None:
+        return images
+    alpha = seam_alpha(request.mask)
+    return np.stack([composite(request.init_image, image, alpha) for image in images])

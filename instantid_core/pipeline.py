@@ -12,17 +12,18 @@ import base64
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from .config import ControlParams, GenerateParams, ModelSources, PipelineSettings, Scheduler
+from . import img2img
+from .config import MAX_SIDE, ControlParams, GenerateParams, ModelSources, PipelineSettings, Scheduler
 from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
-from .errors import InvalidParameter
+from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
@@ -40,6 +41,8 @@ class FaceCondition:
     width: int
     height: int
     det_score: float
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8 img2img / inpainting photo at the output size
+    mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
 
 
 class FaceCache(Protocol):
@@ -75,42 +78,67 @@ def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params:
     names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
     faces = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
              for i, (photo, name) in enumerate(zip(face_photos, names, strict=True))]
-    pose = analyzer.analyze(pose_photo, name=pose_name) if pose_photo is not None else None
+    pose = (analyzer.analyze(pose_photo, face_index=params.pose_face_index, name=pose_name)
+            if pose_photo is not None else None)
     return condition_from_faces(faces, params, pose, buckets=buckets)
 
 
 def condition_from_faces(faces: list[FaceInfo], params: GenerateParams, pose: FaceInfo | None = None, *,
-                         buckets: bool = True) -> FaceCondition:
+                         buckets: bool = True, size: tuple[int, int] | None = None,
+                         place=map_kps_to_output) -> FaceCondition:
     """The denoiser's face input from face analyses alone: the mean embedding of `faces`, the keypoint image and
-    face box of `pose` (or the first face) mapped to the output size (each FaceInfo knows its photo's size)."""
+    face box of `pose` (or the first face) mapped to the output size (each FaceInfo knows its photo's size).
+
+    `size` fixes the output size (img2img: the init photo's), `place` maps the pose photo's points onto it."""
     embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
     layout = pose if pose is not None else faces[0]
-    width, height = output_size(params, layout.image_size, buckets)
-    kps = map_kps_to_output(layout.kps, layout.image_size, (width, height))
-    x1, y1, x2, y2 = layout.bbox
-    corners = map_kps_to_output(np.array([[x1, y1], [x2, y2]], np.float32), layout.image_size, (width, height))
-    box = (float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1]))
+    width, height = size if size is not None else output_size(params, layout.image_size, buckets)
+    kps = place(layout.kps, layout.image_size, (width, height))
+    box = _box(layout, (width, height), place)
     kps_image = np.asarray(draw_kps((width, height), kps), dtype=np.uint8)
     return FaceCondition(embedding, kps_image, box, width, height, float(layout.det_score))
+
+
+def _box(face: FaceInfo, size: tuple[int, int], place=map_kps_to_output) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = face.bbox
+    corners = place(np.array([[x1, y1], [x2, y2]], np.float32), face.image_size, size)
+    return float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1])
+
+
+def check_init_inputs(params: GenerateParams, has_init: bool, has_mask: bool, init_name: str = "init_image",
+                      mask_name: str = "mask_image") -> None:
+    """img2img fields that need an init photo, checked before any photo is analysed."""
+    if has_init:
+        return
+    for given, name in ((has_mask, mask_name), (params.inpaint_face, "inpaint_face"),
+                        (params.strength is not None, "strength")):
+        if given:
+            raise InvalidParameter(f"{name} needs an init image ({init_name})", field=name)
 
 
 def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: GenerateParams,
                    settings: PipelineSettings, pose_image: bytes | None = None, *, names: list[str] | None = None,
                    pose_name: str = "pose_image",
-                   cache: FaceCache | None = None) -> FaceCondition:
+                   cache: FaceCache | None = None, init_image: bytes | None = None, mask_image: bytes | None = None,
+                   init_name: str = "init_image", mask_name: str = "mask_image") -> FaceCondition:
     """Photo bytes -> FaceCondition: each photo decoded within the settings' limits and analysed (or its analysis
     taken from `cache`, keyed by the bytes' sha256 and the face index), then `condition_from_faces`. The one path
     from uploaded photos to the denoiser's face input (pipeline, FaceAnalysis deployment, batch job).
 
-    The cache holds analyses (a few KB each), not keypoint images: one photo serves every output size."""
+    The cache holds analyses (a few KB each), not keypoint images: one photo serves every output size.
+
+    With `init_image` (img2img / inpainting, see `with_init_photo`) the keypoints come from the pose photo, else
+    from the init photo's face when it has one, else from the first face photo; `params.pose_face_index` picks
+    the pose (or init) photo's face."""
     if not face_images:
         raise InvalidParameter("at least one face image is required", field="face_image")
     names = names or [f"face_image[{i}]" for i in range(len(face_images))]
+    check_init_inputs(params, init_image is not None, mask_image is not None, init_name, mask_name)
 
     wanted = [(data, name, params.face_index if i == 0 else None)
               for i, (data, name) in enumerate(zip(face_images, names, strict=True))]
     if pose_image is not None:
-        wanted.append((pose_image, pose_name, None))
+        wanted.append((pose_image, pose_name, params.pose_face_index))
     keys = [(hashlib.sha256(data).hexdigest(), face_index) for data, _, face_index in wanted]
     known = {key: cache.get(key) for key in keys} if cache is not None else {}
     # Every photo not analysed before is decoded first: a broken file is reported before any analysis runs.
@@ -125,7 +153,45 @@ def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: Gen
                 cache[key] = face
         analyses.append(face)
     faces, pose = (analyses[:-1], analyses[-1]) if pose_image is not None else (analyses, None)
-    return condition_from_faces(faces, params, pose, buckets=settings.size_buckets)
+    if init_image is None:
+        return condition_from_faces(faces, params, pose, buckets=settings.size_buckets)
+
+    def load(data: bytes, name: str) -> Image.Image:
+        return load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+
+    init = load(init_image, init_name)
+    mask = load(mask_image, mask_name) if mask_image is not None else None
+    init_face = None
+    if pose is None or params.inpaint_face:
+        try:
+            init_face = analyzer.analyze(init, face_index=params.pose_face_index, name=init_name)
+        except NoFaceDetected:
+            if params.inpaint_face or params.pose_face_index is not None:
+                raise  # the init photo's face is what was asked for
+    return with_init_photo(faces, params, pose, init, init_face, mask, mask_name, max_side=MAX_SIDE)
+
+
+def with_init_photo(faces: list[FaceInfo], params: GenerateParams, pose: FaceInfo | None, init: Image.Image,
+                    init_face: FaceInfo | None, mask_photo: Image.Image | None, mask_name: str = "mask_image", *,
+                    max_side: int = MAX_SIDE) -> FaceCondition:
+    """img2img / inpainting: the output size follows the init photo unless width/height are given
+    (`img2img.init_size`); the keypoints come from `pose`, else the init photo's face, else the first face photo;
+    the mask from `mask_photo` (resized to the init photo when its size differs) and/or the init photo's face box,
+    dilated (`params.inpaint_face`)."""
+    size = ((params.width, params.height) if params.width is not None and params.height is not None
+            else img2img.init_size(init.size, max_side))
+    if pose is None and init_face is not None:  # the init photo's points follow its own framing
+        condition = condition_from_faces(faces, params, init_face, size=size, place=img2img.map_points)
+    else:
+        condition = condition_from_faces(faces, params, pose, size=size)
+    mask = None
+    if mask_photo is not None:
+        mask = img2img.prepare_mask(mask_photo, size, init.size)
+        img2img.check_mask(mask, mask_name)
+    if params.inpaint_face and init_face is not None:
+        face_mask = img2img.face_box_mask_image(_box(init_face, size, img2img.map_points), size)
+        mask = face_mask if mask is None else np.maximum(mask, face_mask)
+    return replace(condition, init_image=img2img.prepare_init(init, size), mask=mask)
 
 
 def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams, seed: int,
@@ -139,10 +205,15 @@ def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateP
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
         num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
         adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
-        controls=controls,
+        controls=controls, identity_start=params.identity_start, identity_end=params.identity_end,
+        negative_face_noise=params.negative_face_noise, init_image=face.init_image, mask=face.mask,
     )
+    strength = 1.0  # text-to-image; img2img and inpainting at their strength (default per mode)
+    if face.init_image is not None:
+        default = img2img.INPAINT_STRENGTH if face.mask is not None else img2img.IMG2IMG_STRENGTH
+        strength = params.strength if params.strength is not None else default
     key = BatchKey(face.width, face.height, params.steps, params.scheduler,
-                   text_tokens=prompt.prompt_embeds.shape[0], loras=lora_set(params.loras))
+                   text_tokens=prompt.prompt_embeds.shape[0], loras=lora_set(params.loras), strength=strength)
     return request, key
 
 
@@ -173,17 +244,20 @@ class InstantIDPipeline:
 
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
-                 pose_name: str = "pose_image") -> GenerationResult:
-        """Run face analysis, prompt encoding and denoising for one request.
+                 pose_name: str = "pose_image", init_image: bytes | None = None, mask_image: bytes | None = None,
+                 init_name: str = "init_image", mask_name: str = "mask_image") -> GenerationResult:
+        """Run face analysis, prompt encoding and denoising for one request; with `init_image` (and `mask_image`
+        or `params.inpaint_face`) as img2img / inpainting.
 
-        `face_names` / `pose_name` name the inputs in error messages (default `face_image[i]`, `pose_image`);
-        the CLI passes the file paths."""
+        `face_names` / `pose_name` / `init_name` / `mask_name` name the inputs in error messages (default the API
+        field names); the CLI passes the file paths."""
         timings: dict[str, float] = {}
         params = self.denoiser.loras.with_presets(params).resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
         face = face_condition(self.face, face_images, params, self.settings, pose_image, names=face_names,
-                              pose_name=pose_name)
+                              pose_name=pose_name, init_image=init_image, mask_image=mask_image,
+                              init_name=init_name, mask_name=mask_name)
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -48,7 +48,7 @@ def astronaut() -> Image.Image:
 @pytest.fixture(scope="module")
 def two_portraits() -> tuple[Image.Image, float]:
     """Head-and-shoulders crop of the astronaut top left; the same crop mirrored at 0.7x bottom right, so the
-    smaller face has the larger y2: a largest-face key with the reference's precedence bug, (x2 - x1) * y2 - y1,
+    smaller face has the larger y2: a largest-face key with a hosted fork's precedence slip, (x2 - x1) * y2 - y1,
     would pick it. Returns the image and the x where the second portrait starts."""
     crop = skimage_data.astronaut()[0:320, 96:352]  # 256 wide, face ~80 px
     small = np.asarray(Image.fromarray(np.ascontiguousarray(crop[:, ::-1])).resize((179, 224)))
