@@ -59,12 +59,13 @@ class FaceAnalysis:
         self.analyzer = FaceAnalyzer(resolve_app_weights(self.config).face_pack, settings)
         self.cache: LRUCache[FaceInfo] = LRUCache(self.config.face_cache_bytes, sizeof=nbytes)
 
-    async def analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams) -> FaceResult:
+    async def analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
+                      init_image: bytes | None = None, mask_image: bytes | None = None) -> FaceResult:
         start = time.perf_counter()
         lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.
         condition = await asyncio.to_thread(face_condition, self.analyzer, face_images, params, self.settings,
-                                            pose_image, cache=lookups)
+                                            pose_image, cache=lookups, init_image=init_image, mask_image=mask_image)
         return FaceResult(condition, time.perf_counter() - start, cache_hit=lookups.misses == 0)
 
     async def check_health(self) -> None:

@@ -28,7 +28,7 @@ from instantid_app.config import AppConfig
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
-from instantid_core.pipeline import draw_seed
+from instantid_core.pipeline import check_init_inputs, draw_seed
 from instantid_core.storage import OutputStore
 
 from . import metrics
@@ -60,6 +60,8 @@ MULTIPART_SCHEMA = {
     "properties": {
         "face_image": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "pose_image": {"type": "string", "format": "binary"},
+        "init_image": {"type": "string", "format": "binary"},
+        "mask_image": {"type": "string", "format": "binary"},
         "params": {"type": "string", "description": "GenerateParams (and optional `output`) as a JSON object"},
     },
 }
@@ -142,21 +144,26 @@ class Ingress:
         faces = await asyncio.gather(*(self.inputs.read_image(src, f"face_image[{i}]")
                                        for i, src in enumerate(face_sources)))
         pose = await self.inputs.read_image(request.pose_image, "pose_image") if request.pose_image else None
+        check_init_inputs(params, request.init_image is not None, request.mask_image is not None)
+        init = await self.inputs.read_image(request.init_image, "init_image") if request.init_image else None
+        mask = await self.inputs.read_image(request.mask_image, "mask_image") if request.mask_image else None
         control_images, params = await self._read_control_images(params)
-        # Up to 8 images of max_image_bytes each (and control images): hashed in a worker thread, never on the
-        # event loop.
-        face_digests, pose_digest, control_digests = await asyncio.to_thread(lambda: (
+        # Up to 8 images of max_image_bytes each (and control, init and mask images): hashed in a worker thread,
+        # never on the event loop.
+        face_digests, pose_digest, control_digests, init_digest, mask_digest = await asyncio.to_thread(lambda: (
             [hashlib.sha256(f).hexdigest() for f in faces], hashlib.sha256(pose).hexdigest() if pose else None,
-            _control_digests(params, control_images)))
+            _control_digests(params, control_images), hashlib.sha256(init).hexdigest() if init else None,
+            hashlib.sha256(mask).hexdigest() if mask else None))
         meta = {
             # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
             "request_id": request_id, "params": {**params.model_dump(mode="json"),
                                                  "scheduler": (params.scheduler or default_scheduler).value,
                                                  **control_digests},
-            "inputs": {"face_image_sha256": face_digests, "pose_image_sha256": pose_digest},
+            "inputs": {"face_image_sha256": face_digests, "pose_image_sha256": pose_digest,
+                       "init_image_sha256": init_digest, "mask_image_sha256": mask_digest},
         }
         try:
-            face = self.face.analyze.remote(faces, pose, params)
+            face = self.face.analyze.remote(faces, pose, params, init, mask)
             prompt = self.prompt.encode.remote(params.prompt, params.negative_prompt, params.style)
             # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
             denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)

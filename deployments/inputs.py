@@ -88,7 +88,7 @@ class InputReader:
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            form = await Request(request.scope, replay).form(max_files=9, max_fields=4,
+            form = await Request(request.scope, replay).form(max_files=11, max_fields=4,
                                                                max_part_size=self.config.max_image_bytes)
         except Exception as exc:  # starlette raises several types for a broken multipart body
             if "maximum size" in str(exc):
@@ -107,6 +107,10 @@ class InputReader:
         encoded = {"face_image": [base64.b64encode(f).decode() for f in faces]}
         if pose is not None and hasattr(pose, "read"):
             encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
+        for name in ("init_image", "mask_image"):  # img2img / inpainting photos
+            part = form.get(name)
+            if part is not None and hasattr(part, "read"):
+                encoded[name] = base64.b64encode(await part.read()).decode()
         try:
             return GenerateRequest.model_validate({**params, **encoded})
         except ValidationError as exc:

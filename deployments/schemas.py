@@ -42,10 +42,15 @@ class GenerateRequest(GenerateParams):
     face_image: str | list[str] = Field(
         ..., description="Base64 image, or an s3:// URI in an allowed bucket; a list averages several photos.")
     pose_image: str | None = Field(None, description="Take the face keypoints (pose) from this image.")
+    init_image: str | None = Field(None, description="img2img / inpainting: start from this photo (base64 or s3://); "
+                                   "the output takes its size unless width/height are given.")
+    mask_image: str | None = Field(None, description="With init_image: white = regenerate, black = keep (resized "
+                                   "to the init image when its size differs).")
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     def params(self) -> GenerateParams:
-        return GenerateParams.model_validate(self.model_dump(exclude={"face_image", "pose_image", "output"}))
+        return GenerateParams.model_validate(self.model_dump(
+            exclude={"face_image", "pose_image", "init_image", "mask_image", "output"}))
 
 
 class GenerateResponse(BaseModel):

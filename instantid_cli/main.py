@@ -62,23 +62,36 @@ def _generate(args: argparse.Namespace) -> None:
         guidance=args.guidance, identitynet_strength=args.identitynet_strength,
         adapter_strength=args.adapter_strength, width=args.width, height=args.height, num_images=args.num_images,
         scheduler=args.scheduler, enhance_face_region=not args.no_enhance_face_region, face_index=args.face_index,
+        pose_face_index=args.pose_face_index, identity_start=args.identity_start, identity_end=args.identity_end,
+        negative_face_noise=args.negative_face_noise, strength=args.strength, inpaint_face=args.inpaint_face,
     )
-    settings = PipelineSettings(device=args.device, dtype=args.dtype)
+    settings = PipelineSettings(device=args.device, dtype=args.dtype, styles_file=args.styles_file)
     faces = [_read_image(path, settings) for path in args.face]
     pose = _read_image(args.pose, settings) if args.pose else None
+    init = _read_image(args.init_image, settings) if args.init_image else None
+    mask = _read_image(args.mask, settings) if args.mask else None
+    from instantid_core.pipeline import check_init_inputs  # before any model loads
+    from instantid_core.styles import apply_style, load_styles
+
+    apply_style(load_styles(settings), params.style, "", "")  # an unknown style: one error line, no model load
+    check_init_inputs(params, init is not None, mask is not None, args.init_image or "--init-image",
+                      args.mask or "--mask")
     sources = _sources(args)
 
     from instantid_core.pipeline import InstantIDPipeline
     from instantid_core.storage import OutputStore, encode_image
 
     pipeline = InstantIDPipeline(sources, settings)
-    result = pipeline.generate(faces, params, pose, face_names=list(args.face), pose_name=args.pose or "pose_image")
+    result = pipeline.generate(faces, params, pose, face_names=list(args.face), pose_name=args.pose or "pose_image",
+                               init_image=init, mask_image=mask, init_name=args.init_image or "init_image",
+                               mask_name=args.mask or "mask_image")
     request_id = uuid.uuid4().hex
     meta = {
-        "request_id": request_id, "params": params.model_dump(mode="json"), "seed": result.seed,
+        "request_id": request_id, "params": (result.params or params).model_dump(mode="json"), "seed": result.seed,
         "width": result.width, "height": result.height, "weights": pipeline.weights.revisions,
         "timings_s": result.timings,
-        "inputs": {"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None},
+        "inputs": {"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None,
+                   "init_image": args.init_image, "mask": args.mask},
     }
     stored = OutputStore(args.out).write_request(
         request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
@@ -168,11 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pose", help="take the face keypoints (pose) from this photo")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--style", type=_one_of(Style), default=Style.none, metavar="STYLE",
-                     help=f"one of: {', '.join(s.value for s in Style)}")
+    gen.add_argument("--style", default="No style", metavar="STYLE",
+                     help=f"one of: {', '.join(s.value for s in Style)} (or one of --styles-file)")
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--steps", type=int, help="default 30, or 5 with --scheduler lcm (the demo's LCM preset)")
+    gen.add_argument("--guidance", type=float, help="default 5.0, or 1.5 with --scheduler lcm")
     gen.add_argument("--identitynet-strength", type=float, default=0.8)
     gen.add_argument("--adapter-strength", type=float, default=0.8)
     gen.add_argument("--width", type=int)
@@ -182,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"one of: {', '.join(s.value for s in Scheduler)}")
     gen.add_argument("--face-index", type=int)
     gen.add_argument("--no-enhance-face-region", action="store_true")
+    gen.add_argument("--pose-face-index", type=int, help="which face of the pose (or init) photo gives the "
+                     "keypoints; default the largest")
+    gen.add_argument("--identity-start", type=float, default=0.0, help="fraction of the steps before IdentityNet "
+                     "and the face tokens act")
+    gen.add_argument("--identity-end", type=float, default=1.0, help="fraction of the steps after which they stop")
+    gen.add_argument("--negative-face-noise", type=float, default=0.0, help="noise as the negative branch's face")
+    gen.add_argument("--init-image", help="img2img / inpainting: start from this photo (output takes its size)")
+    gen.add_argument("--strength", type=float, help="with --init-image: 0 < s <= 1 (default 0.8, inpainting 1.0)")
+    gen.add_argument("--mask", help="with --init-image: white = regenerate (resized to the init image)")
+    gen.add_argument("--inpaint-face", action="store_true", help="with --init-image: regenerate only its face")
+    gen.add_argument("--styles-file", help="a YAML file of extra styles (the shape of instantid_core/styles.yaml)")
     gen.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))

@@ -24,15 +24,15 @@ def read_styles_file(path: str | Path) -> dict[str, StylePreset]:
     """A YAML mapping of name -> {prompt, negative}.
 
     Raises:
-        ValueError: unreadable file, not YAML, or an entry without `{prompt}` (named, with the file): a broken
-            config, reported when the prompt stage starts.
+        InvalidParameter: unreadable file, not YAML, or an entry without `{prompt}` (named, with the file): a
+            broken config, reported when the prompt stage starts (the CLI: before any model loads).
     """
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
         return {canonical_style(name): preset for name, preset in _PRESETS.validate_python(data).items()}
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         reason = " ".join(str(exc).split())[:300]
-        raise ValueError(f"styles_file: cannot read {path}: {reason}") from exc
+        raise InvalidParameter(f"styles_file: cannot read {path}: {reason}", field="styles_file") from exc
 
 
 @cache

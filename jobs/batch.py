@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from instantid_app.cache import LRUCache
-from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Style
+from instantid_core.config import NO_STYLE, GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
 
@@ -47,7 +47,7 @@ class PromptSpec(BaseModel):
     id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     prompt: str
     negative_prompt: str = ""
-    style: Style = Style.none
+    style: str = Field(NO_STYLE, max_length=100, description="a built-in style or one of the config's styles")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -124,12 +124,14 @@ def _resolve(settings: BatchSettings):
 
 
 class FaceStage:
-    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams]) -> None:
+    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams],
+                 photos: dict[str, bytes] | None = None) -> None:
         from instantid_core.face import FaceAnalyzer
 
         self.settings = settings
         self.analyzer = FaceAnalyzer(_resolve(settings).face_pack, settings.pipeline)
         self.params = params
+        self.photos = photos or {}  # --params init_image / mask_image, read once by the driver
         self.store = OutputStore("file:///")
         self.cache = LRUCache(64 * 2**20)  # pickled FaceConditions (keypoint image included), by bytes
 
@@ -142,13 +144,16 @@ class FaceStage:
             params = self.params[prompt_id]
             status, message, face = "ok", "", b""
             try:
-                key = (image_uri, params.width, params.height, params.face_index)
-                face = cache.get(key)
+                key = (image_uri, params.width, params.height, params.face_index, params.pose_face_index,
+                       params.inpaint_face)
+                face = cache.get(key) if not self.photos else None  # img2img rows carry the photo: not cached
                 if face is None:
                     data = self.store.read_bytes(image_uri)
-                    face = pickle.dumps(face_condition(self.analyzer, [data], params, self.settings.pipeline,
-                                                       names=[image_uri]))
-                    cache.put(key, face)
+                    face = pickle.dumps(face_condition(
+                        self.analyzer, [data], params, self.settings.pipeline, names=[image_uri],
+                        init_image=self._photo("init_image", data), mask_image=self._photo("mask_image", data)))
+                    if not self.photos:
+                        cache.put(key, face)
             except NoFaceDetected as exc:
                 status, message = "no_face", exc.message
             except (InvalidImage, ImageTooLarge) as exc:
@@ -159,6 +164,11 @@ class FaceStage:
                                 ("message", message), ("face", face)):
                 out[name].append(value)
         return out
+
+    def _photo(self, name: str, row_photo: bytes) -> bytes | None:
+        """`init_image: "$input"` is each row's own photo (restyle it, or swap its face: inpaint_face)."""
+        photo = self.photos.get(name)
+        return row_photo if photo == INPUT_PHOTO else photo
 
 
 class DenoiseStage:
@@ -296,6 +306,36 @@ def recover_written(store: OutputStore, pairs: Iterable[tuple[str, str]], day: s
     return found
 
 
+INPUT_PHOTO = b"$input"  # --params '{"init_image": "$input"}': every row starts from its own photo
+
+
+def split_photo_params(params: dict[str, Any], store: OutputStore,
+                       pipeline: PipelineSettings) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """--params minus `init_image` / `mask_image` (a path or s3:// URI, read here once, or "$input" for
+    init_image), and those photos' bytes, checked to decode before the job starts."""
+    from instantid_core.images import load_image
+
+    params, photos = dict(params), {}
+    for name in ("init_image", "mask_image"):
+        source = params.pop(name, None)
+        if source is None:
+            continue
+        if not isinstance(source, str) or (source == "$input" and name != "init_image"):
+            raise InvalidParameter(f"--params {name}: a path or s3:// URI" + (' or "$input"' if name == "init_image"
+                                                                                else ""), field=name)
+        if source == "$input":
+            photos[name] = INPUT_PHOTO
+            continue
+        try:
+            data = store.read_bytes(as_uri(source))
+        except Exception as exc:  # a missing file or object, no access: one line naming the parameter
+            raise InvalidParameter(f"--params {name}: cannot read {source}: {exc}", field=name) from exc
+        load_image(data, name=f"--params {name}", max_pixels=pipeline.max_image_pixels,
+                   max_side=pipeline.max_image_side)
+        photos[name] = data
+    return params, photos
+
+
 def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settings: BatchSettings,
               params: dict[str, Any] | None = None, limit: int | None = None, fmt: str = "png",
               denoise_actors: int = 1, face_actors: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -312,7 +352,8 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     state = store.get_json("job.json") if store.exists("job.json") else {
         "day": f"{datetime.now(timezone.utc):%Y-%m-%d}", "input": input_uri}
     store.put_json("job.json", state)  # the date partition of the first run is kept, so reruns hit the same keys
-    per_prompt = {p.id: GenerateParams.model_validate({**(params or {}), **p.params, "prompt": p.prompt,
+    params, photos = split_photo_params(params or {}, inputs_store, settings.pipeline)
+    per_prompt = {p.id: GenerateParams.model_validate({**params, **p.params, "prompt": p.prompt,
                                                        "negative_prompt": p.negative_prompt, "style": p.style})
                   for p in prompts}
     if any(p.controls for p in per_prompt.values()):  # the face actors keep no photo bytes for canny/depth maps
@@ -341,7 +382,8 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
         encode = ray.remote(num_gpus=1 if on_gpu else 0, num_cpus=1)(_encode_prompts)
         embeds = ray.get(encode.remote(settings, per_prompt))
         dataset = ray.data.from_items([{"image": image, "prompt_id": pid} for image, pid in todo])
-        dataset = dataset.map_batches(FaceStage, fn_constructor_kwargs={"settings": settings, "params": per_prompt},
+        dataset = dataset.map_batches(FaceStage, fn_constructor_kwargs={"settings": settings, "params": per_prompt,
+                                                                          "photos": photos},
                                       batch_size=8, concurrency=face_actors, num_cpus=1,
                                       resources=settings.face_resources or None)
         dataset = dataset.map_batches(DenoiseStage, fn_constructor_kwargs={

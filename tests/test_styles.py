@@ -47,7 +47,7 @@ def test_operators_add_and_replace_styles_through_config(tmp_path, tiny_root, pr
 def test_a_broken_styles_file_names_the_file_and_the_entry(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("Oops:\n  prompt: 'no placeholder'\n")
-    with pytest.raises(ValueError, match=r"bad\.yaml.*Oops.*\{prompt\}"):
+    with pytest.raises(InvalidParameter, match=r"bad\.yaml.*Oops.*\{prompt\}"):
         read_styles_file(bad)
     with pytest.raises(ValidationError, match="prompt"):
         PipelineSettings(styles={"Oops": {"prompt": "no placeholder"}})
