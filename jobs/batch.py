@@ -349,10 +349,10 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     images = list_inputs(inputs_store, input_uri, limit, output_uri)
     if not images:  # checked before anything is written: a mistyped prefix leaves no job behind
         raise InvalidParameter(f"--input {input_uri}: no files under this prefix", field="input")
+    params, photos = split_photo_params(params or {}, inputs_store, settings.pipeline)  # before anything is written
     state = store.get_json("job.json") if store.exists("job.json") else {
         "day": f"{datetime.now(timezone.utc):%Y-%m-%d}", "input": input_uri}
     store.put_json("job.json", state)  # the date partition of the first run is kept, so reruns hit the same keys
-    params, photos = split_photo_params(params or {}, inputs_store, settings.pipeline)
     per_prompt = {p.id: GenerateParams.model_validate({**params, **p.params, "prompt": p.prompt,
                                                        "negative_prompt": p.negative_prompt, "style": p.style})
                   for p in prompts}
