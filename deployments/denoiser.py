@@ -114,8 +114,10 @@ class Denoiser:
         images, batch_size, queue_s, denoise_s = result
         timings = {"face": face.seconds, "prompt": prompt.seconds, "queue": queue_s, "denoise": denoise_s}
         cache_hits = {"face": face.cache_hit, "prompt": prompt.cache_hit}
+        run = params.resolved(self.config.pipeline.default_scheduler)
+        as_run = {"scheduler": run.scheduler.value, "steps": run.steps, "guidance": run.guidance}
         return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits,
-                             replica_id=self.replica_id)
+                             replica_id=self.replica_id, as_run=as_run)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LORA_SETS_PER_REPLICA)
     async def load_lora_set(self, model_id: str) -> tuple[str, ...]:

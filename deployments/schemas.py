@@ -112,3 +112,4 @@ class DenoiseResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: face, prompt, queue, denoise
     cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt
     replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)
+    as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)

@@ -27,6 +27,8 @@ class OutputWriter:
         start = time.perf_counter()
         encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in result.images])
         timings = {**result.timings, "encode": time.perf_counter() - start}
+        if result.as_run:  # what ran (a LoRA's preset may have chosen it), so the sidecar replays exactly
+            meta = {**meta, "params": {**meta.get("params", {}), **result.as_run}}
         meta = {**meta, "seed": seed, "width": result.width, "height": result.height,
                 "batch_size": result.batch_size, "timings_s": timings}
         stored: StoredOutput = await asyncio.to_thread(
