@@ -147,7 +147,8 @@ def extended_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
     bucket = f"ext-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     stages = small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2})
-    overrides = {"deployments": stages, "loras": {"broken": str(bad)},
+    preset = {"source": str(Path(serve_tiny_dir) / "loras" / "tiny-style.safetensors"), "steps": 2, "guidance": 1.0}
+    overrides = {"deployments": stages, "loras": {"broken": str(bad), "fast-style": preset},
                  "controlnets": {"pose": str(Path(serve_tiny_dir) / "controlnets" / "pose")}}
     return deploy(ray_instance, "instantid-ext", "/ext", overrides, bucket, serve_tiny_dir)
 
@@ -191,3 +192,32 @@ def test_requests_for_one_lora_set_land_on_the_replica_that_loaded_it(extended_a
             break
     assert streak == 3
     assert {replica(STYLE) for _ in range(6)} == {first}
+
+
+def test_the_handle_takes_loras_and_controls_like_http(served_app, astronaut_bytes, library):
+    from ray import serve
+
+    from deployments.schemas import GenerateRequest
+
+    handle = serve.get_app_handle("instantid")
+    response = handle.generate.remote(GenerateRequest(
+        face_image=b64(astronaut_bytes), prompt="a portrait", seed=17, loras=STYLE,
+        controls=[{"type": "canny", "strength": 0.5}], **FAST)).result(timeout_s=180)
+    expected = alone(library, astronaut_bytes, 17, loras=STYLE, controls=[{"type": "canny", "strength": 0.5}])
+    assert same(pixels(response.images[0]), expected)
+    assert not same(expected, alone(library, astronaut_bytes, 17))
+
+
+def test_a_lora_preset_fills_the_steps_and_guidance_a_request_leaves_unset(extended_app, astronaut_bytes):
+    size = {"width": 128, "height": 128, "seed": 18}
+    fast = post(extended_app, {"face_image": b64(astronaut_bytes), "prompt": "a portrait", **size,
+                               "loras": [{"name": "fast-style", "scale": 0.8}]})
+    assert fast.status_code == 200, fast.text
+    bucket, key = fast.json()["metadata"].removeprefix("s3://").split("/", 1)
+    import json
+
+    meta = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert (meta["params"]["steps"], meta["params"]["guidance"]) == (2, 1.0)
+    explicit = post(extended_app, {"face_image": b64(astronaut_bytes), "prompt": "a portrait", **size, "steps": 2,
+                                   "guidance": 1.0, "loras": STYLE})  # the same file under its own name
+    assert same(pixels(fast.json()["images"][0]), pixels(explicit.json()["images"][0]))
