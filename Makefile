@@ -4,7 +4,10 @@ PY := $(VENV)/bin/python
 TINY := .cache/tiny
 OUT ?= outputs
 
-.PHONY: setup demo demo-cli test lint bench clean
+REDIS_PORT ?= 6379
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup services redis-server demo demo-cli test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -20,9 +23,26 @@ $(TINY)/.done: | setup
 	$(PY) -m instantid_cli weights tiny $(TINY)
 	touch $@
 
+# Debian's redis-server (the async jobs' broker), installed when missing. Tests start their own on free ports.
+redis-server:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+# A Redis on loopback for `make demo` and `serve run serve_config.yaml` (idempotent: reuses one already listening).
+services: redis-server
+	@if redis-cli -h 127.0.0.1 -p $(REDIS_PORT) ping >/dev/null 2>&1; then \
+		echo "redis: already listening on redis://127.0.0.1:$(REDIS_PORT)/0"; \
+	else \
+		redis-server --bind 127.0.0.1 --port $(REDIS_PORT) --daemonize yes --save "" --appendonly no \
+			--dir /tmp --logfile /tmp/instantid-redis-$(REDIS_PORT).log --pidfile /tmp/instantid-redis-$(REDIS_PORT).pid; \
+		for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.1; done; \
+		redis-cli -h 127.0.0.1 -p $(REDIS_PORT) ping >/dev/null && \
+		echo "redis: started, listening on redis://127.0.0.1:$(REDIS_PORT)/0 (log /tmp/instantid-redis-$(REDIS_PORT).log)"; \
+	fi
+
 # The main job on the tiny preset: the serving app on Ray local, one real HTTP request, outputs under ./outputs
 # (or OUTPUT_URI). `make demo-cli` does the same through the library alone.
-demo: setup
+demo: setup services
 	$(PY) -m deployments.demo
 
 demo-cli: setup $(TINY)/.done
@@ -30,7 +50,7 @@ demo-cli: setup $(TINY)/.done
 		--prompt "an astronaut portrait, watercolor" --style Watercolor --steps 8 --width 512 --height 512 \
 		--seed 42 --out $(OUT)
 
-test: setup
+test: setup redis-server
 	$(PY) -m pytest -q
 
 lint: setup

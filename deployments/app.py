@@ -16,6 +16,8 @@ from instantid_app.config import AppConfig
 from .denoiser import Denoiser
 from .face import FaceAnalysis
 from .ingress import Ingress
+from .job_consumer import job_consumer_class
+from .job_queue import autoscaling_policy
 from .prompt import PromptEncoderDeployment
 from .writer import OutputWriter
 
@@ -40,4 +42,12 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     prompt = deployment(PromptEncoderDeployment, "PromptEncoder", stages.prompt).bind(plain)
     denoiser = deployment(Denoiser, "Denoiser", stages.denoiser).bind(plain)
     writer = deployment(OutputWriter, "OutputWriter", stages.writer).bind(plain)
-    return deployment(Ingress, "Ingress", stages.ingress).bind(face, prompt, denoiser, writer, plain)
+    consumer = None
+    if config.jobs is not None:
+        options = stages.jobs.model_copy(deep=True)
+        autoscaling = options.autoscaling_config.model_dump(mode="json")
+        autoscaling.setdefault("policy", autoscaling_policy(config.jobs))  # scale on the queue's length
+        consumer = serve.deployment(job_consumer_class(config), name="JobConsumer",
+                                    **{**options.serve_options(), "autoscaling_config": autoscaling}).bind(plain)
+        logger.info("deployment JobConsumer on queue %s", config.jobs.queue_name)
+    return deployment(Ingress, "Ingress", stages.ingress).bind(face, prompt, denoiser, writer, plain, consumer)

@@ -38,6 +38,8 @@ from instantid_core.loras import lora_set_id
 from instantid_core.memory import run_splitting
 from instantid_core.pipeline import denoise_request
 
+from .errors import JobCancelled
+from .job_store import JobStore
 from .schemas import DenoiseResult, FaceResult, PromptResult
 
 logger = logging.getLogger("ray.serve")
@@ -49,6 +51,7 @@ class _Item:
     key: BatchKey
     enqueued: float
     abandoned: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
+    job_id: str | None = None  # an async job: progress reported and cancel honoured at every step
 
 
 # Serve's multiplexed cache size is fixed when the class is defined; it only steers routing (which replica holds
@@ -76,14 +79,17 @@ class Denoiser:
         self.config = AppConfig.model_validate(config)
         self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config), self.config.pipeline)
         self.replica_id = _replica_id()
+        self.jobs = JobStore(self.config.jobs.resolved_broker_url(), self.config.jobs.status_ttl_s) \
+            if self.config.jobs else None
         self._run_batch.set_max_batch_size(self.config.max_batch_size)
         self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
                        control_images: list[bytes | None] | None = None,
-                       control_fallback: bytes | None = None) -> DenoiseResult:
+                       control_fallback: bytes | None = None, job_id: str | None = None) -> DenoiseResult:
         """`control_images`: per `params.controls` entry its own image bytes or None; `control_fallback`: the pose
-        photo, else the face photo (the canny/depth input when a control brings no image)."""
+        photo, else the face photo (the canny/depth input when a control brings no image). `job_id`: an async
+        job's, whose progress goes to its record after every step and whose cancel stops it at the next one."""
         self.denoiser.loras.check(params.loras)  # 400 naming an unknown LoRA before anything is loaded
         params = self.denoiser.loras.with_presets(params)  # a few-step LoRA's scheduler/steps/guidance if unset
         controls = ()
@@ -97,7 +103,9 @@ class Denoiser:
         if key.loras:
             # Also what tells Serve this replica holds the set; a file that is no LoRA raises InvalidLora here.
             await self.load_lora_set(lora_set_id(key.loras))
-        item = _Item(request, key, time.perf_counter())
+        if job_id and self.jobs and await asyncio.to_thread(self.jobs.cancel_requested, job_id):
+            raise JobCancelled(f"job {job_id} was cancelled")
+        item = _Item(request, key, time.perf_counter(), job_id=job_id if self.jobs else None)
         try:
             if request.num_images > self.config.max_batch_size:
                 # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
@@ -109,6 +117,8 @@ class Denoiser:
             # the running batch drops this request's samples at its next step.
             item.abandoned.set()
             raise
+        if result is None and item.job_id:
+            raise JobCancelled(f"job {item.job_id} was cancelled")
         if isinstance(result, Exception):
             raise result
         images, batch_size, queue_s, denoise_s = result
@@ -149,8 +159,15 @@ class Denoiser:
         def run(requests: list[DenoiseRequest], on_step) -> list[Any]:
             return self.denoiser(requests, key, on_step)
 
+        wanted = [True] * len(items)
+
         def still_wanted(step: int, steps: int) -> list[bool]:
-            return [not item.abandoned.is_set() for item in items]
+            for i, item in enumerate(items):
+                if wanted[i] and item.abandoned.is_set():
+                    wanted[i] = False
+                elif wanted[i] and item.job_id and self.jobs is not None:  # progress; False once cancelled
+                    wanted[i] = self.jobs.report_step(item.job_id, step, steps)
+            return wanted
 
         def attempt() -> list[Any]:
             return run_splitting(run, [item.request for item in items],

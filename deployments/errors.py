@@ -62,7 +62,21 @@ class InternalError(InstantIDError):
 
 
 class JobNotFound(InstantIDError):
-    code = "job_not_found"
+    code = "job_not_found"  # unknown job id, or its record expired (jobs.status_ttl_s)
+
+
+class JobCancelled(InstantIDError):
+    """A job cancelled while it ran: raised where the Denoiser stops it, so no stage after it writes anything."""
+
+    code = "job_cancelled"
+
+
+class JobsDisabled(InstantIDError):
+    code = "jobs_disabled"  # the app has no `jobs` (broker) configured
+
+
+class WebhookNotAllowed(InstantIDError):
+    code = "webhook_not_allowed"  # webhook_url's host is not in allowed_webhook_hosts
 
 
 class RouteNotFound(InstantIDError):
@@ -84,6 +98,9 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     core.InputNotAllowed: 403,
     core.InputNotFound: 404,
     JobNotFound: 404,
+    WebhookNotAllowed: 403,
+    JobCancelled: 409,
+    JobsDisabled: 503,
     RouteNotFound: 404,
     MethodNotAllowed: 405,
     core.ImageTooLarge: 413,

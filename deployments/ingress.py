@@ -29,13 +29,11 @@ from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.pipeline import check_init_inputs, draw_seed
-from instantid_core.storage import OutputStore
 
 from . import metrics
 from .access import AccessControl, Action
 from .errors import (
     InternalError,
-    JobNotFound,
     ServiceOverloaded,
     StageTimeout,
     error_response,
@@ -44,7 +42,8 @@ from .errors import (
     internal_error_response,
 )
 from .inputs import InputReader
-from .schemas import ErrorBody, ErrorDetail, GenerateRequest, GenerateResponse, JobStatus
+from .jobs_api import JobsAPI
+from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,6 +73,9 @@ GENERATE_BODY = {
         },
     }
 }
+JOB_BODY = {"requestBody": {**GENERATE_BODY["requestBody"], "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+    "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}}
 ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)}
 
 
@@ -86,6 +88,9 @@ def openapi_schema() -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request_schema.pop("$defs", {}))
         components["GenerateRequest"] = request_schema
+        job_schema = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(job_schema.pop("$defs", {}))
+        components["JobRequest"] = job_schema
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -112,27 +117,29 @@ def _control_digests(params: GenerateParams, images: list[bytes | None]) -> dict
 @serve.ingress(app)
 class Ingress:
     def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
-                 writer: DeploymentHandle, config: dict[str, Any]) -> None:
+                 writer: DeploymentHandle, config: dict[str, Any], jobs: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.model_validate(config)
         self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
-        self.jobs = OutputStore(self.config.output_uri)
+        self.consumer = jobs  # the JobConsumer (bound here so it is part of the app; probed by /readyz)
+        self.jobs = JobsAPI(self.config)
         self.access = AccessControl(self.config.access)
         self.inputs = InputReader(self.config)
-        self._tasks: set[asyncio.Task] = set()
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
     async def generate(self, request: GenerateRequest, inline: bool = False,
-                       request_id: str | None = None) -> GenerateResponse:
+                       request_id: str | None = None, job_id: str | None = None) -> GenerateResponse:
         """Run one request through the DAG; raises typed InstantIDErrors for expected failures.
 
-        `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects."""
+        `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects,
+        and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled."""
         try:
-            return await self._generate(request, inline, request_id)
+            return await self._generate(request, inline, request_id, job_id)
         except InstantIDError as exc:  # HTTP and handle callers alike
             metrics.observe_error(exc.code)
             raise
 
-    async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None) -> GenerateResponse:
+    async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None,
+                        job_id: str | None = None) -> GenerateResponse:
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         params = request.params()
@@ -168,7 +175,8 @@ class Ingress:
             # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
             denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)
                         else self.denoiser)
-            images = denoiser.generate.remote(face, prompt, params, seed, control_images, pose or faces[0])
+            images = denoiser.generate.remote(face, prompt, params, seed, control_images, pose or faces[0],
+                                             job_id=job_id)
             written = self.writer.write.remote(images, request_id, seed, meta, request.output.format,
                                                request.output.prefix, inline)
             response: GenerateResponse = await asyncio.wait_for(written, timeout=self.config.stage_timeout_s)
@@ -218,39 +226,45 @@ class Ingress:
         return await self._http(request, "generate", run, action="generate")
 
     @app.post("/v1/jobs", status_code=202, response_model=JobStatus, responses=ERROR_RESPONSES,
-              openapi_extra=GENERATE_BODY)
+              openapi_extra=JOB_BODY)
     async def http_submit_job(self, request: Request, inline: bool = False) -> Response:
-        """Queue a generation (same body as /v1/generate) and return at once; poll GET /v1/jobs/{job_id}.
-
-        The request is stored with the job, so if this replica dies the next poll resumes the job elsewhere."""
+        """Queue a generation (the /v1/generate body plus an optional `webhook_url`); answers 202 at once.
+        Poll GET /v1/jobs/{job_id}; DELETE it to cancel."""
         async def submit() -> Response:
-            body = await self.inputs.parse_request(request)
-            if body.seed is None:  # fixed now, so a resumed job makes the same images
-                body = body.model_copy(update={"seed": draw_seed()})
-            job_id = uuid.uuid4().hex
-            await asyncio.to_thread(self.jobs.put_json, f"jobs/{job_id}.request.json",
-                                    {"request": body.model_dump(mode="json"), "inline": inline})
-            status = JobStatus(job_id=job_id, status="queued", updated_at=time.time())
-            await self._save_job(status)
-            self._start_job(job_id, body, inline)
-            return JSONResponse(status.model_dump(mode="json"), status_code=202)
+            status = await self.submit_job(await self.inputs.parse_request(request, JobRequest), inline=inline)
+            return JSONResponse(status.model_dump(mode="json", exclude_none=True), status_code=202)
 
         return await self._http(request, "jobs", submit, action="jobs")
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES)
     async def http_job_status(self, request: Request, job_id: str) -> Response:
+        """queued | running (with `progress: {step, steps}`) | done (with `result`) | failed (with `error`) |
+        cancelled."""
         async def status() -> Response:
-            if not job_id.isalnum() or len(job_id) > 64:
-                raise InvalidParameter("job_id must be alphanumeric", field="job_id")
-            key = f"jobs/{job_id}.json"
-            if not await asyncio.to_thread(self.jobs.exists, key):
-                raise JobNotFound(f"no job {job_id}")
-            job = JobStatus.model_validate(await asyncio.to_thread(self.jobs.get_json, key))
-            if job.status in ("queued", "running") and time.time() - (job.updated_at or 0) > self.config.job_lease_s:
-                job = await self._adopt_job(job)
-            return JSONResponse(job.model_dump(mode="json", exclude_none=True))
+            return JSONResponse((await self.job_status(job_id)).model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "job_status", status, action="jobs")
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=ERROR_RESPONSES)
+    async def http_cancel_job(self, request: Request, job_id: str) -> Response:
+        """Cancel: a queued job at once (200, `cancelled`); a running one stops at its next denoising step (202,
+        `running` with `cancel_requested`); a finished job is left as it is (200)."""
+        async def cancel() -> Response:
+            status = await self.cancel_job(job_id)
+            code = 202 if status.status == "running" else 200
+            return JSONResponse(status.model_dump(mode="json", exclude_none=True), status_code=code)
+
+        return await self._http(request, "job_cancel", cancel, action="jobs")
+
+    # --- the jobs handle API (the bodies of the routes above) -------------------------------------------------------
+    async def submit_job(self, request: JobRequest, inline: bool = False) -> JobStatus:
+        return await self.jobs.submit(request, inline)
+
+    async def job_status(self, job_id: str) -> JobStatus:
+        return await self.jobs.status(job_id)
+
+    async def cancel_job(self, job_id: str) -> JobStatus:
+        return await self.jobs.cancel(job_id)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -259,6 +273,8 @@ class Ingress:
     @app.get("/readyz")
     async def readyz(self) -> Response:
         stages = {"face": self.face, "prompt": self.prompt, "denoiser": self.denoiser, "writer": self.writer}
+        if self.consumer is not None:
+            stages["jobs"] = self.consumer
 
         async def probe(handle: DeploymentHandle) -> bool:
             # Ready = the stage answers its own health check (a real forward pass of its model, or an encode) in
@@ -292,54 +308,3 @@ class Ingress:
             response = internal_error_response(request_id, route, exc)
         metrics.observe_http(route, response.status_code, time.perf_counter() - started)
         return response
-
-    # --- jobs: state lives in the output store; a running job renews its lease, a stale one is adopted -----------
-    def _start_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:
-        task = asyncio.create_task(self._run_job(job_id, body, inline))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _adopt_job(self, job: JobStatus) -> JobStatus:
-        """Resume a job whose replica stopped renewing it. Re-running is idempotent (same id, same seed, same
-        output keys), so two replicas adopting at once write the same objects."""
-        saved = await asyncio.to_thread(self.jobs.get_json, f"jobs/{job.job_id}.request.json")
-        logger.warning("job %s: lease expired while %s; resuming it here", job.job_id, job.status)
-        job = JobStatus(job_id=job.job_id, status="running", updated_at=time.time(), resumed=(job.resumed or 0) + 1)
-        await self._save_job(job)
-        self._start_job(job.job_id, GenerateRequest.model_validate(saved["request"]), bool(saved.get("inline")))
-        return job
-
-    async def _run_job(self, job_id: str, body: GenerateRequest, inline: bool) -> None:
-        resumed = (await asyncio.to_thread(self.jobs.get_json, f"jobs/{job_id}.json")).get("resumed")
-        running = JobStatus(job_id=job_id, status="running", resumed=resumed)
-
-        stop = asyncio.Event()
-
-        async def renew_lease() -> None:
-            while not stop.is_set():
-                await self._save_job(running.model_copy(update={"updated_at": time.time()}))
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.config.job_lease_s / 3)
-                except asyncio.TimeoutError:
-                    pass
-
-        lease = asyncio.create_task(renew_lease())
-        try:
-            result = await self.generate(body, inline=inline, request_id=job_id)
-            final = running.model_copy(update={"status": "done", "result": result})
-        except InstantIDError as exc:
-            detail = ErrorDetail(code=exc.code, message=exc.message, field=exc.field)
-            final = running.model_copy(update={"status": "failed", "error": detail.model_dump(exclude_none=True)})
-        except Exception as exc:  # a job must end in a terminal state the caller can read
-            logger.exception("job %s failed", job_id)
-            final = running.model_copy(update={"status": "failed",
-                                               "error": {"code": "internal", "message": type(exc).__name__}})
-        finally:
-            stop.set()
-            await lease  # its last write lands before the final state, never after
-        await self._save_job(final.model_copy(update={"updated_at": time.time()}))
-
-    async def _save_job(self, status: JobStatus) -> None:
-        await asyncio.to_thread(self.jobs.put_json, f"jobs/{status.job_id}.json",
-                                status.model_dump(mode="json", exclude_none=True))
-

@@ -60,7 +60,8 @@ class InputReader:
                 self._s3_client = make_s3_client()
             return self._s3_client
 
-    async def parse_request(self, request: Request) -> GenerateRequest:
+    async def parse_request(self, request: Request, model: type[GenerateRequest] = GenerateRequest) -> Any:
+        """The body as `model` (GenerateRequest, or a subclass such as JobRequest)."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
             raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
@@ -68,9 +69,9 @@ class InputReader:
         # max_body_bytes is ever held in memory or spooled to disk.
         body = await self._read_body(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return await self._parse_multipart(request, body)
+            return await self._parse_multipart(request, body, model)
         try:
-            return GenerateRequest.model_validate_json(body)
+            return model.model_validate_json(body)
         except ValidationError as exc:
             raise validation_error(exc) from exc
 
@@ -83,7 +84,7 @@ class InputReader:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse_multipart(self, request: Request, body: bytes) -> GenerateRequest:
+    async def _parse_multipart(self, request: Request, body: bytes, model: type[GenerateRequest]) -> Any:
         async def replay() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -112,6 +113,6 @@ class InputReader:
             if part is not None and hasattr(part, "read"):
                 encoded[name] = base64.b64encode(await part.read()).decode()
         try:
-            return GenerateRequest.model_validate({**params, **encoded})
+            return model.model_validate({**params, **encoded})
         except ValidationError as exc:
             raise validation_error(exc) from exc

@@ -69,15 +69,6 @@ class GenerateResponse(BaseModel):
                                          "for one LoRA set are routed to replicas that hold it).")
 
 
-class JobStatus(BaseModel):
-    job_id: str
-    status: Literal["queued", "running", "done", "failed"]
-    result: GenerateResponse | None = None
-    error: dict | None = None
-    updated_at: float | None = Field(None, description="Unix time of the last update; a running job renews it.")
-    resumed: int | None = Field(None, description="Times the job was resumed after its replica stopped.")
-
-
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -86,6 +77,43 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+
+class JobRequest(GenerateRequest):
+    """POST /v1/jobs body and `submit_job`'s argument: a GenerateRequest plus where to report the end."""
+
+    webhook_url: str | None = Field(None, max_length=2048, description="POST the job's final status JSON here "
+                                    "when it ends; the host must be in the server's allowed_webhook_hosts.")
+
+    def generate_request(self) -> GenerateRequest:
+        return GenerateRequest.model_validate(self.model_dump(exclude={"webhook_url"}))
+
+
+class JobProgress(BaseModel):
+    step: int = Field(description="Denoising steps done.")
+    steps: int = Field(description="Denoising steps in all.")
+
+
+class WebhookDelivery(BaseModel):
+    delivered: bool
+    attempts: int
+    status_code: int | None = Field(None, description="The receiver's last HTTP status, if it answered.")
+    error: str | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: JobProgress | None = Field(None, description="While running: denoising steps done of all.")
+    result: GenerateResponse | None = Field(None, description="When done: the /v1/generate response.")
+    error: ErrorDetail | None = Field(None, description="When failed: what went wrong (typed, as HTTP errors).")
+    cancel_requested: bool | None = Field(None, description="A cancel was asked for; a running job stops at its "
+                                          "next denoising step.")
+    created_at: float | None = Field(None, description="Unix time the job was queued.")
+    updated_at: float | None = Field(None, description="Unix time of the last change of status.")
+    started_at: float | None = Field(None, description="Unix time a consumer last started it.")
+    attempts: int = Field(0, description="Times a consumer started it (more than 1 after a redelivery).")
+    webhook: WebhookDelivery | None = Field(None, description="How the webhook call went, once it was made.")
 
 
 # --- payloads between deployments ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ job's `--config`, and the loader that reads it out of a Serve config file."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,46 @@ class StageOptions(BaseModel):
     denoiser: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
         max_ongoing_requests=16, ray_actor_options={"num_cpus": 1}))
     writer: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}))
+    # The job consumer: max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads);
+    # it scales on the broker's queue length (build_app sets Serve's AsyncInferenceAutoscalingPolicy).
+    jobs: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
+        max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.25},
+        autoscaling_config=AutoscalingConfig(target_ongoing_requests=4)))
+
+
+class JobsConfig(BaseModel):
+    """Async jobs on Ray Serve's task queue (`ray.serve.task_consumer`, Celery over Redis)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the queue and the job records "
+                            "(`make services` starts one on loopback).")
+    broker_url_env: str | None = Field("INSTANTID_BROKER_URL", description="When this environment variable is "
+                                       "set (e.g. from a Kubernetes Secret), its value replaces broker_url.")
+    queue_name: str = Field("instantid-jobs", min_length=1, max_length=100)
+    status_ttl_s: float = Field(86400.0, gt=0, description="A job's status record expires this long after its "
+                                "last change (then GET answers 404).")
+    visibility_timeout_s: float = Field(3600.0, gt=0, description="A job taken by a consumer that has not "
+                                        "finished it within this time is delivered again (its consumer died).")
+    lease_s: float = Field(30.0, gt=0, description="A running job's consumer renews its lease this often x3; a "
+                           "second delivery waits while the lease is fresh and takes the job over when it is not.")
+    max_attempts: int = Field(3, ge=1, description="Starts of one job (first + redeliveries + retries after a "
+                              "stage restart) before it fails.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries of one webhook call.")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the 2nd try; doubles after each.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Per try.")
+    webhook_secret_env: str | None = Field("INSTANTID_WEBHOOK_SECRET", description="Environment variable with "
+                                           "the HMAC-SHA256 key for the X-InstantID-Signature header (unset: "
+                                           "webhooks are not signed).")
+    queue_poll_interval_s: float = Field(5.0, gt=0, description="How often the autoscaler reads the queue length.")
+
+    def resolved_broker_url(self) -> str:
+        # Read here, in the deployments' process, never in the core: the URL may carry a password.
+        return (os.environ.get(self.broker_url_env) if self.broker_url_env else None) or self.broker_url
+
+    def webhook_secret(self) -> bytes | None:
+        value = os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None
+        return value.encode() if value else None
 
 
 class WeightsConfig(BaseModel):
@@ -106,8 +147,10 @@ class AppConfig(BaseModel):
     prompt_cache_bytes: int = Field(256 * 2**20, ge=0, description="PromptEncoder: bytes of prompt embeddings kept "
                                     "(about 1.3 MB each with SDXL; 0: no cache).")
     retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
-    job_lease_s: float = Field(30.0, gt=0, description="A queued/running job not renewed for this long is resumed "
-                               "by the replica that answers its next poll.")
+    allowed_webhook_hosts: list[str] = Field(default_factory=list, description="Job webhooks only to these hosts "
+                                             "(exact host names; default none; redirects are not followed).")
+    jobs: JobsConfig | None = Field(None, description="The async jobs API (/v1/jobs) on a Redis broker; null: "
+                                    "/v1/jobs answers 503.")
     access: AccessConfig = Field(default_factory=AccessConfig)
     loras: dict[str, str | LoraEntry | None] = Field(
         default_factory=dict, description="LoRA registry added over the weights' own (the tiny preset registers "

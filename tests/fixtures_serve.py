@@ -14,6 +14,8 @@ import pytest
 
 from deployments.demo import free_port, wait_ready
 
+WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer environment
+
 
 @dataclass(frozen=True)
 class ServedApp:
@@ -74,9 +76,17 @@ def deploy(port: int, name: str, route_prefix: str, config_overrides: dict, buck
 
 
 @pytest.fixture(scope="session")
-def served_app(ray_instance: int, s3_server: str, serve_tiny_dir: Path) -> ServedApp:
-    """The app as a user runs it, with batching that waits long enough for concurrent clients to meet."""
+def served_app(ray_instance: int, s3_server: str, serve_tiny_dir: Path, redis_url: str) -> ServedApp:
+    """The app as a user runs it, with batching that waits long enough for concurrent clients to meet, and async
+    jobs on the session's Redis (short visibility timeout and lease: a consumer killed in a test is replaced in
+    seconds; webhooks to a receiver on loopback, signed)."""
     bucket = f"serve-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8, "job_lease_s": 6}
+    jobs_options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 2,
+                    "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
+                        "env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}}
+    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8, "allowed_webhook_hosts": ["127.0.0.1"],
+                 "jobs": {"broker_url": redis_url, "broker_url_env": None, "visibility_timeout_s": 8, "lease_s": 4,
+                          "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1},
+                 "deployments": {**small_stage_options(), "jobs": jobs_options}}
     return deploy(ray_instance, "instantid", "/", overrides, bucket, serve_tiny_dir)

@@ -1,0 +1,149 @@
+"""JobConsumer: a `@task_consumer` deployment (Ray Serve's asynchronous inference) that runs queued jobs.
+
+Each replica runs a Celery worker (threads; as many as the deployment's max_ongoing_requests) on the job queue.
+A job runs through the Ingress's own `generate` (the `/v1/generate` path: same stages, same checks) with the job
+id as request id and the seed fixed at submit time, so a redelivered job rewrites the same output keys. Delivery
+is at least once: the broker acknowledges a job only when its handler returns, and hands a job whose consumer
+died to another one after the visibility timeout. The job record's lease decides who runs it: a delivery that
+finds the job running under a fresh lease waits, and takes it over only once that lease goes stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.task_consumer import task_consumer, task_handler
+
+from instantid_app.config import AppConfig
+from instantid_core.errors import InstantIDError
+
+from . import webhooks
+from .errors import JobCancelled, http_status
+from .job_queue import TASK_NAME, task_processor_config
+from .job_store import TERMINAL, Change, JobStore
+from .schemas import ErrorDetail, GenerateRequest, JobStatus
+
+logger = logging.getLogger("ray.serve")
+INGRESS_DEPLOYMENT = "Ingress"
+
+
+class RetryJob(Exception):
+    """Raised out of the handler for a transient failure: Celery delivers the job again after a backoff."""
+
+
+class JobConsumer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = AppConfig.model_validate(config)
+        assert self.config.jobs is not None  # build_app adds this deployment only with jobs configured
+        self.jobs = self.config.jobs
+        self.store = JobStore(self.jobs.resolved_broker_url(), self.jobs.status_ttl_s)
+        self.secret = self.jobs.webhook_secret()
+        # Looked up, not bound: the Ingress is the application's root and already binds this deployment.
+        self.ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
+
+    @task_handler(name=TASK_NAME)
+    def run_job(self, job_id: str, payload: dict[str, Any]) -> dict[str, str]:
+        """Celery calls this on one of its worker threads; the return value is all Celery's result store keeps."""
+        status = self._take(job_id)
+        final = self._run(status, payload) if status is not None else self.store.get(job_id)
+        if final is None:  # its record expired while it waited in the queue
+            return {"job_id": job_id, "status": "expired"}
+        if payload.get("webhook_url") and final.status in TERMINAL and final.webhook is None:
+            delivery = webhooks.deliver(payload["webhook_url"], final, secret=self.secret,
+                                        attempts=self.jobs.webhook_attempts, backoff_s=self.jobs.webhook_backoff_s,
+                                        timeout_s=self.jobs.webhook_timeout_s)
+            self.store.save(final.model_copy(update={"webhook": delivery}))
+        return {"job_id": job_id, "status": final.status}
+
+    # --- who runs the job -----------------------------------------------------------------------------------------
+    def _take(self, job_id: str) -> JobStatus | None:
+        """Start the job (queued -> running, attempts + 1, a fresh lease) unless it is finished, cancelled, or
+        running under another consumer's fresh lease (then wait for that one). None: nothing to run."""
+        while True:
+            status, taken = self.store.transition(job_id, self._start, clear=("progress",))
+            if status is None or status.status in TERMINAL:
+                return None
+            if taken:
+                return status
+            time.sleep(min(1.0, self.jobs.lease_s / 3))
+
+    def _start(self, status: JobStatus, fields: dict[bytes, bytes]) -> Change | None:
+        now = time.time()
+        if status.status in TERMINAL:
+            return None
+        if b"cancel" in fields:
+            return status.model_copy(update={"status": "cancelled", "updated_at": now}), {}
+        lease = float(fields.get(b"lease", 0) or 0)
+        if status.status == "running" and now - lease < self.jobs.lease_s:
+            return None  # alive on another consumer
+        return status.model_copy(update={"status": "running", "attempts": status.attempts + 1, "started_at": now,
+                                         "updated_at": now}), {"lease": repr(now)}
+
+    def _run(self, status: JobStatus, payload: dict[str, Any]) -> JobStatus:
+        job_id = status.job_id
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.jobs.lease_s / 3):
+                self.store.renew_lease(job_id)
+
+        renewer = threading.Thread(target=renew, name=f"lease-{job_id[:8]}", daemon=True)
+        renewer.start()
+        try:
+            if status.attempts > self.jobs.max_attempts:
+                raise _Failed(ErrorDetail(code="too_many_attempts", message=f"job {job_id} was started "
+                                          f"{status.attempts - 1} times without finishing"))
+            request = GenerateRequest.model_validate(payload["request"])
+            response = self.ingress.generate.remote(request, inline=bool(payload.get("inline")),
+                                                    request_id=job_id, job_id=job_id)
+            result = response.result(timeout_s=self.config.stage_timeout_s + 60)
+            final = status.model_copy(update={"status": "done", "result": result})
+        except JobCancelled:
+            final = status.model_copy(update={"status": "cancelled"})
+        except _Failed as exc:
+            final = status.model_copy(update={"status": "failed", "error": exc.detail})
+        except InstantIDError as exc:
+            if http_status(exc) == 503 and status.attempts < self.jobs.max_attempts:  # a stage restarted: again
+                self._requeue(status)
+                raise RetryJob(f"job {job_id}: {exc.code}") from None
+            final = status.model_copy(update={"status": "failed", "error": ErrorDetail(
+                code=exc.code, message=exc.message, field=exc.field)})
+        except Exception as exc:  # replica loss, full queues (BackPressureError), timeouts: transient
+            if status.attempts < self.jobs.max_attempts:
+                logger.warning("job %s: %s; it goes back to the queue", job_id, type(exc).__name__)
+                self._requeue(status)
+                raise RetryJob(f"job {job_id}: {type(exc).__name__}") from None
+            logger.exception("job %s failed", job_id)
+            final = status.model_copy(update={"status": "failed", "error": ErrorDetail(
+                code="internal", message=f"internal error in job {job_id}; it has been logged")})
+        finally:
+            stop.set()
+            renewer.join()
+        final = final.model_copy(update={"updated_at": time.time()})
+        self.store.save(final, clear=("progress", "lease"))
+        logger.info("job %s: %s (attempt %d)", job_id, final.status, final.attempts)
+        return final
+
+    def _requeue(self, status: JobStatus) -> None:
+        self.store.save(status.model_copy(update={"status": "queued", "updated_at": time.time()}),
+                        clear=("progress", "lease"))
+
+    def check_health(self) -> None:
+        self.store.redis.ping()  # the broker is reachable (Serve restarts a replica whose check raises)
+
+
+class _Failed(Exception):
+    def __init__(self, detail: ErrorDetail) -> None:
+        super().__init__(detail.message)
+        self.detail = detail
+
+
+def job_consumer_class(config: AppConfig) -> type:
+    """JobConsumer wrapped by Serve's `task_consumer` with this app's queue settings (known only at build time,
+    so the decorator is applied here rather than at import)."""
+    assert config.jobs is not None
+    return task_consumer(task_processor_config=task_processor_config(config.jobs))(JobConsumer)

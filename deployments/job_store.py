@@ -1,0 +1,143 @@
+"""JobStore: the state of async jobs in Redis (the broker's server, its own keys), one hash per job.
+
+Fields of `instantid:job:<id>`: `record` (the JobStatus JSON the API answers; never the request or its photos),
+`progress` (`step/steps`, written by the Denoiser after every denoising step), `cancel` (set by DELETE), `lease`
+(the Unix time a consumer last renewed the running job). Every write refreshes the hash's TTL, so a record expires
+`status_ttl_s` after its job's last change. Transitions that two parties race for (a consumer starting a job
+while a caller cancels it) run as Redis transactions (WATCH/MULTI), not read-then-write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import redis
+
+from .schemas import JobProgress, JobStatus
+
+TERMINAL = ("done", "failed", "cancelled")
+Change = tuple[JobStatus, dict[str, str]]
+KEY_PREFIX = "instantid:job:"
+
+
+def job_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}{job_id}"
+
+
+class JobStore:
+    def __init__(self, url: str, status_ttl_s: float) -> None:
+        # One client per process; redis-py's connection pool makes it safe across threads.
+        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.ttl = max(1, int(status_ttl_s))
+
+    # --- reads --------------------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobStatus | None:
+        """The job's status with its latest progress; None when unknown or expired."""
+        fields = self.redis.hgetall(job_key(job_id))
+        if b"record" not in fields:
+            return None
+        status = JobStatus.model_validate_json(fields[b"record"])
+        if status.status == "running" and b"progress" in fields:
+            step, steps = (int(part) for part in fields[b"progress"].split(b"/"))
+            status = status.model_copy(update={"progress": JobProgress(step=step, steps=steps)})
+        if status.status not in TERMINAL and b"cancel" in fields:
+            status = status.model_copy(update={"cancel_requested": True})
+        return status
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.hexists(job_key(job_id), "cancel"))
+
+    def lease_age_s(self, job_id: str) -> float | None:
+        value = self.redis.hget(job_key(job_id), "lease")
+        return None if value is None else time.time() - float(value)
+
+    # --- writes -------------------------------------------------------------------------------------------------
+    def create(self, status: JobStatus) -> None:
+        key = job_key(status.job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, "record", _dump(status))
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def save(self, status: JobStatus, *, clear: tuple[str, ...] = ()) -> None:
+        key = job_key(status.job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, "record", _dump(status))
+            if clear:
+                pipe.hdel(key, *clear)
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def renew_lease(self, job_id: str) -> None:
+        key = job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            pipe.hset(key, "lease", repr(time.time()))
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+
+    def report_step(self, job_id: str, step: int, steps: int) -> bool:
+        """Record progress (one round trip); returns whether the job is still wanted (not cancelled)."""
+        key = job_key(job_id)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.hexists(key, "cancel")
+            exists, cancelled = pipe.execute()
+        if exists:  # never recreate an expired record (it would have no TTL-bound owner)
+            self.redis.hset(key, "progress", f"{step}/{steps}")
+        return not cancelled
+
+    def transition(self, job_id: str, change: Callable[[JobStatus, dict[bytes, bytes]], Change | None], *,
+                   clear: tuple[str, ...] = ()) -> tuple[JobStatus | None, bool]:
+        """Atomically replace the record with what `change(status, fields)` returns, (status, extra fields to set),
+        also deleting `clear`; None leaves it. Returns the record as it is afterwards (None: unknown job) and
+        whether it changed."""
+        key = job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    fields = pipe.hgetall(key)
+                    if b"record" not in fields:
+                        pipe.unwatch()
+                        return None, False
+                    current = JobStatus.model_validate_json(fields[b"record"])
+                    changed = change(current, fields)
+                    if changed is None:
+                        pipe.unwatch()
+                        return current, False
+                    new, extra = changed
+                    pipe.multi()
+                    pipe.hset(key, mapping={"record": _dump(new), **extra})
+                    if clear:
+                        pipe.hdel(key, *clear)
+                    pipe.expire(key, self.ttl)
+                    pipe.execute()
+                    return new, True
+                except redis.WatchError:
+                    continue
+
+    def request_cancel(self, job_id: str) -> JobStatus | None:
+        """Mark the job cancelled: a queued job at once (its consumer will skip it), a running one when its
+        consumer sees the flag at the next denoising step. A finished job is left as it is."""
+        key = job_key(job_id)
+        if not self.redis.exists(key):
+            return None
+
+        def cancel(status: JobStatus, _: dict[bytes, bytes]) -> Change | None:
+            if status.status == "queued":
+                return status.model_copy(update={"status": "cancelled", "updated_at": time.time()}), {}
+            return None  # finished: left as it is; running: the flag stops it at its next step
+
+        with self.redis.pipeline() as pipe:
+            pipe.hsetnx(key, "cancel", repr(time.time()))
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+        self.transition(job_id, cancel)
+        return self.get(job_id)
+
+
+def _dump(status: JobStatus) -> str:
+    # progress and cancel_requested live in their own fields; the record holds the rest.
+    return json.dumps(status.model_dump(mode="json", exclude_none=True, exclude={"progress", "cancel_requested"}))
