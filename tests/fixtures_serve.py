@@ -33,8 +33,9 @@ def small_stage_options(**denoiser) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_instance(s3_server: str) -> Iterator[int]:
-    """Ray on loopback with Serve's HTTP proxy on a free 127.0.0.1 port (yielded)."""
+def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
+    """Ray on loopback with Serve's HTTP proxy on a free 127.0.0.1 port (yielded); after Redis starts and before it
+    stops, so no job consumer outlives its broker."""
     import ray
     from ray import serve
 

@@ -61,7 +61,8 @@ def test_schema_fuzzing_finds_no_server_error(served_app):
                 assert error["code"] and error["message"], response.text
         return fuzz
 
-    for path, method in (("/v1/generate", "POST"), ("/v1/jobs", "POST"), ("/v1/jobs/{job_id}", "GET")):
+    for path, method in (("/v1/generate", "POST"), ("/v1/jobs", "POST"), ("/v1/jobs/{job_id}", "GET"),
+                         ("/v1/jobs/{job_id}", "DELETE")):
         fuzzer(path, method)()
 
     assert len(seen) >= 30, seen
