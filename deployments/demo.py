@@ -50,6 +50,30 @@ def _check_cpus(config, available: float) -> None:
                          "lower ray_actor_options.num_cpus in serve_config.yaml")
 
 
+def _demo_job(url: str, body: dict) -> int:
+    """The same request as an async job (`make services`' Redis): submit, watch its progress, print its images."""
+    submitted = httpx.post(f"{url}/v1/jobs", json=body, timeout=60)
+    if submitted.status_code != 202:
+        print(f"error {submitted.status_code}: {submitted.text}", file=sys.stderr)
+        return 1
+    job_id, shown = submitted.json()["job_id"], None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        progress = status.get("progress")
+        line = f"job {job_id}: {status['status']}" + (f" {progress['step']}/{progress['steps']}" if progress else "")
+        if line != shown:
+            print(line, file=sys.stderr, flush=True)
+            shown = line
+        if status["status"] in ("done", "failed", "cancelled"):
+            for uri in (status.get("result") or {}).get("images", []):
+                print(uri)
+            return 0 if status["status"] == "done" else 1
+        time.sleep(0.2)
+    print(f"job {job_id} did not finish in time", file=sys.stderr)
+    return 1
+
+
 def main() -> int:
     import ray
     from ray import serve
@@ -79,7 +103,7 @@ def main() -> int:
         print(result["metadata"])
         timings = ", ".join(f"{stage}={ms:.0f}ms" for stage, ms in result["timings_ms"].items())
         print(f"POST /v1/generate -> 200, seed {result['seed']}, {timings}", file=sys.stderr)
-        return 0
+        return _demo_job(url, body) if config.jobs is not None else 0
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -231,8 +231,8 @@ def test_monitors_scrape_ray_metrics_and_the_app_metrics() -> None:
 
 def test_secret_template_holds_placeholders_only() -> None:
     docs = [d for d in yaml.safe_load_all((K8S / "secrets.template.yaml").read_text()) if d]
-    assert {d["metadata"]["name"] for d in docs} == {"instantid-hf", "instantid-api-keys", "instantid-redis",
-                                                     "instantid-tls"}
+    assert {d["metadata"]["name"] for d in docs} == {"instantid-hf", "instantid-api-keys", "instantid-jobs",
+                                                     "instantid-redis", "instantid-tls"}
     for doc in docs:
         assert "data" not in doc
         for key, value in doc["stringData"].items():
