@@ -1,0 +1,163 @@
+"""Async jobs benchmark (issue 13): N tiny-preset jobs through 1 and 2 JobConsumer replicas.
+
+    python bench/jobs.py                   # 100 jobs per configuration, 64x64, 2 steps (a few minutes)
+    python bench/jobs.py --jobs 20         # harness check
+    python bench/jobs.py --write-results   # also writes the "Async jobs (issue 13)" section of bench/RESULTS.md
+
+What runs: a Redis server on a free loopback port (Debian's redis-server), Ray local with Serve's HTTP proxy on
+127.0.0.1, the `instantid` app from serve_config.yaml's AppConfig (tiny preset, outputs to a temporary file://
+folder, every stage one replica; the consumer min = max = the replica count under test, 2 jobs at a time each).
+All N jobs are submitted at once from 8 client threads, then polled until every one has ended.
+
+Per job, from its status record (times stamped by the ingress and the consumer on this one machine):
+- queue-to-start = started_at - created_at (waiting in the broker, then taken by a consumer);
+- end-to-end = the first poll that saw it done - its submit time at the client (poll interval 0.1 s);
+- jobs/s = N / (last job done - first submit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from deployments.demo import free_port, wait_ready  # noqa: E402
+from tests.fixtures_redis import start_redis  # noqa: E402
+
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+RESULTS_DIR = REPO / "bench" / "results"
+SECTION = "## Async jobs (issue 13)"
+FACE = REPO / "instantid_core" / "data" / "astronaut.jpg"
+BODY = {"prompt": "a portrait", "steps": 2, "width": 64, "height": 64}
+
+
+def run_config(url: str, replicas: int, jobs: int) -> dict:
+    face = base64.b64encode(FACE.read_bytes()).decode()
+    submitted: dict[str, float] = {}
+
+    def submit(i: int) -> None:
+        sent = time.time()
+        answer = httpx.post(f"{url}/v1/jobs", json={"face_image": face, "seed": i, **BODY}, timeout=60)
+        assert answer.status_code == 202, answer.text
+        submitted[answer.json()["job_id"]] = sent
+
+    first = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(submit, range(jobs)))
+    done: dict[str, dict] = {}
+    seen_done: dict[str, float] = {}
+    with httpx.Client(timeout=30) as client:
+        while len(done) < jobs:
+            for job_id in submitted:
+                if job_id in done:
+                    continue
+                status = client.get(f"{url}/v1/jobs/{job_id}").json()
+                if status["status"] in ("done", "failed", "cancelled"):
+                    done[job_id], seen_done[job_id] = status, time.time()
+            time.sleep(0.1)
+    last = max(seen_done.values())
+    queue = np.array([s["started_at"] - s["created_at"] for s in done.values() if s.get("started_at")])
+    e2e = np.array([seen_done[j] - submitted[j] for j in done])
+    statuses = {s: sum(d["status"] == s for d in done.values()) for s in {d["status"] for d in done.values()}}
+    return {"replicas": replicas, "jobs": jobs, "statuses": statuses, "jobs_per_s": jobs / (last - first),
+            "queue_to_start_p50_s": float(np.percentile(queue, 50)),
+            "queue_to_start_p95_s": float(np.percentile(queue, 95)),
+            "end_to_end_p50_s": float(np.percentile(e2e, 50)), "end_to_end_p95_s": float(np.percentile(e2e, 95)),
+            "attempts_over_1": sum(d.get("attempts", 1) > 1 for d in done.values())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from instantid_app.config import app_config_from_serve_config
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
+    redis_process, redis_url = start_redis(workdir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for replicas in (1, 2):
+            config = app_config_from_serve_config()
+            config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
+            config.output_uri = (workdir / "out").as_uri()
+            config.jobs.broker_url, config.jobs.broker_url_env = redis_url, None
+            config.jobs.queue_name = f"bench-jobs-{replicas}"
+            for name in type(config.deployments).model_fields:
+                stage = getattr(config.deployments, name)
+                stage.autoscaling_config.min_replicas = stage.autoscaling_config.max_replicas = 1
+            config.deployments.jobs.autoscaling_config.min_replicas = replicas
+            config.deployments.jobs.autoscaling_config.max_replicas = replicas
+            serve.run(build_app(config), name="instantid", route_prefix="/", blocking=False)
+            wait_ready(url)
+            run_config(url, replicas, 4)  # warm-up, not counted
+            result = run_config(url, replicas, args.jobs)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            serve.delete("instantid")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        redis_process.terminate()
+    if args.write_results:
+        write_results(results, args.jobs)
+    return 0
+
+
+def write_results(results: list[dict], jobs: int) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    raw = RESULTS_DIR / f"jobs-{stamp}.json"
+    raw.write_text(json.dumps(results, indent=2))
+    rows = "\n".join(
+        f"| {r['replicas']} | {r['jobs']} | {r['statuses']} | {r['jobs_per_s']:.2f} | "
+        f"{r['queue_to_start_p50_s']:.2f} / {r['queue_to_start_p95_s']:.2f} | "
+        f"{r['end_to_end_p50_s']:.2f} / {r['end_to_end_p95_s']:.2f} |" for r in results)
+    section = f"""{SECTION}
+
+{stamp}, `python bench/jobs.py --write-results` on this machine ({platform.machine()}, 2 CPUs, Python
+{platform.python_version()}), tiny preset on CPU, 64x64, 2 steps, {jobs} jobs submitted at once from 8 clients,
+Redis on loopback, outputs to a local folder. Each consumer replica runs 2 jobs at a time; every other stage is one
+replica, so a second consumer adds concurrency in front of the same Denoiser (on 2 CPUs the stages share the cores:
+this measures the queue's plumbing, not GPU scaling). No GPU was lent to this task: every figure here is CPU.
+
+| consumer replicas | jobs | statuses | jobs/s | queue-to-start p50 / p95 (s) | end-to-end p50 / p95 (s) |
+|---|---|---|---|---|---|
+{rows}
+
+Raw JSON: `bench/results/{raw.name}`
+"""
+    text = RESULTS_MD.read_text()
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    RESULTS_MD.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
