@@ -12,7 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: pip takes the CPU build already on these machines instead of a multi-GB CUDA build.
+# The playground's browser tests drive Debian's chromium (never a browser download); installed here when missing.
 $(VENV)/.installed: pyproject.toml
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -1,7 +1,8 @@
 """`make demo`: start the `instantid` app on the tiny preset (Ray local), send one real HTTP request with the bundled
 face photo, print the output URIs and per-stage timings, and shut everything down.
 
-OUTPUT_URI (file://... or s3://...) overrides where outputs go; default: ./outputs.
+OUTPUT_URI (file://... or s3://...) overrides where outputs go; default: ./outputs. It also prints the playground's
+URL; run from a terminal (or with DEMO_KEEP_SERVING=1) it keeps serving it until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -103,7 +104,16 @@ def main() -> int:
         print(result["metadata"])
         timings = ", ".join(f"{stage}={ms:.0f}ms" for stage, ms in result["timings_ms"].items())
         print(f"POST /v1/generate -> 200, seed {result['seed']}, {timings}", file=sys.stderr)
-        return _demo_job(url, body) if config.jobs is not None else 0
+        status = _demo_job(url, body) if config.jobs is not None else 0
+        print(f"playground: {url}/")
+        if sys.stdin.isatty() or os.environ.get("DEMO_KEEP_SERVING") == "1":
+            print("open the playground in a browser; Ctrl-C stops the app", file=sys.stderr, flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return status
     finally:
         serve.shutdown()
         ray.shutdown()

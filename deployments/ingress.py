@@ -30,7 +30,7 @@ from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.pipeline import check_init_inputs, draw_seed
 
-from . import metrics
+from . import metrics, playground
 from .access import AccessControl, Action
 from .errors import (
     InternalError,
@@ -114,8 +114,11 @@ def _control_digests(params: GenerateParams, images: list[bytes | None]) -> dict
                          for control, data in zip(params.controls, images, strict=True)]}
 
 
+app.include_router(playground.router)  # the page at / and /v1/options, /v1/outputs (deployments/playground)
+
+
 @serve.ingress(app)
-class Ingress:
+class Ingress(playground.PlaygroundRoutes):
     def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
                  writer: DeploymentHandle, config: dict[str, Any], jobs: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.model_validate(config)

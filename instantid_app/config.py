@@ -161,6 +161,7 @@ class AppConfig(BaseModel):
         "registers canny and depth): type (canny, depth, pose) -> ControlNetModel source; null removes one.")
     depth_estimator: str | None = Field(None, description="transformers depth-estimation model for the `depth` "
                                         "control; default the weights' own (the tiny preset has one).")
+    playground: bool = Field(True, description="Serve the browser playground at `/` (false: `/` answers 404).")
     deployments: StageOptions = Field(default_factory=StageOptions)
 
     @model_validator(mode="after")

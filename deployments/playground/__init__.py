@@ -1,0 +1,128 @@
+"""The playground: a single page at `/` that drives the public API from a browser, plus the two small routes it
+needs and any other client may use.
+
+- `GET /` and `GET /playground/{file}`: static HTML/CSS/JS shipped in this package (no build step, no CDN).
+- `GET /v1/options`: what this server offers (the request schema, size presets, limits, whether keys are needed),
+  so the page renders fields other modules add to the request model without changes here.
+- `GET /v1/outputs?uri=...`: the bytes of one output image or sidecar written under the configured output URI, so
+  a browser can show and download `file://` and `s3://` results and refill the form from the sidecar.
+
+The Ingress inherits `PlaygroundRoutes` and includes `router`; the routes use its `config`, `access` and `_http`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from functools import cache, cached_property
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from instantid_core.errors import InvalidParameter
+from instantid_core.storage import OutputStore
+
+from ..schemas import ErrorBody, GenerateRequest
+
+router = APIRouter()
+
+STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
+# The page loads only its own files and talks only to this origin; images arrive as blob: URLs.
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                               "base-uri 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+# SDXL's trained sizes (the reference demo's list), then small ones that run in seconds on the tiny preset.
+SIZE_PRESETS = [
+    (None, None, "Follow the photo (short side 1024)"),
+    (1024, 1024, "1024 x 1024 (square)"), (1152, 896, "1152 x 896 (landscape)"), (896, 1152, "896 x 1152 (portrait)"),
+    (1216, 832, "1216 x 832 (landscape)"), (832, 1216, "832 x 1216 (portrait)"), (1344, 768, "1344 x 768 (wide)"),
+    (768, 1344, "768 x 1344 (tall)"), (1536, 640, "1536 x 640 (panorama)"), (640, 1536, "640 x 1536 (banner)"),
+    (512, 512, "512 x 512 (quick)"), (256, 256, "256 x 256 (preview)"),
+]
+# What an output object may be called (OutputStore.write_request): `{index}.{ext}` images and `meta.json`. Anything
+# else under the output URI (job state with the caller's uploaded photos, for one) is never served.
+OUTPUT_NAME = re.compile(r"^(?:\d{1,3}\.(?:png|jpg|webp)|meta\.json)$")
+OUTPUT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
+
+
+@cache
+def static_file(name: str) -> bytes:
+    return resources.files(__package__).joinpath("static", name).read_bytes()
+
+
+def request_schema() -> dict[str, Any]:
+    """GenerateRequest's JSON schema, definitions inlined under `$defs` (what the page renders)."""
+    return GenerateRequest.model_json_schema()
+
+
+class PlaygroundRoutes:
+    """Routes of the playground, mixed into the Ingress (Serve binds inherited route methods to the replica)."""
+
+    config: Any  # AppConfig
+    access: Any  # AccessControl
+
+    @cached_property
+    def _outputs(self) -> OutputStore:
+        return OutputStore(self.config.output_uri)
+
+    @router.get("/", include_in_schema=False)
+    async def playground_page(self, request: Request) -> Response:
+        if not self.config.playground:
+            raise StarletteHTTPException(404)
+        # <base> makes every relative URL in the page (its files, the API) resolve under the app's route prefix.
+        root = request.scope.get("root_path", "").rstrip("/")
+        page = static_file("index.html").replace(b"<head>", f'<head><base href="{root}/">'.encode(), 1)
+        return Response(page, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+    @router.get("/playground/{name}", include_in_schema=False)
+    async def playground_file(self, name: str) -> Response:
+        if not self.config.playground or name not in STATIC or name == "index.html":
+            raise StarletteHTTPException(404)
+        return Response(static_file(name), media_type=f"{STATIC[name]}; charset=utf-8", headers=HEADERS)
+
+    @router.get("/v1/options")
+    async def http_options(self) -> dict[str, Any]:
+        """What this server offers: the request schema, size presets, limits, and whether API keys are required."""
+        config = self.config
+        return {
+            "request_schema": request_schema(),
+            "default_scheduler": config.pipeline.default_scheduler.value,
+            "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
+            "limits": {"max_image_bytes": config.max_image_bytes, "max_body_bytes": config.max_body_bytes,
+                       "inline_max_pixels": config.inline_max_pixels},
+            "api_key_required": bool(self.access.enabled),
+            "playground": config.playground,
+        }
+
+    @router.get("/v1/outputs", responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/json": {}}},
+        **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 503)}})
+    async def http_output(self, request: Request, uri: str) -> Response:
+        """One output image or `meta.json` sidecar, by the URI a generate response or job result named.
+
+        Only objects under this server's output URI named like outputs are served; with API keys on, a key is
+        needed (request ids are random, but a URI may have been shared in logs)."""
+        async def read() -> Response:
+            key = self._output_key(uri)
+            data = await asyncio.to_thread(self._outputs.read_bytes, key)
+            return Response(data, media_type=OUTPUT_TYPES[key.rsplit(".", 1)[1]],
+                            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+        # "jobs": the page reads results of jobs; a key for /v1/generate alone has the URIs in its answers.
+        return await self._http(request, "outputs", read, action="jobs")
+
+    def _output_key(self, uri: str) -> str:
+        base = self._outputs.base_uri + "/"
+        key = uri[len(base):] if uri.startswith(base) else ""
+        parts = key.split("/")
+        if not key or len(parts) < 3 or not OUTPUT_NAME.match(parts[-1]) or any(p in ("", ".", "..") for p in parts):
+            raise InvalidParameter("uri: not an output of this server (use a URI from a response's `images` or "
+                                   "`metadata`)", field="uri")
+        return key

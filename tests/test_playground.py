@@ -1,0 +1,274 @@
+"""The playground at `/`, used as a person would: Debian's chromium (headless) driven by Playwright, against the
+real app (tiny preset, real Ray on loopback, outputs in the S3 test server).
+
+Screenshots land in `test-artifacts/` (desktop and 375 px wide) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import yaml
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from tests.fixtures_serve import ServedApp, deploy
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+KEY = f"play-{secrets.token_hex(16)}"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, served_app: ServedApp):
+    """A fresh page that records JavaScript errors, and apart from them the HTTP errors chromium logs (an API
+    answer the page handles, like a 405 to DELETE on a server that cannot cancel, is no JavaScript error)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.js_errors, page.failed_loads = [], []
+    page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and (
+        page.failed_loads if msg.text.startswith("Failed to load resource") else page.js_errors).append(msg.text))
+    yield page
+    context.close()
+
+
+def open_playground(page, url: str) -> None:
+    page.goto(f"{url}/")
+    page.wait_for_selector("#generate:not([disabled])")
+
+
+def png(color=(200, 200, 200), size=(256, 256)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def fill_request(page, face: dict, prompt: str = "an astronaut, watercolor", steps: int = 4) -> None:
+    page.set_input_files("input[name=face_image]", files=[face])
+    page.fill("textarea[name=prompt]", prompt)
+    page.select_option("#size-preset", label="256 x 256 (preview)")
+    page.fill("input[name=steps]", str(steps))
+
+
+def job_reports_progress(url: str) -> bool:
+    """Whether this server's job status has `progress` (the jobs API on the task queue); without it the bar shows
+    an indeterminate state."""
+    schemas = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]
+    return "progress" in schemas["JobStatus"]["properties"]
+
+
+def test_page_loads_without_errors_and_its_fields_are_the_api_parameters(page, served_app):
+    open_playground(page, served_app.url)
+    schema = httpx.get(f"{served_app.url}/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
+    names = page.eval_on_selector_all("#generate-form [name]", "nodes => nodes.map(n => n.getAttribute('name'))")
+    top = {name for name in names if "." not in name}
+    assert top == set(schema["properties"]), (top ^ set(schema["properties"]))
+    output = resolve(schema["properties"]["output"], served_app.url)
+    assert {n for n in names if n.startswith("output.")} == {f"output.{p}" for p in output["properties"]}
+    unlabelled = page.eval_on_selector_all(
+        "input, select, textarea",
+        "nodes => nodes.filter(n => n.type !== 'hidden' && !n.labels.length && !n.getAttribute('aria-label'))"
+        ".map(n => n.outerHTML)")
+    assert not unlabelled
+    assert page.get_by_role("button", name="Generate").is_enabled()
+    assert page.is_hidden("#key-row")  # this server needs no key
+    assert not page.js_errors and not page.failed_loads
+
+
+def resolve(node: dict, url: str) -> dict:
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[1]
+        return httpx.get(f"{url}/openapi.json").json()["components"]["schemas"][name]
+    return node
+
+
+def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(page, served_app, astronaut_bytes):
+    open_playground(page, served_app.url)
+    # Record what the progress bar showed while the job ran (the job may be quick: a poll can miss steps).
+    page.evaluate("""() => {
+        window.seen = {visible: false, values: [], max: null};
+        const bar = document.getElementById('progress');
+        new MutationObserver(() => {
+            if (!document.getElementById('progress-row').hidden) window.seen.visible = true;
+            const now = bar.getAttribute('aria-valuenow');
+            if (now === null) return;
+            window.seen.values.push(Number(now));
+            window.seen.max = bar.getAttribute('aria-valuemax');
+        }).observe(document.body, {attributes: true, subtree: true});
+    }""")
+    steps = 12
+    fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}, steps=steps)
+    page.fill("input[name=seed]", "")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_role("progressbar").wait_for(state="visible")
+    assert page.get_by_role("button", name="Cancel").is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground-generating.png"))
+    page.wait_for_function("() => { const i = document.querySelector('#results img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")
+    assert page.is_hidden("[role=alert]"), page.inner_text("[role=alert]")
+    seen = page.evaluate("window.seen")
+    assert seen["visible"]
+    if job_reports_progress(served_app.url):
+        assert seen["max"] == str(steps) and seen["values"] and all(0 <= v <= steps for v in seen["values"]), seen
+    image = page.locator("#results img").first
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [256, 256]
+    figure = page.locator("#results figure").first
+    seed = figure.get_attribute("data-seed")
+    download = figure.get_by_role("link", name="Download")
+    assert download.get_attribute("href").startswith("blob:") and download.get_attribute("download").endswith(".png")
+    with page.expect_download() as info:
+        download.click()
+    saved = info.value.path()
+    assert Image.open(saved).size == (256, 256)
+    page.screenshot(path=str(ARTIFACTS / "playground-desktop.png"), full_page=True)
+
+    # "Use these settings" refills the form from the image's sidecar, seed included.
+    page.fill("input[name=seed]", "7")
+    page.fill("input[name=steps]", "30")
+    page.fill("textarea[name=prompt]", "something else")
+    figure.get_by_role("button", name="Use these settings").click()
+    page.wait_for_function(f"() => document.querySelector('[name=seed]').value === '{seed}'")
+    assert page.input_value("input[name=steps]") == str(steps)
+    assert page.input_value("textarea[name=prompt]") == "an astronaut, watercolor"
+    assert page.input_value("input[name=width]") == "256"
+    assert not page.js_errors
+
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing sticks out sideways
+    assert page.get_by_role("button", name="Generate").bounding_box()["width"] <= 375
+    page.screenshot(path=str(ARTIFACTS / "playground-375px.png"), full_page=True)
+
+
+def test_blank_photo_shows_an_alert_about_the_face(page, served_app):
+    open_playground(page, served_app.url)
+    fill_request(page, {"name": "blank.png", "mimeType": "image/png", "buffer": png()})
+    page.get_by_role("button", name="Generate").click()
+    alert = page.get_by_role("alert")
+    alert.wait_for(state="visible")
+    assert "face" in alert.inner_text().lower()
+    assert page.locator("#results img").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "playground-no-face.png"))
+    assert not page.js_errors
+
+
+def test_a_file_that_is_not_an_image_is_named_in_the_alert(page, served_app):
+    open_playground(page, served_app.url)
+    # Checked in the page (a text file) and by the server (an image type with bytes no decoder reads).
+    fill_request(page, {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello"})
+    page.get_by_role("button", name="Generate").click()
+    assert "notes.txt" in page.get_by_role("alert").inner_text() and "not an image" in \
+        page.get_by_role("alert").inner_text()
+    fill_request(page, {"name": "broken.png", "mimeType": "image/png", "buffer": b"\x89PNG not really"})
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.querySelector('[role=alert]').textContent.includes('Not an image')")
+    assert not page.js_errors
+
+
+def test_cancel_stops_waiting_and_the_page_is_ready_again(page, served_app, astronaut_bytes):
+    open_playground(page, served_app.url)
+    fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}, steps=60)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector("#generate:not([disabled])")
+    assert page.is_hidden("[role=progressbar]")
+    assert page.inner_text("#status").startswith(("Cancelled", "Stopped waiting"))
+    assert page.locator("#results img").count() == 0
+    assert not page.js_errors
+
+
+@pytest.fixture(scope="module")
+def keyed_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory) -> Iterator[ServedApp]:
+    """The app under a route prefix with API keys required."""
+    keys = tmp_path_factory.mktemp("play-keys") / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"keys": [{"name": "play", "key": KEY}]}))
+    bucket = f"play-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    app = deploy(ray_instance, "playground-keys", "/keyed", {"access": {"api_keys_file": str(keys)}}, bucket,
+                 serve_tiny_dir)
+    yield app
+    from ray import serve
+
+    serve.delete("playground-keys")
+
+
+@pytest.mark.slow
+def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed_app, astronaut_bytes):
+    page = browser.new_page(viewport={"width": 375, "height": 800})
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    open_playground(page, keyed_app.url)
+    assert page.get_by_label("API key").is_visible()
+    fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes})
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => document.querySelector('[role=alert]').textContent.includes('API key')")
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => { const i = document.querySelector('#results img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")
+    page.screenshot(path=str(ARTIFACTS / "playground-keyed-375px.png"), full_page=True)
+    assert not errors
+    page.close()
+
+
+def test_outputs_route_serves_only_this_servers_outputs(served_app, astronaut_bytes):
+    import base64
+
+    body = {"face_image": base64.b64encode(astronaut_bytes).decode(), "prompt": "x", "steps": 2, "width": 64,
+            "height": 64}
+    result = httpx.post(f"{served_app.url}/v1/generate", json=body, timeout=120).json()
+    get = lambda uri: httpx.get(f"{served_app.url}/v1/outputs", params={"uri": uri}, timeout=30)  # noqa: E731
+    image = get(result["images"][0])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(image.content)).size == (64, 64)
+    meta = get(result["metadata"])
+    assert meta.status_code == 200 and json.loads(meta.content)["seed"] == result["seed"]
+    folder = result["metadata"].rsplit("/", 1)[0]
+    for uri in (f"{folder}/../meta.json", f"{folder}/request.json", f"s3://other/{folder[5:]}/meta.json",
+                "file:///etc/passwd", f"s3://{served_app.bucket}/out/jobs/x.json"):
+        refused = get(uri)
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == "uri", uri
+    missing = get(f"{folder[:-8]}00000000/0.png")
+    assert missing.status_code == 404
+
+
+def test_playground_false_turns_the_page_off():
+    from instantid_app.config import AppConfig
+    from deployments.playground import PlaygroundRoutes
+
+    routes = PlaygroundRoutes()
+    routes.config = AppConfig(playground=False)
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
+        for call in (routes.playground_page(request=None), routes.playground_file("app.js")):
+            with pytest.raises(HTTPException) as raised:
+                pool.submit(asyncio.run, call).result()
+            assert raised.value.status_code == 404
