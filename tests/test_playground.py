@@ -30,6 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 KEY = f"play-{secrets.token_hex(16)}"
+BURST = 30  # requests a key may send at once: one generation's submit, polls and downloads fit
 TIMEOUT_MS = 120_000
 
 
@@ -212,8 +213,8 @@ def keyed_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory) -> Iter
     keys.write_text(yaml.safe_dump({"keys": [{"name": "play", "key": KEY}]}))
     bucket = f"play-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    app = deploy(ray_instance, "playground-keys", "/keyed", {"access": {"api_keys_file": str(keys)}}, bucket,
-                 serve_tiny_dir)
+    access = {"api_keys_file": str(keys), "rate_limit_per_minute": 60, "rate_limit_burst": BURST}
+    app = deploy(ray_instance, "playground-keys", "/keyed", {"access": access}, bucket, serve_tiny_dir)
     yield app
     from ray import serve
 
@@ -236,6 +237,13 @@ def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed
     page.wait_for_function("() => { const i = document.querySelector('#results img'); "
                            "return i && i.complete && i.naturalWidth > 0; }")
     page.screenshot(path=str(ARTIFACTS / "playground-keyed-375px.png"), full_page=True)
+
+    # Over the key's rate limit the page says the service is busy and when to retry (the 429's Retry-After).
+    for _ in range(BURST + 5):
+        httpx.get(f"{keyed_app.url}/v1/jobs/{'0' * 32}", headers={"X-API-Key": KEY})
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("() => /service is busy: retry in \\d+ s/.test("
+                           "document.querySelector('[role=alert]').textContent)")
     assert not errors
     page.close()
 

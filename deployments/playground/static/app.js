@@ -15,7 +15,7 @@ const LAYOUT = [
 ];
 const LABELS = Object.fromEntries(LAYOUT);
 const SLIDERS = new Set(["identitynet_strength", "adapter_strength", "steps", "guidance"]);
-const POLL_MS = 300;
+const POLL_MS = 250, POLL_MAX_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
 const state = { options: null, schema: null, job: null, cancelled: false, cancelling: null };
@@ -407,7 +407,6 @@ function setProgress(job) {
 
 function busy(on) {
   $("generate").disabled = on;
-  $("cancel").hidden = !on;
   $("cancel").disabled = false;
   $("progress-row").hidden = !on;
 }
@@ -421,7 +420,7 @@ async function submit(event) {
   busy(true);
   state.cancelled = false;
   setProgress({ status: "queued" });
-  $("progress-row").scrollIntoView({ block: "nearest" });  // on a phone the results sit below the form
+  if (matchMedia("(max-width: 760px)").matches) $("progress-row").scrollIntoView({ block: "nearest" });  // one column
   try {
     const job = await readJson(await api("POST", "v1/jobs", body));
     state.job = job.job_id;
@@ -438,9 +437,20 @@ async function submit(event) {
 }
 
 async function poll(jobId) {
+  // Quick polls first (a job on a free server takes seconds), slower later: a key's rate limit counts polls too.
+  let wait = POLL_MS;
   for (;;) {
     if (state.cancelled) return;
-    const job = await readJson(await api("GET", `v1/jobs/${encodeURIComponent(jobId)}`));
+    let job;
+    try {
+      job = await readJson(await api("GET", `v1/jobs/${encodeURIComponent(jobId)}`));
+    } catch (err) {
+      if (!(err instanceof ApiError) || (err.status !== 429 && err.status !== 503)) throw err;
+      const retry = err.retryAfter || 2;
+      $("progress-text").textContent = `The service is busy: checking again in ${retry} s...`;
+      await new Promise((ok) => setTimeout(ok, retry * 1000));
+      continue;
+    }
     if (state.cancelled) return;
     if (job.status === "done") { setProgress({ ...job, progress: { step: 1, steps: 1 } }); await showResult(job.result); return; }
     if (job.status === "failed") {
@@ -449,7 +459,8 @@ async function poll(jobId) {
     }
     if (job.status === "cancelled") { $("status").textContent = "Cancelled."; return; }
     setProgress(job);
-    await new Promise((ok) => setTimeout(ok, POLL_MS));
+    await new Promise((ok) => setTimeout(ok, wait));
+    wait = Math.min(POLL_MAX_MS, wait * 1.25);
   }
 }
 
