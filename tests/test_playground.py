@@ -270,8 +270,8 @@ def test_outputs_route_serves_only_this_servers_outputs(served_app, astronaut_by
 
 
 def test_playground_false_turns_the_page_off():
-    from instantid_app.config import AppConfig
     from deployments.playground import PlaygroundRoutes
+    from instantid_app.config import AppConfig
 
     routes = PlaygroundRoutes()
     routes.config = AppConfig(playground=False)

@@ -22,8 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instantid_core.errors import InvalidParameter
+from instantid_core.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.storage import OutputStore
+from instantid_core.styles import builtin_styles, load_styles
 
 from ..schemas import ErrorBody, GenerateRequest
 
@@ -72,6 +74,14 @@ class PlaygroundRoutes:
     def _outputs(self) -> OutputStore:
         return OutputStore(self.config.output_uri)
 
+    @cached_property
+    def _style_names(self) -> list[str]:
+        # The operator's styles file is read by the prompt stage; where this replica cannot read it, the built-ins.
+        try:
+            return list(load_styles(self.config.pipeline))
+        except (OSError, ValueError, InstantIDError):
+            return list(builtin_styles())
+
     @router.get("/", include_in_schema=False)
     async def playground_page(self, request: Request) -> Response:
         if not self.config.playground:
@@ -94,6 +104,10 @@ class PlaygroundRoutes:
         return {
             "request_schema": request_schema(),
             "default_scheduler": config.pipeline.default_scheduler.value,
+            # Where a field's default depends on others (steps, guidance: the scheduler's preset), what the page
+            # shows for "auto"; `choices`: the values a free-text field accepts on this server.
+            "param_defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+            "choices": {"style": self._style_names},
             "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
             "limits": {"max_image_bytes": config.max_image_bytes, "max_body_bytes": config.max_body_bytes,
                        "inline_max_pixels": config.inline_max_pixels},

@@ -125,12 +125,18 @@ function renderField(name, rawSchema, required) {
                      step };
     const initial = schema.default ?? "";
     if (SLIDERS.has(name) && bounds.min !== undefined && bounds.max !== undefined) {
-      const slider = el("input", { ...common, type: "range", ...bounds, value: initial, "data-kind": "number" });
-      const number = el("input", { type: "number", class: "value", ...bounds, value: initial,
-                                   "aria-label": `${label} value` });
+      // A nullable slider (its default depends on other fields) names the number box, which may stay empty:
+      // "auto", the server decides. The slider then rests at the usual default.
+      const rest = schema.default ?? (state.options.param_defaults || {})[name] ?? (bounds.min + bounds.max) / 2;
+      const named = schema.nullable ? { ...common, "data-kind": "number", placeholder: "auto" }
+        : { "aria-label": `${label} value` };
+      const slider = el("input", { ...(schema.nullable ? { "aria-label": `${label} slider` } : common), type: "range",
+                                   ...bounds, value: rest, "data-kind": schema.nullable ? null : "number" });
+      const number = el("input", { ...named, type: "number", class: "value", ...bounds, value: initial });
       slider.addEventListener("input", () => { number.value = slider.value; });
-      number.addEventListener("input", () => { slider.value = number.value; });
-      wrap.append(el("label", { for: id, text: label }), el("div", { class: "row" }, slider, number), help);
+      number.addEventListener("input", () => { slider.value = number.value === "" ? rest : number.value; });
+      wrap.append(el("label", { for: id, text: label }),
+                  el("div", { class: "row" }, slider, number), help);
       return wrap;
     }
     const input = el("input", { ...common, type: "number", ...bounds, value: initial, "data-kind": "number",
@@ -138,18 +144,19 @@ function renderField(name, rawSchema, required) {
     wrap.append(el("label", { for: id, text: label }), input, help);
     return wrap;
   }
+  const choices = (state.options.choices || {})[name];
+  if (schema.type === "string" && choices && choices.length) {
+    const select = el("select", { ...common, "data-kind": "enum" });
+    for (const value of choices) select.append(el("option", { value, text: value }));
+    if (schema.default && choices.includes(schema.default)) select.value = schema.default;
+    wrap.append(el("label", { for: id, text: label }), select, help);
+    return wrap;
+  }
   if (schema.type === "string") {
     const long = name === "prompt" || name === "negative_prompt";
     const input = long ? el("textarea", { ...common, rows: 3, maxlength: schema.maxLength, required, "data-kind": "string" })
       : el("input", { ...common, type: "text", maxlength: schema.maxLength, "data-kind": "string" });
     if (schema.default) input.value = schema.default;
-    const choices = (state.options.choices || {})[name];
-    if (choices && !long) {
-      const list = el("datalist", { id: id + "-choices" });
-      for (const c of choices) list.append(el("option", { value: c }));
-      input.setAttribute("list", list.id);
-      wrap.append(list);
-    }
     wrap.append(el("label", { for: id, text: label }), input, help);
     return wrap;
   }
