@@ -18,7 +18,7 @@ const SLIDERS = new Set(["identitynet_strength", "adapter_strength", "steps", "g
 const POLL_MS = 250, POLL_MAX_MS = 2000;
 
 const $ = (id) => document.getElementById(id);
-const state = { options: null, schema: null, job: null, cancelled: false, cancelling: null };
+const state = { options: null, schema: null, job: null, cancelled: false, cancelling: null, abort: null };
 
 // ---------------------------------------------------------------------------------------------- schema helpers
 function resolve(node) {
@@ -337,11 +337,13 @@ function headers(extra = {}) {
   return key ? { ...extra, "X-API-Key": key } : extra;
 }
 
-async function api(method, path, body) {
+async function api(method, path, body, signal) {
   let response;
   try {
-    response = await fetch(path, { method, body, headers: headers(body ? { "Content-Type": "application/json" } : {}) });
+    response = await fetch(path, { method, body, signal,
+                                   headers: headers(body ? { "Content-Type": "application/json" } : {}) });
   } catch (err) {
+    if (err.name === "AbortError") throw err;
     throw new ApiError(0, "network", "Can't reach the server: check that it is running and the network is up, then retry.");
   }
   if (response.ok) return response;
@@ -429,18 +431,38 @@ async function submit(event) {
   setProgress({ status: "queued" });
   if (matchMedia("(max-width: 760px)").matches) $("progress-row").scrollIntoView({ block: "nearest" });  // one column
   try {
-    const job = await readJson(await api("POST", "v1/jobs", body));
-    state.job = job.job_id;
-    if (state.cancelled) state.cancelling = cancelJob(job.job_id);  // Cancel was pressed while submitting
-    else await poll(job.job_id);
+    if (state.options.jobs === false) {
+      await generateNow(body);
+    } else {
+      const job = await readJson(await api("POST", "v1/jobs", body));
+      state.job = job.job_id;
+      if (state.cancelled) state.cancelling = cancelJob(job.job_id);  // Cancel was pressed while submitting
+      else await poll(job.job_id);
+    }
   } catch (err) {
-    showError(err);
+    if (err instanceof ApiError && err.code === "jobs_disabled") {
+      state.options.jobs = false;  // this server runs no job queue: the same request, synchronously
+      clearError();
+      try { await generateNow(body); } catch (again) { showError(again); }
+    } else if (!(err instanceof DOMException && err.name === "AbortError")) {
+      showError(err);
+    }
   } finally {
     if (state.cancelling) await state.cancelling;
     state.job = null;
     state.cancelling = null;
+    state.abort = null;
     busy(false);
   }
+}
+
+async function generateNow(body) {
+  // Without the jobs API: POST /v1/generate; no step count to show, and Cancel drops the request (the server
+  // stops a dropped request at its next denoising step).
+  state.abort = new AbortController();
+  setProgress({ status: "running" });
+  const response = await api("POST", "v1/generate", body, state.abort.signal);
+  await showResult(await readJson(response));
 }
 
 async function poll(jobId) {
@@ -476,6 +498,7 @@ function cancel() {
   $("cancel").disabled = true;
   $("status").textContent = "Cancelling...";
   if (state.job) state.cancelling = cancelJob(state.job);
+  if (state.abort) { state.abort.abort(); $("status").textContent = "Cancelled."; }
 }
 
 async function cancelJob(jobId) {
