@@ -481,7 +481,12 @@ async function poll(jobId) {
       continue;
     }
     if (state.cancelled) return;
-    if (job.status === "done") { setProgress({ ...job, progress: { step: 1, steps: 1 } }); await showResult(job.result); return; }
+    if (job.status === "done") {
+      const steps = Number($("progress").getAttribute("aria-valuenow") !== null && $("progress").getAttribute("aria-valuemax"));
+      if (steps) setProgress({ ...job, progress: { step: steps, steps } });  // the bar ends full
+      await showResult(job.result);
+      return;
+    }
     if (job.status === "failed") {
       const e = job.error || {};
       throw new ApiError(0, e.code || "", e.message || "the job failed", e.field);
