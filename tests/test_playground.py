@@ -127,6 +127,10 @@ def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(p
     steps = 12
     fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}, steps=steps)
     page.fill("input[name=seed]", "")
+    # A field the page knows nothing special about, rendered from the schema: a list of LoRAs, rows on demand.
+    page.click("#advanced summary")
+    page.get_by_role("button", name="Add lora").click()
+    page.fill("[name='loras.0.name']", "tiny-style")
     page.get_by_role("button", name="Generate").click()
     page.get_by_role("progressbar").wait_for(state="visible")
     assert page.get_by_role("button", name="Cancel").is_visible()
@@ -155,11 +159,13 @@ def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(p
     page.fill("input[name=seed]", "7")
     page.fill("input[name=steps]", "30")
     page.fill("textarea[name=prompt]", "something else")
+    page.fill("[name='loras.0.name']", "another")
     figure.get_by_role("button", name="Use these settings").click()
     page.wait_for_function(f"() => document.querySelector('[name=seed]').value === '{seed}'")
     assert page.input_value("input[name=steps]") == str(steps)
     assert page.input_value("textarea[name=prompt]") == "an astronaut, watercolor"
     assert page.input_value("input[name=width]") == "256"
+    assert page.input_value("[name='loras.0.name']") == "tiny-style"
     assert not page.js_errors
 
     page.set_viewport_size({"width": 375, "height": 800})

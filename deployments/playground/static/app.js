@@ -173,7 +173,7 @@ function renderList(name, schema, label, help) {
   const rows = el("div", { class: "list-rows" });
   const add = el("button", { type: "button", text: `Add ${label.toLowerCase().replace(/s$/, "")}` });
   let count = 0;
-  add.addEventListener("click", () => {
+  const addRow = () => {
     const index = count++;
     const row = el("fieldset", { "data-item": String(index) }, el("legend", { text: `${label} ${index + 1}` }));
     for (const [sub, subSchema] of Object.entries(item.properties || {})) {
@@ -183,7 +183,11 @@ function renderList(name, schema, label, help) {
     remove.addEventListener("click", () => row.remove());
     row.append(remove);
     rows.append(row);
-  });
+    return index;
+  };
+  add.addEventListener("click", addRow);
+  set.addRow = addRow;  // "Use these settings" rebuilds the rows of a sidecar
+  set.clearRows = () => rows.replaceChildren();
   set.append(rows, add, help);
   return set;
 }
@@ -561,7 +565,11 @@ function fill(prefix, params) {
     if (kind === "object" && value && typeof value === "object") { fill(name + ".", value); continue; }
     if (kind === "boolean") node.checked = Boolean(value);
     else if (kind === "json") node.value = value === null ? "" : JSON.stringify(value);
-    else if (kind === "list") continue;  // rows are not rebuilt from a sidecar; see the sidecar for them
+    else if (kind === "list") {
+      node.clearRows();
+      for (const item of Array.isArray(value) ? value : []) fill(`${name}.${node.addRow()}.`, item || {});
+      continue;
+    }
     else node.value = value === null || value === undefined ? "" : String(value);
     node.dispatchEvent(new Event("input"));
   }
