@@ -129,7 +129,7 @@ def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(p
     page.fill("input[name=seed]", "")
     # A field the page knows nothing special about, rendered from the schema: a list of LoRAs, rows on demand.
     page.click("#advanced summary")
-    page.get_by_role("button", name="Add lora").click()
+    page.get_by_role("button", name="Add LoRA").click()
     page.fill("[name='loras.0.name']", "tiny-style")
     page.get_by_role("button", name="Generate").click()
     page.get_by_role("progressbar").wait_for(state="visible")

@@ -13,6 +13,7 @@ const LAYOUT = [
   ["steps", "Steps"], ["guidance", "Guidance"], ["scheduler", "Scheduler"], ["seed", "Seed"],
   ["num_images", "Number of images"], ["enhance_face_region", "Enhance face region"],
 ];
+const MORE_LABELS = { output: "Output", loras: "LoRAs", controls: "ControlNets", face_index: "Face index" };
 const LABELS = Object.fromEntries(LAYOUT);
 const SLIDERS = new Set(["identitynet_strength", "adapter_strength", "steps", "guidance"]);
 const POLL_MS = 250, POLL_MAX_MS = 2000;
@@ -54,7 +55,7 @@ function fieldId(name) { return "f-" + name.replace(/[^A-Za-z0-9_-]/g, "-"); }
 function renderField(name, rawSchema, required) {
   const schema = resolve(rawSchema);
   const id = fieldId(name);
-  const label = LABELS[name] || schema.title || humanize(name.split(".").pop());
+  const label = LABELS[name] || MORE_LABELS[name] || schema.title || humanize(name.split(".").pop());
   const helpId = id + "-help";
   // Image fields get the page's own help: the schema's speaks of base64 and s3://, which an upload hides.
   const help = schema.description && !isImageField(name)
@@ -171,7 +172,7 @@ function renderList(name, schema, label, help) {
   const item = resolve(schema.items);
   const set = el("fieldset", { name, "data-kind": "list" }, el("legend", { text: label }));
   const rows = el("div", { class: "list-rows" });
-  const add = el("button", { type: "button", text: `Add ${label.toLowerCase().replace(/s$/, "")}` });
+  const add = el("button", { type: "button", text: `Add ${label.replace(/s$/, "")}` });
   let count = 0;
   const addRow = () => {
     const index = count++;
@@ -187,7 +188,7 @@ function renderList(name, schema, label, help) {
   };
   add.addEventListener("click", addRow);
   set.addRow = addRow;  // "Use these settings" rebuilds the rows of a sidecar
-  set.clearRows = () => rows.replaceChildren();
+  set.clearRows = () => { rows.replaceChildren(); count = 0; };
   set.append(rows, add, help);
   return set;
 }
