@@ -112,9 +112,8 @@ class PlaygroundRoutes:
             "limits": {"max_image_bytes": config.max_image_bytes, "max_body_bytes": config.max_body_bytes,
                        "inline_max_pixels": config.inline_max_pixels},
             "api_key_required": bool(self.access.enabled),
-            # Without a job queue the page uses /v1/generate (no step progress). Before the task-queue jobs API
-            # (AppConfig.jobs) the ingress ran jobs itself, hence the default.
-            "jobs": getattr(config, "jobs", "in the ingress") is not None,
+            # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
+            "jobs": config.jobs is not None,
             "playground": config.playground,
         }
 
