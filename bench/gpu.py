@@ -247,9 +247,9 @@ def timed_denoiser_class():
         clock: Clock
         finite = True
 
-        def denoise(self, latents, cond, scheduler, generators):
+        def denoise(self, latents, cond, scheduler, generators, *args, **kwargs):
             with self.clock.span("loop"):
-                return super().denoise(latents, cond, scheduler, generators)
+                return super().denoise(latents, cond, scheduler, generators, *args, **kwargs)
 
         def decode(self, latents):
             self.finite = bool(torch.isfinite(latents).all())
