@@ -91,13 +91,14 @@ def test_prefetch_resolves_and_validates_the_weights_a_serve_config_names(tiny_r
                                                                         capsys) -> None:
     config = yaml.safe_load(render.SERVE_CONFIG_PATH.read_text())
     args = render.app_entry(config)["args"]
-    args["weights"] = {"tiny_preset_dir": None, "sources": ModelSources.from_root(str(tiny_root)).model_dump()}
+    sources = ModelSources.from_root(str(tiny_root)).model_dump(mode="json")  # the YAML an operator writes
+    args["weights"] = {"tiny_preset_dir": None, "sources": sources}
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert prefetch_main([str(path)]) == 0
     assert f"sdxl={tiny_root}/sdxl" in capsys.readouterr().out
 
-    args["weights"]["sources"] = ModelSources.from_root(str(tmp_path / "missing")).model_dump()
+    args["weights"]["sources"] = ModelSources.from_root(str(tmp_path / "missing")).model_dump(mode="json")
     path.write_text(yaml.safe_dump(config))
     assert prefetch_main([str(path)]) == 2  # a clear one-line failure, not a traceback
     assert "prefetch failed" in capsys.readouterr().err
