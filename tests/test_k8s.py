@@ -326,15 +326,18 @@ def test_generator_closes_objects_and_shares_repeated_subtrees() -> None:
         "openAPIV3Schema": {"type": "object", "description": "dropped", "properties": {
             "metadata": {"type": "object"},
             "spec": {"type": "object", "properties": {"a": pod, "b": pod, "open": {
-                "type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"x": {"type": "string"}}},
+                "type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                "properties": {"x": {"type": "string"}}},
                 "default": {"type": "object", "properties": {}}}}}}}}]}}
-    name, schema = generate.generate(yaml.safe_dump(crd), "v1", {"repository": "r", "tag": "t", "file": "f"})
+    source = {"repository": "r", "tag": "t", "file": "f"}
+    name, schema = generate.generate(yaml.safe_dump(crd), "v1", source)
     assert name == "thing.example.io-v1.json" and "description" not in json.dumps(schema)
     spec = schema["properties"]["spec"]
     assert spec["additionalProperties"] is False and "additionalProperties" not in spec["properties"]["open"]
     assert spec["properties"]["a"] == spec["properties"]["b"] == {"$ref": f"#/$defs/{next(iter(schema['$defs']))}"}
     validator = jsonschema.Draft202012Validator(schema, registry=core_registry()[1])
-    assert not list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"a": {"field1": "v"}, "open": {"y": 1}}}))
+    valid = {"metadata": {"name": "n"}, "spec": {"a": {"field1": "v"}, "open": {"y": 1}}}
+    assert not list(validator.iter_errors(valid))
     assert list(validator.iter_errors({"metadata": {"name": "n"}, "spec": {"b": {"feild1": "v"}}}))
 
 
