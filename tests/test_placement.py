@@ -24,7 +24,7 @@ def expected_node_types() -> dict[str, set[str]]:
     """deployment -> the node types that offer every custom resource it asks for, from the GPU overlay."""
     offered = {"head": {}, "cpu": NODES[1].resources, "gpu": NODES[2].resources}
     names = {"ingress": "Ingress", "face": "FaceAnalysis", "prompt": "PromptEncoder", "denoiser": "Denoiser",
-             "writer": "OutputWriter"}
+             "writer": "OutputWriter", "jobs": "JobConsumer"}
     expected = {}
     for stage, options in render.app_config(render.render_serve_config("gpu")).deployments:
         wanted = options.ray_actor_options.get("resources", {})

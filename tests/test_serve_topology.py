@@ -81,7 +81,7 @@ def test_serve_config_yaml_is_an_appconfig_with_serve_build_structure():
         "max_queued_requests"]
 
 
-def test_build_app_binds_five_deployments_from_the_file():
+def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
     from ray.serve._private.build_app import build_app as serve_build
 
     from deployments.app import build_app
@@ -89,10 +89,11 @@ def test_build_app_binds_five_deployments_from_the_file():
     config = app_config_from_serve_config()
     built = serve_build(build_app(config), name="instantid")
     assert {d.name for d in built.deployments} == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
-                                                   "OutputWriter"}
+                                                   "OutputWriter", "JobConsumer"}
     # A request refused at any full queue, the Ingress's own included (Serve's proxy answers that one), gets
-    # Retry-After.
-    assert {d.backpressure_config.retry_after_s for d in built.deployments} == {config.retry_after_s}
+    # Retry-After. The JobConsumer takes its work from the broker, never from a caller's queue.
+    called = [d for d in built.deployments if d.name != "JobConsumer"]
+    assert {d.backpressure_config.retry_after_s for d in called} == {config.retry_after_s}
 
 
 def test_url_inputs_need_an_allow_list_of_hosts():
