@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
@@ -59,15 +60,15 @@ class JobsAPI:
         return status
 
     async def status(self, job_id: str) -> JobStatus:
-        check_job_id(job_id)
-        status = await asyncio.to_thread(self.store.get, job_id) if self.enabled else None
-        if status is None:
-            raise JobNotFound(f"no job {job_id} (unknown, or its record expired)", field="job_id")
-        return status
+        return await self._existing(job_id, lambda: self.store.get(job_id))
 
     async def cancel(self, job_id: str) -> JobStatus:
+        return await self._existing(job_id, lambda: self.store.request_cancel(job_id))
+
+    async def _existing(self, job_id: str, read: Callable[[], JobStatus | None]) -> JobStatus:
+        """The job record `read` returns (in a thread: the store is synchronous), or JobNotFound naming job_id."""
         check_job_id(job_id)
-        status = await asyncio.to_thread(self.store.request_cancel, job_id) if self.enabled else None
+        status = await asyncio.to_thread(read) if self.enabled else None
         if status is None:
             raise JobNotFound(f"no job {job_id} (unknown, or its record expired)", field="job_id")
         return status
