@@ -63,19 +63,25 @@ def cluster_nodes() -> list:
 
 def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = True,
                          timeout_s: float = DRIVER_TIMEOUT_S) -> tuple[int, dict[str, Any], str]:
-    """Start cluster_nodes() with cluster/local.py, run this driver against it, stop the cluster.
+    """Start a Redis (the JobConsumer's broker) and cluster_nodes() with cluster/local.py, run this driver against
+    them, stop both.
 
     Returns the driver's exit code, its facts (empty if it printed none) and the tail of its stderr."""
+    import tempfile
+
     from cluster.local import start_local_cluster
+    from tests.fixtures_redis import start_redis
 
     nodes = cluster_nodes()
+    redis_dir = tempfile.TemporaryDirectory(prefix="placement-redis-")
+    redis_process, broker_url = start_redis(Path(redis_dir.name))
     cluster = start_local_cluster(nodes, auth="token", dashboard=True)  # the state API needs the dashboard
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | cluster.env
         env["PYTHONPATH"] = str(REPO)
         command = [sys.executable, "-m", "tests.apps.placement_driver", "--address", cluster.address,
                    "--dashboard-url", cluster.dashboard_url, "--tiny-dir", str(tiny_dir),
-                   "--output-dir", str(output_dir), "--port", str(_free_port())]
+                   "--output-dir", str(output_dir), "--port", str(_free_port()), "--broker-url", broker_url]
         if lose_node:
             node_pids = {marker: pid for spec, pid in zip(nodes, cluster.pids, strict=True)
                          for marker in GPU_MARKERS if marker in spec.resources}
@@ -91,6 +97,9 @@ def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = 
         return run.returncode, json.loads(lines[-1]) if lines else {}, run.stderr[-4000:]
     finally:
         cluster.stop()
+        redis_process.terminate()
+        redis_process.wait(timeout=10)
+        redis_dir.cleanup()
 
 
 def _free_port() -> int:
@@ -143,13 +152,15 @@ def replica_counts() -> dict[str, dict[str, int]]:
             for name, d in app.deployments.items()}
 
 
-def app_config(tiny_dir: str, output_dir: str) -> Any:
+def app_config(tiny_dir: str, output_dir: str, broker_url: str) -> Any:
     from instantid_app.config import AppConfig
     from k8s.render import app_entry, cpu_only, render_serve_config
 
     args = app_entry(cpu_only(render_serve_config("gpu")))["args"]
     args["weights"]["tiny_preset_dir"] = tiny_dir
     args["output_uri"] = Path(output_dir).resolve().as_uri()
+    # This run's own Redis, never whatever may listen on the default port (or an INSTANTID_BROKER_URL in the env).
+    args["jobs"] = {**args.get("jobs", {}), "broker_url": broker_url, "broker_url_env": None}
     args["deployments"]["denoiser"]["autoscaling_config"] = dict(DENOISER_AUTOSCALING)
     return AppConfig.model_validate(args)
 
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard-url", required=True, help="http://127.0.0.1:PORT, for Ray's state API")
     parser.add_argument("--tiny-dir", required=True)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--broker-url", required=True, help="redis://127.0.0.1:PORT/0, the job queue's broker")
     parser.add_argument("--port", type=int, required=True, help="Serve's HTTP port on 127.0.0.1")
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--ready-timeout", type=float, default=90)
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         types = node_types()
         facts["nodes"] = dict(Counter(types.values()))
-        config = app_config(args.tiny_dir, args.output_dir)
+        config = app_config(args.tiny_dir, args.output_dir, args.broker_url)
         facts["asked"] = {name: options.ray_actor_options.get("resources", {})
                           for name, options in config.deployments}
         # One proxy, on the head: every node of this cluster shares the machine's ports.
