@@ -188,7 +188,8 @@ def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_grou
 
 def test_cpu_demo_needs_no_gpu_no_secret_and_no_extra_crd() -> None:
     docs = rendered("cpu-demo")
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService", "ServiceAccount", "NetworkPolicy"}
+    assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService", "ServiceAccount", "NetworkPolicy",
+                                         "Secret", "Service", "Deployment"}  # + the jobs' Redis (components/jobs-redis)
     assert "nvidia.com/gpu" not in json.dumps(docs)
     assert "gcsFaultToleranceOptions" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
 
@@ -237,8 +238,11 @@ def test_secret_template_holds_placeholders_only() -> None:
         assert "data" not in doc
         for key, value in doc["stringData"].items():
             assert re.fullmatch(r"<[^<>]+>", value), f"{key} must be a <placeholder>, not a value"
-    for overlay in ("cpu-demo", "gpu", "batch"):  # never applied by kustomize: it would overwrite the real secrets
+    for overlay in ("gpu", "batch"):  # never applied by kustomize: it would overwrite the real secrets
         assert not [d for d in rendered(overlay) if d["kind"] == "Secret"]
+    # The demo's one Secret is the in-cluster jobs Redis's address (components/jobs-redis): no credential in it.
+    (demo_secret,) = [d for d in rendered("cpu-demo") if d["kind"] == "Secret"]
+    assert demo_secret["metadata"]["name"] == "instantid-jobs" and set(demo_secret["data"]) == {"INSTANTID_BROKER_URL"}
 
 
 # --- schema: every field exists in its API ----------------------------------------------------------------------
@@ -278,7 +282,7 @@ def test_every_manifest_names_only_fields_of_its_api(all_options: list[dict[str,
         validate(doc)
         kinds.add(doc["kind"])
     assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "ServiceMonitor", "HTTPRoute", "Gateway",
-                     "Secret", "ServiceAccount", "NetworkPolicy", "RayJob", "PriorityClass"}
+                     "Secret", "ServiceAccount", "NetworkPolicy", "RayJob", "PriorityClass", "Service", "Deployment"}
 
 
 @pytest.mark.parametrize("where, bad", [
