@@ -22,19 +22,24 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                                 "no", "--dir", str(workdir), "--protected-mode", "yes"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for_redis(process, port)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def wait_for_redis(process: subprocess.Popen, port: int, timeout_s: float = 20) -> None:
+    """Until the redis-server `process` answers PING on 127.0.0.1:`port`; RuntimeError if it exits or is late."""
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
-            break
+            return
         except redis.ConnectionError:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start on port {port}") from None
             time.sleep(0.05)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from tests.fixtures_redis import wait_for_redis
 from tests.fixtures_serve import free_port
 from tests.test_k8s import one, rendered, validate
 
@@ -89,15 +89,8 @@ def test_the_manifests_redis_arguments_start_a_server_that_keeps_nothing_on_disk
     process = subprocess.Popen([binary, *container["args"], "--port", str(port), "--bind", "127.0.0.1",
                                 "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
+        wait_for_redis(process, port)
         client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
         assert client.config_get("save") == {"save": ""}
         assert client.config_get("appendonly") == {"appendonly": "no"}
         assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
