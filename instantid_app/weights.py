@@ -13,7 +13,7 @@ from .config import AppConfig
 
 
 def resolve_app_weights(config: AppConfig) -> ResolvedWeights:
-    return resolve_sources(config.weights.sources, config.weights.tiny_preset_dir, config)
+    return resolve_sources(config.weights.sources, config.weights.tiny_preset_dir, config, dtype=config.pipeline.dtype)
 
 
 def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSources:
@@ -30,9 +30,10 @@ def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSou
 
 
 def resolve_sources(sources: ModelSources, tiny_preset_dir: str | None,
-                    config: AppConfig | None = None) -> ResolvedWeights:
+                    config: AppConfig | None = None, *, dtype: str = "float32") -> ResolvedWeights:
     """The tiny preset when a folder for it is named (written there on first use), else the sources; with the
-    app config's LoRAs and ControlNets over theirs."""
+    app config's LoRAs and ControlNets over theirs. `dtype` is the replicas': half precision fetches SDXL's fp16
+    files."""
     if tiny_preset_dir:
         sources = ModelSources.from_root(str(ensure_tiny_preset(Path(tiny_preset_dir))))
-    return resolve_weights(with_extensions(sources, config))
+    return resolve_weights(with_extensions(sources, config), dtype=dtype)

@@ -44,7 +44,7 @@ def _weights_tiny(args: argparse.Namespace) -> None:
 def _weights_download(args: argparse.Namespace) -> None:
     from instantid_core.weights import download_all
 
-    resolved = download_all(Path(args.dir), _sources(args))
+    resolved = download_all(Path(args.dir), _sources(args), dtype=args.dtype)
     print(f"weights ready under {args.dir} ({resolved.downloaded_files} files downloaded)")
 
 
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "download":
             _add_source_flags(sub)
+            sub.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                             help="the dtype it will run in: float16/bfloat16 take SDXL's fp16 files (half the size)")
 
     gen = commands.add_parser("generate", help="one face photo + prompt -> images and a sidecar")
     gen.add_argument("--weights", help="a weights folder (tiny or downloaded); default: the sources below")

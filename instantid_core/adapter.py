@@ -10,6 +10,7 @@ as a `(batch,)` tensor through `cross_attention_kwargs`.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ ADAPTER_KEYS = ("image_proj", "ip_adapter")
 def load_adapter_state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Read the published `ip-adapter.bin` (a torch file with `image_proj` and `ip_adapter`)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in as the Resampler and the K/V projections copy them, so the file is read once
+        # and never held whole beside them (legacy non-zip pickles cannot be mmapped).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for a corrupt file; the caller needs the file name
         raise WeightsError(f"adapter: cannot read {path}: {exc}") from exc
     missing = [key for key in ADAPTER_KEYS if key not in state]

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from .config import ControlParams, ControlType
 from .errors import InvalidParameter
+from .weights import load_variant
 
 log = logging.getLogger(__name__)
 CANNY_THRESHOLDS = (100, 200)  # the thresholds diffusers' ControlNet docs and the InstantID demo use
@@ -60,7 +61,8 @@ class ExtraControlNets:
         self.device, self.dtype = device, dtype
         self.models: dict[ControlType, ControlNetModel] = {}
         for name, path in sources.items():
-            model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+            variant = load_variant(Path(path), str(dtype).removeprefix("torch."))
+            model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, variant=variant)
             self.models[ControlType(name)] = model.to(device).eval().requires_grad_(False)
         self.depth_estimator = None
         if depth_estimator is not None and ControlType.depth in self.models:

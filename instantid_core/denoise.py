@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from .errors import InvalidParameter, WeightsError
 from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
 from .text import PromptEmbeds
-from .weights import ResolvedWeights
+from .weights import ResolvedWeights, load_variant
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
     Scheduler.euler: (EulerDiscreteScheduler, {}),
@@ -165,10 +166,12 @@ class IdentityDenoiser:
         self.accel = accel if accel is not None else acc.AccelSettings.from_settings(settings)
         self.accel.check(self.device, lora=lcm_lora is not None or bool(loras))
         self.dtype = getattr(torch, settings.dtype)
-        load = dict(torch_dtype=self.dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(sdxl_dir / "unet", **load)
-        self.identitynet = ControlNetModel.from_pretrained(identitynet_dir, **load)
-        self.vae = AutoencoderKL.from_pretrained(sdxl_dir / "vae", **load)
+        def load(cls: Any, folder: Path) -> Any:  # the fp16 files when the dtype is half and they are there
+            return cls.from_pretrained(folder, torch_dtype=self.dtype, variant=load_variant(folder, settings.dtype))
+
+        self.unet = load(UNet2DConditionModel, sdxl_dir / "unet")
+        self.identitynet = load(ControlNetModel, identitynet_dir)
+        self.vae = load(AutoencoderKL, sdxl_dir / "vae")
         if self.dtype == torch.float16 and self.vae.config.force_upcast:
             self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; decided once here, not per call
         adapter = load_adapter_state(adapter_path)

@@ -233,7 +233,7 @@ class InstantIDPipeline:
     def __init__(self, sources: ModelSources, settings: PipelineSettings | None = None,
                  weights: ResolvedWeights | None = None) -> None:
         self.settings = settings or PipelineSettings()
-        self.weights = weights or resolve_weights(sources)
+        self.weights = weights or resolve_weights(sources, dtype=self.settings.dtype)
         self.face = FaceAnalyzer(self.weights.face_pack, self.settings)
         self.text = PromptEncoder(self.weights.sdxl, self.settings)
         self.denoiser = IdentityDenoiser.from_weights(self.weights, self.settings)

@@ -14,6 +14,7 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from .config import NO_STYLE, PipelineSettings
 from .styles import apply_style as styles_apply
 from .styles import builtin_styles, load_styles
 from .weighting import is_weighted, parse_weighted_prompt, plain_text
+from .weights import load_variant
 
 
 def apply_style(style: str, prompt: str, negative_prompt: str) -> tuple[str, str]:
@@ -48,13 +50,14 @@ class PromptEncoder:
     def __init__(self, sdxl_dir: Path, settings: PipelineSettings) -> None:
         dtype = getattr(torch, settings.dtype)
         self.device = torch.device(settings.device)
-        load = dict(torch_dtype=dtype)
+        def load(cls: Any, folder: Path) -> Any:  # the fp16 files when the dtype is half and they are there
+            return cls.from_pretrained(folder, torch_dtype=dtype, variant=load_variant(folder, settings.dtype))
+
         # A pipeline holding only the text parts, so encoding is diffusers' own code, not a copy of it.
         self._pipe = StableDiffusionXLPipeline(
             vae=None, unet=None, scheduler=None,
-            text_encoder=CLIPTextModel.from_pretrained(sdxl_dir / "text_encoder", **load).to(self.device),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(sdxl_dir / "text_encoder_2", **load).to(
-                self.device),
+            text_encoder=load(CLIPTextModel, sdxl_dir / "text_encoder").to(self.device),
+            text_encoder_2=load(CLIPTextModelWithProjection, sdxl_dir / "text_encoder_2").to(self.device),
             tokenizer=CLIPTokenizer.from_pretrained(sdxl_dir / "tokenizer"),
             tokenizer_2=CLIPTokenizer.from_pretrained(sdxl_dir / "tokenizer_2"),
             force_zeros_for_empty_prompt=_force_zeros(sdxl_dir),

@@ -72,6 +72,37 @@ FETCH_PATTERNS: dict[str, list[str]] = {
     "controlnets": ["config.json", *_without_fp16(_UNET_WEIGHTS)],
     "depth_estimator": ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"],
 }
+HALF_DTYPES = ("float16", "bfloat16")
+FP16 = "fp16"  # the published SDXL repo's half-precision files: `<name>.fp16.safetensors` beside `<name>.safetensors`
+
+
+def weight_variant(dtype: str) -> str | None:
+    """The weight files a replica of `dtype` fetches: fp16 and bf16 replicas take the fp16 files (half the download,
+    disk and host memory of the full-precision ones; bf16 is cast from them on load), float32 the full ones."""
+    return FP16 if dtype in HALF_DTYPES else None
+
+
+def _sdxl_patterns(variant: str | None) -> list[str]:
+    if variant is None:
+        return FETCH_PATTERNS["sdxl"]
+    return [*(p for p in FETCH_PATTERNS["sdxl"] if p.split("/")[0] not in _SDXL_MODELS),
+            *(f"{model}/{name}" for model, names in _SDXL_MODELS.items()
+              for name in ["config.json", *(n for n in names if f".{variant}." in n)])]
+
+
+def _models_without_weights(path: Path) -> list[str]:
+    return [model for model, names in _SDXL_MODELS.items() if not any((path / model / n).is_file() for n in names)]
+
+
+def load_variant(folder: Path, dtype: str) -> str | None:
+    """The `variant=` for diffusers'/transformers' `from_pretrained` of one model folder: the fp16 files when the
+    dtype is half and they are there, or when they are all the folder has (an fp16-only mirror); else None."""
+    names = [p.name for p in folder.glob("*.safetensors")] if folder.is_dir() else []
+    has_variant = any(f".{FP16}." in name for name in names)
+    has_full = any(f".{FP16}." not in name for name in names) or any(folder.glob("*.bin"))
+    return FP16 if has_variant and (weight_variant(dtype) or not has_full) else None
+
+
 # Small parts first: a broken adapter or face pack fails before a 14 GB SDXL download starts.
 _PART_ORDER = ("adapter", "face_pack", "identitynet", "lcm_lora", "sdxl")
 
@@ -283,7 +314,7 @@ def _find_face_pack(path: Path) -> Path:
 
 
 def resolve_weights(
-    sources: ModelSources, *, offline: bool | None = None, s3_client: Any = None
+    sources: ModelSources, *, offline: bool | None = None, s3_client: Any = None, dtype: str = "float32"
 ) -> ResolvedWeights:
     """Fetch (if needed) and validate every part of the weights.
 
@@ -295,6 +326,8 @@ def resolve_weights(
         offline: True: use only what is cached (hub cache, S3 cache). None: huggingface_hub's own setting
             (HF_HUB_OFFLINE); S3 is contacted.
         s3_client: a boto3 S3 client; default `storage.make_s3_client()` when a source is on S3.
+        dtype: the replicas' dtype. float16/bfloat16 fetch SDXL's fp16 files instead of the full-precision ones
+            (`weight_variant`); a model whose source has no fp16 file gets its full-precision one.
 
     Returns:
         Validated local paths, revisions and how many files were downloaded.
@@ -315,8 +348,18 @@ def resolve_weights(
             from instantid_core.storage import make_s3_client
 
             s3_client = make_s3_client()
-        path, revisions[part], count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client)
+        variant = weight_variant(dtype) if part == "sdxl" else None
+        patterns = _sdxl_patterns(variant) if part == "sdxl" else FETCH_PATTERNS[part]
+        path, revisions[part], count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client,
+                                              patterns=patterns)
         downloaded += count
+        missing = _models_without_weights(path) if variant and path.is_dir() else []
+        if missing and not _is_local(source):
+            # A source without fp16 files (a mirror of the full-precision ones): those models' full files instead.
+            fallback = [f"{model}/{name}" for model in missing for name in _without_fp16(_SDXL_MODELS[model])]
+            path, _, count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client,
+                                    patterns=fallback)
+            downloaded += count
         try:
             paths[part] = _CHECKS[part](path)
         except WeightsError as err:
@@ -376,18 +419,19 @@ def _extension_sources(sources: ModelSources) -> list[str]:
 
 
 def download_all(
-    dest_root: Path, sources: ModelSources | None = None, *, offline: bool | None = None, s3_client: Any = None
+    dest_root: Path, sources: ModelSources | None = None, *, offline: bool | None = None, s3_client: Any = None,
+    dtype: str = "float32",
 ) -> ResolvedWeights:
     """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`).
 
     Files are hard-linked from the hub/S3 cache when on the same filesystem (no second copy of 14 GB), copied
     otherwise; a file already in place with the same size and mtime is kept, so a re-run is cheap. The nested
-    antelopev2 folder is flattened.
+    antelopev2 folder is flattened. `dtype` as for `resolve_weights` (float16/bfloat16: SDXL's fp16 files).
 
     Returns:
         The weights under `dest_root`, with the revisions and download count of the resolve.
     """
-    resolved = resolve_weights(sources or ModelSources(), offline=offline, s3_client=s3_client)
+    resolved = resolve_weights(sources or ModelSources(), offline=offline, s3_client=s3_client, dtype=dtype)
     dest_root = Path(dest_root).expanduser()
     layout = ModelSources.from_root(str(dest_root))
     dests: dict[str, Path | None] = {part: Path(getattr(layout, part)) for part in _CHECKS if part != "lcm_lora"}
@@ -404,16 +448,24 @@ def download_all(
     )
 
 
-def _fetch(part: str, source: str, *, offline: bool | None, cache_root: Path, client: Any) -> tuple[Path, str, int]:
-    """One source to a local path: (path, revision, files downloaded)."""
+def _fetch(part: str, source: str, *, offline: bool | None, cache_root: Path, client: Any,
+           patterns: list[str] | None = None) -> tuple[Path, str, int]:
+    """One source to a local path: (path, revision, files downloaded); `patterns`: what to fetch of a folder
+    (default the part's FETCH_PATTERNS)."""
+    patterns = FETCH_PATTERNS[part] if patterns is None else patterns
     if source.startswith("s3://"):
-        return _fetch_s3(part, source, offline=bool(offline), cache_root=cache_root, client=client)
-    if source.startswith(("/", ".", "~", "file://")) or Path(source).exists():
+        return _fetch_s3(part, source, offline=bool(offline), cache_root=cache_root, client=client,
+                         patterns=patterns)
+    if _is_local(source):
         return Path(source.removeprefix("file://")).expanduser(), "local", 0  # the part's check names what is missing
-    return _fetch_hf(part, source, offline=bool(offline))
+    return _fetch_hf(part, source, offline=bool(offline), patterns=patterns)
 
 
-def _fetch_hf(part: str, source: str, *, offline: bool) -> tuple[Path, str, int]:
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~", "file://")) or Path(source).exists()
+
+
+def _fetch_hf(part: str, source: str, *, offline: bool, patterns: list[str]) -> tuple[Path, str, int]:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
@@ -426,7 +478,7 @@ def _fetch_hf(part: str, source: str, *, offline: bool) -> tuple[Path, str, int]
         )
     repo_id, sub = "/".join(segments[:2]), "/".join(segments[2:])
     # `sub` alone matches a file subpath; `sub/<pattern>` a folder's needed files.
-    patterns = [sub, *(f"{sub}/{p}" for p in FETCH_PATTERNS[part])] if sub else FETCH_PATTERNS[part]
+    patterns = [sub, *(f"{sub}/{p}" for p in patterns)] if sub else patterns
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
     before = _count_files(blobs)
     try:
@@ -443,7 +495,8 @@ def _fetch_hf(part: str, source: str, *, offline: bool) -> tuple[Path, str, int]
     return path, snapshot.name, max(0, _count_files(blobs) - before)
 
 
-def _fetch_s3(part: str, source: str, *, offline: bool, cache_root: Path, client: Any) -> tuple[Path, str, int]:
+def _fetch_s3(part: str, source: str, *, offline: bool, cache_root: Path, client: Any,
+              patterns: list[str]) -> tuple[Path, str, int]:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = source[len("s3://"):].partition("/")
@@ -455,11 +508,11 @@ def _fetch_s3(part: str, source: str, *, offline: bool, cache_root: Path, client
     if offline:
         return _cached_s3(part, source, local, etag_root, prefix)
     try:
-        objects = _list_s3(client, bucket, prefix, FETCH_PATTERNS[part])
+        objects = _list_s3(client, bucket, prefix, patterns)
     except (BotoCoreError, ClientError) as err:
         raise WeightsError(f"{part}: cannot list {source}: {err}", field=part) from err
     if not objects:
-        raise WeightsError(f"{part}: no objects under {source} (looked for {FETCH_PATTERNS[part]})", field=part)
+        raise WeightsError(f"{part}: no objects under {source} (looked for {patterns})", field=part)
     downloaded = 0
     for key, etag, size in objects:
         if ".." in key.split("/") or key.startswith("/"):

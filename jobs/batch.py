@@ -120,7 +120,7 @@ def list_inputs(store: OutputStore, input_uri: str, limit: int | None, output_ur
 def _resolve(settings: BatchSettings):
     from instantid_app.weights import resolve_sources
 
-    return resolve_sources(settings.sources, settings.tiny_preset_dir)
+    return resolve_sources(settings.sources, settings.tiny_preset_dir, dtype=settings.pipeline.dtype)
 
 
 class FaceStage:

@@ -8,6 +8,7 @@ the Resampler keeps depth 4 and 16 queries, the face pack keeps insightface's co
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -156,6 +157,10 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
         unet=unet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG), force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(root / "sdxl")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        # The published repo also holds each model's fp16 file (`<name>.fp16.safetensors`), which half-precision
+        # replicas fetch and load instead; the same weights cast to fp16, as there.
+        copy.deepcopy(getattr(pipe, name)).to(torch.float16).save_pretrained(root / "sdxl" / name, variant="fp16")
     for name in ("tokenizer", "tokenizer_2"):
         # The published folders carry vocab.json + merges.txt only; without tokenizer.json, loading converts
         # them exactly as it does for the real weights.
@@ -185,8 +190,9 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
 
 
 # Written into `.complete`; bumped when the preset gains members, so a folder written by an older version (e.g.
-# without the LoRAs and ControlNets of issue 14) is rewritten rather than served without them.
-PRESET_VERSION = "2"
+# without the LoRAs and ControlNets of issue 14, or without SDXL's fp16 files) is rewritten rather than served
+# without them.
+PRESET_VERSION = "3"
 
 
 def _current(root: Path) -> bool:
