@@ -160,7 +160,11 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         # The published repo also holds each model's fp16 file (`<name>.fp16.safetensors`), which half-precision
         # replicas fetch and load instead; the same weights cast to fp16, as there.
+        config = (root / "sdxl" / name / "config.json").read_bytes()
         copy.deepcopy(getattr(pipe, name)).to(torch.float16).save_pretrained(root / "sdxl" / name, variant="fp16")
+        # One config for both files: saving the fp16 copy rewrote it with dtype float16, which would make a
+        # from_pretrained without torch_dtype load the full-precision files as fp16.
+        (root / "sdxl" / name / "config.json").write_bytes(config)
     for name in ("tokenizer", "tokenizer_2"):
         # The published folders carry vocab.json + merges.txt only; without tokenizer.json, loading converts
         # them exactly as it does for the real weights.
