@@ -88,8 +88,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-    from instantid_app.config import app_config_from_serve_config
+    from deployments.app import build_app_from_spec
+    from instantid_app.config import AppSpec, app_entry, load_serve_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     redis_process, redis_url = start_redis(workdir)
@@ -102,17 +102,19 @@ def main() -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for replicas in (1, 2):
-            config = app_config_from_serve_config()
-            config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
-            config.output_uri = (workdir / "out").as_uri()
-            config.jobs.broker_url, config.jobs.broker_url_env = redis_url, None
-            config.jobs.queue_name = f"bench-jobs-{replicas}"
-            for name in type(config.deployments).model_fields:
-                stage = getattr(config.deployments, name)
-                stage.autoscaling_config.min_replicas = stage.autoscaling_config.max_replicas = 1
-            config.deployments.jobs.autoscaling_config.min_replicas = replicas
-            config.deployments.jobs.autoscaling_config.max_replicas = replicas
-            serve.run(build_app(config), name="instantid", route_prefix="/", blocking=False)
+            app = app_entry(load_serve_config())
+            app["args"]["weights"]["preset_dir"] = str(REPO / ".cache" / "tiny")
+            app["args"]["output_uri"] = (workdir / "out").as_uri()
+            app["args"]["jobs"].update(broker_url=redis_url, broker_url_env=None, queue_name=f"bench-jobs-{replicas}")
+            for entry in app["deployments"]:
+                # One replica per stage; the consumers' count is what is measured. No `policy`: the spec fills in
+                # the queue-length policy of the jobs settings above.
+                count = replicas if entry["name"] == "JobConsumer" else 1
+                entry["autoscaling_config"] = {"min_replicas": count, "max_replicas": count,
+                                               "target_ongoing_requests": entry["autoscaling_config"].get(
+                                                   "target_ongoing_requests", 2)}
+            config = AppSpec.model_validate({"args": app["args"], "deployments": app["deployments"]})
+            serve.run(build_app_from_spec(config), name="instantid", route_prefix="/", blocking=False)
             wait_ready(url)
             run_config(url, replicas, 4)  # warm-up, not counted
             result = run_config(url, replicas, args.jobs)

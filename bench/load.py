@@ -221,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     sys.path.insert(0, str(REPO))
-    from deployments.app import build_app
-    from instantid_app.config import app_config_from_serve_config
+    from deployments.app import build_app_from_spec
+    from instantid_app.config import app_entry, app_spec, load_serve_config
 
-    config = app_config_from_serve_config()
-    config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
-    config.output_uri = f"s3://{bucket}/out"
-    config.allowed_input_buckets = [bucket]  # so an s3:// face in it that does not exist is a 404, not a 403
+    serve_config = load_serve_config()
+    app = app_entry(serve_config)
+    # /v1/generate only: no async jobs, so no JobConsumer and no broker to start (bench/jobs.py measures those).
+    app["args"].pop("jobs", None)
+    app["deployments"] = [entry for entry in app["deployments"] if entry["name"] != "JobConsumer"]
+    config = app_spec(serve_config)
+    config.args.weights.preset_dir = str(REPO / ".cache" / "tiny")
+    config.args.output_uri = f"s3://{bucket}/out"
+    config.args.allowed_input_buckets = [bucket]  # so an s3:// face in it that does not exist is a 404, not a 403
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     face = base64.b64encode(FACE.read_bytes()).decode()
@@ -242,15 +247,15 @@ def main(argv: list[str] | None = None) -> int:
                               "steps": args.steps}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="instantid", route_prefix="/")
+        serve.run(build_app_from_spec(config), name="instantid", route_prefix="/")
         for i in range(3):  # warm-up, not measured
             httpx.post(f"{url}/v1/generate", json=body(i, "warmup"), timeout=120).raise_for_status()
 
         # The hostile corpus: every case its documented 4xx, no 5xx, no replica restarted, a valid request after.
         from tests.hostile_inputs import body_cases, check, image_cases, send
 
-        corpus = image_cases(FACE.read_bytes()) + body_cases(face, bucket, config.max_body_bytes,
-                                                             config.max_image_bytes)
+        corpus = image_cases(FACE.read_bytes()) + body_cases(face, bucket, config.ingress.max_body_bytes,
+                                                             config.ingress.max_image_bytes)
         replicas_before = replica_names()
         with httpx.Client(base_url=url, timeout=args.timeout) as http:
             answers = [(case, send(http, case)) for case in corpus]
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         from tests.apps.placement_driver import run_on_local_cluster
 
         with tempfile.TemporaryDirectory(prefix="load-node-loss-") as out:
-            code, facts, stderr = run_on_local_cluster(Path(config.weights.tiny_preset_dir), Path(out))
+            code, facts, stderr = run_on_local_cluster(Path(config.args.weights.preset_dir), Path(out))
         report["node_loss"] = facts.get("node_loss") or {"error": f"driver exit {code}: {stderr[-800:]}"}
     report["batch_resume"] = _latest_batch_resume()
     report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__}

@@ -32,7 +32,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from deployments.schemas import DenoiseResult, FaceResult, GenerateResponse, PromptResult
-from instantid_app.config import AppConfig
+from instantid_app.config import AppSpec
 from instantid_core.pipeline import FaceCondition
 from instantid_core.text import PromptEmbeds
 
@@ -138,23 +138,22 @@ class NoopIngress:
         return JSONResponse({"ready": True})
 
 
-def build_noop_app(config: AppConfig, face: FaceCondition, prompt: PromptEmbeds) -> Application:
+def build_noop_app(config: AppSpec, face: FaceCondition, prompt: PromptEmbeds) -> Application:
     """The no-op DAG with the Serve options, batch settings and output URI of `config`.
 
     Args:
-        config: the AppConfig the real app is built from; each no-op stage gets its stage's deployment options.
+        config: the AppSpec the real app is built from; each no-op stage gets its stage's deployment options.
         face: the face stage's output for the benchmark's photo and size (returned as is by every call).
         prompt: the prompt stage's output for the benchmark's prompt (returned as is by every call).
     """
-    stages = config.deployments
+    def deployment(cls: type, name: str, stage: str) -> serve.Deployment:
+        options = {k: v for k, v in config.options(stage).items() if k != "user_config"}  # no reconfigure() here
+        return serve.deployment(cls, name=name, **options)
 
-    def deployment(cls: type, name: str, options) -> serve.Deployment:
-        return serve.deployment(cls, name=name, **options.serve_options())
-
-    return deployment(NoopIngress, "NoopIngress", stages.ingress).bind(
-        deployment(NoopFace, "NoopFace", stages.face).bind(face),
-        deployment(NoopPrompt, "NoopPrompt", stages.prompt).bind(prompt),
-        deployment(NoopDenoiser, "NoopDenoiser", stages.denoiser).bind(config.max_batch_size,
-                                                                      config.batch_wait_timeout_s),
-        deployment(NoopWriter, "NoopWriter", stages.writer).bind(config.output_uri),
+    return deployment(NoopIngress, "NoopIngress", "Ingress").bind(
+        deployment(NoopFace, "NoopFace", "FaceAnalysis").bind(face),
+        deployment(NoopPrompt, "NoopPrompt", "PromptEncoder").bind(prompt),
+        deployment(NoopDenoiser, "NoopDenoiser", "Denoiser").bind(config.denoiser.max_batch_size,
+                                                                  config.denoiser.batch_wait_timeout_s),
+        deployment(NoopWriter, "NoopWriter", "OutputWriter").bind(config.args.output_uri),
     )

@@ -118,17 +118,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- setup ----------------------------------------------------------------------------------------------------------
 def bench_config(max_batch_size: int, output_uri: str):
-    """serve_config.yaml's AppConfig with the tiny preset in .cache/tiny, a temporary output folder, the given batch
+    """serve_config.yaml's AppSpec with the tiny preset in .cache/tiny, a temporary output folder, the given batch
     size and one replica per stage."""
-    from instantid_app.config import AutoscalingConfig, app_config_from_serve_config
+    from instantid_app.config import app_entry, app_spec, load_serve_config
 
-    config = app_config_from_serve_config()
-    config.weights.tiny_preset_dir = str(REPO / ".cache" / "tiny")
-    config.output_uri = output_uri
-    config.max_batch_size = max_batch_size
-    for name in type(config.deployments).model_fields:
-        getattr(config.deployments, name).autoscaling_config = AutoscalingConfig(min_replicas=1, max_replicas=1)
-    return type(config).model_validate(config.model_dump())  # re-run the cross-field checks
+    config = load_serve_config()
+    app = app_entry(config)
+    app["args"]["weights"]["preset_dir"] = str(REPO / ".cache" / "tiny")
+    app["args"]["output_uri"] = output_uri
+    # /v1/generate only: no async jobs, so no JobConsumer and no broker to start.
+    app["args"].pop("jobs", None)
+    app["deployments"] = [entry for entry in app["deployments"] if entry["name"] != "JobConsumer"]
+    for entry in app["deployments"]:
+        entry["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+        if entry["name"] == "Denoiser":
+            entry["user_config"] = {**entry.get("user_config", {}), "max_batch_size": max_batch_size}
+    return app_spec(config)  # validated as serve deploy would
 
 
 def stage_payloads(config, params: dict[str, Any]):
@@ -141,8 +146,8 @@ def stage_payloads(config, params: dict[str, Any]):
     from instantid_core.pipeline import prepare_face
     from instantid_core.text import PromptEncoder
 
-    weights = resolve_app_weights(config)
-    settings = config.pipeline
+    weights = resolve_app_weights(config.args)
+    settings = config.args.pipeline
     photo = load_image(FACE.read_bytes(), max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
     face = prepare_face(FaceAnalyzer(weights.face_pack, settings), [photo], GenerateParams.model_validate(params))
     prompt = PromptEncoder(weights.sdxl, settings).encode(PROMPT, NEGATIVE)
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     from noop_app import build_noop_app  # bench/ is this script's folder; replicas get it on PYTHONPATH below
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app_from_spec
     from instantid_core.tiny import ensure_tiny_preset
 
     started = datetime.now(timezone.utc)
@@ -316,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(tempfile.mkdtemp(prefix="instantid-bench-serve-"))
     first = bench_config(args.batch_sizes[0], output_dir.as_uri())
     face, prompt = stage_payloads(first, {k: v for k, v in body.items() if k != "face_image"})
-    app_cpus = sum(getattr(first.deployments, name).ray_actor_options.get("num_cpus", 1)
-                   for name in type(first.deployments).model_fields)
+    app_cpus = sum(options["ray_actor_options"].get("num_cpus", 1) for _, options in first.stages())
     loadavg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"Ray with {args.num_cpus:g} logical CPUs on a {os.cpu_count()}-core machine (each app asks {app_cpus:g}); "
           f"{args.size}x{args.size}, {args.steps} steps; load average {loadavg}", file=sys.stderr, flush=True)
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             config = bench_config(max_batch_size, output_dir.as_uri())
             print(f"deploying both apps with max_batch_size {max_batch_size} ...", file=sys.stderr, flush=True)
             deploy_started = time.monotonic()
-            serve.run(build_app(config), name="instantid", route_prefix=APPS["instantid"], blocking=False)
+            serve.run(build_app_from_spec(config), name="instantid", route_prefix=APPS["instantid"], blocking=False)
             serve.run(build_noop_app(config, face, prompt), name="noop", route_prefix=APPS["noop"], blocking=False)
             for prefix in APPS.values():
                 wait_ready(base_url + prefix.rstrip("/"))
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "python": platform.python_version(), "loadavg": loadavg},
         "plan": {"size": args.size, "steps": args.steps, "clients": args.clients, "batch_sizes": args.batch_sizes,
                  "requests": args.requests, "requests_concurrent": args.requests_concurrent, "warmup": args.warmup,
-                 "num_cpus": args.num_cpus, "app_cpus": app_cpus, "batch_wait_timeout_s": first.batch_wait_timeout_s,
+                 "num_cpus": args.num_cpus, "app_cpus": app_cpus,
+                 "batch_wait_timeout_s": first.denoiser.batch_wait_timeout_s,
                  "face_bytes": len(face_bytes), "body_bytes": len(json.dumps(body))},
         "rows": [asdict(r) for r in rows], "verdicts": verdicts(rows),
         "raw_json": str(raw.relative_to(REPO)) if raw.is_relative_to(REPO) else str(raw),

@@ -1,6 +1,10 @@
-"""`build_app(args)`: validate AppConfig, then bind the five deployments into one application.
+"""`build_app(args)`: validate AppConfig, then bind the five stage deployments (and, with `jobs`, the JobConsumer)
+into one application.
 
-`serve run serve_config.yaml` points `import_path` here; `args` is the AppConfig as a dict.
+`serve run serve_config.yaml` points `import_path` here; `args` is the AppConfig as a dict (what builds the models).
+Per-deployment options come from the file's `applications[].deployments[]` entries, which Serve applies over the
+defaults bound here; live settings are each deployment's `user_config` (its reconfigure()). Python callers give
+both at once with `build_app_from_spec(AppSpec(...))`.
 """
 
 from __future__ import annotations
@@ -11,43 +15,45 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from instantid_app.config import AppConfig
+from instantid_app.config import JOB_CONSUMER, AppConfig, AppSpec
 
 from .denoiser import Denoiser
 from .face import FaceAnalysis
 from .ingress import Ingress
 from .job_consumer import job_consumer_class
-from .job_queue import autoscaling_policy
 from .prompt import PromptEncoderDeployment
 from .writer import OutputWriter
 
 logger = logging.getLogger("ray.serve")
 
 
-def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    """Build the `instantid` application from an AppConfig (or its dict form)."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    plain = config.model_dump(mode="json")
-    stages = config.deployments
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    """Build the `instantid` application from its args (Serve's builder: one argument)."""
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    return build_app_from_spec(AppSpec(args=config))
 
-    def deployment(cls: type, name: str, options) -> serve.Deployment:
-        chosen = options.serve_options()
-        # A request refused at a full queue gets Retry-After, also where Serve's proxy answers it (the Ingress's
-        # own queue); between stages the Ingress turns the same refusal into its JSON 503.
-        chosen.setdefault("backpressure_config", {"retry_after_s": config.retry_after_s})
+
+def build_app_from_spec(spec: AppSpec) -> Application:
+    """Build the application with the spec's per-deployment options (a Python caller's deployments[])."""
+    plain = spec.args.model_dump(mode="json")
+    retry_after_s = spec.ingress.retry_after_s
+
+    def deployment(cls: type, name: str) -> serve.Deployment:
+        chosen = spec.options(name)
+        if name != JOB_CONSUMER:  # the consumer takes its work from the broker: no request of it waits in a queue
+            # A request refused at a full queue gets Retry-After, also where Serve's proxy answers it (the Ingress's
+            # own queue); between stages the Ingress turns the same refusal into its JSON 503.
+            chosen.setdefault("backpressure_config", {"retry_after_s": retry_after_s})
         logger.info("deployment %s options: %s", name, chosen)
         return serve.deployment(cls, name=name, **chosen)
 
-    face = deployment(FaceAnalysis, "FaceAnalysis", stages.face).bind(plain)
-    prompt = deployment(PromptEncoderDeployment, "PromptEncoder", stages.prompt).bind(plain)
-    denoiser = deployment(Denoiser, "Denoiser", stages.denoiser).bind(plain)
-    writer = deployment(OutputWriter, "OutputWriter", stages.writer).bind(plain)
+    face = deployment(FaceAnalysis, "FaceAnalysis").bind(plain)
+    prompt = deployment(PromptEncoderDeployment, "PromptEncoder").bind(plain)
+    denoiser = deployment(Denoiser, "Denoiser").bind(plain)
+    writer = deployment(OutputWriter, "OutputWriter").bind(plain)
     consumer = None
-    if config.jobs is not None:
-        options = stages.jobs.model_copy(deep=True)
-        autoscaling = options.autoscaling_config.model_dump(mode="json")
-        autoscaling.setdefault("policy", autoscaling_policy(config.jobs))  # scale on the queue's length
-        consumer = serve.deployment(job_consumer_class(config), name="JobConsumer",
-                                    **{**options.serve_options(), "autoscaling_config": autoscaling}).bind(plain)
-        logger.info("deployment JobConsumer on queue %s", config.jobs.queue_name)
-    return deployment(Ingress, "Ingress", stages.ingress).bind(face, prompt, denoiser, writer, plain, consumer)
+    if spec.args.jobs is not None:
+        # Scales on the broker's queue length (spec.options gives it JobsConfig.autoscaling_policy()).
+        consumer = deployment(job_consumer_class(spec.args), JOB_CONSUMER).bind(plain)
+        logger.info("deployment JobConsumer on queue %s", spec.args.jobs.queue_name)
+    return deployment(Ingress, "Ingress").bind(face, prompt, denoiser, writer, plain, consumer)

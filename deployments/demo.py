@@ -15,7 +15,7 @@ import time
 
 import httpx
 
-from instantid_app.config import REPO_ROOT, app_config_from_serve_config
+from instantid_app.config import REPO_ROOT, app_spec, load_serve_config
 
 FACE = REPO_ROOT / "instantid_core" / "data" / "astronaut.jpg"
 REQUEST = {"prompt": "an astronaut portrait, watercolor", "style": "Watercolor", "steps": 8, "width": 512,
@@ -41,11 +41,9 @@ def wait_ready(url: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"the app at {url} was not ready within {timeout_s:.0f}s")
 
 
-def _check_cpus(config, available: float) -> None:
+def _check_cpus(spec, available: float) -> None:
     # serve.run waits for every replica; one that cannot be placed would make the demo hang, not fail.
-    stages = config.deployments
-    needed = sum((getattr(stages, name).ray_actor_options or {}).get("num_cpus", 1)
-                 for name in type(stages).model_fields)
+    needed = sum(options["ray_actor_options"].get("num_cpus", 1) for _, options in spec.stages())
     if needed > available:
         raise SystemExit(f"the app's deployments ask for {needed} CPUs but Ray has {available}; "
                          "lower ray_actor_options.num_cpus in serve_config.yaml")
@@ -79,19 +77,19 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from .app import build_app
+    from .app import build_app_from_spec
 
-    config = app_config_from_serve_config()
-    config.weights.tiny_preset_dir = str(REPO_ROOT / ".cache" / "tiny")
-    config.output_uri = os.environ.get("OUTPUT_URI") or (REPO_ROOT / "outputs").resolve().as_uri()
+    spec = app_spec(load_serve_config())
+    spec.args.weights.preset_dir = str(REPO_ROOT / ".cache" / "tiny")
+    spec.args.output_uri = os.environ.get("OUTPUT_URI") or (REPO_ROOT / "outputs").resolve().as_uri()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        _check_cpus(config, ray.cluster_resources().get("CPU", 0))
+        _check_cpus(spec, ray.cluster_resources().get("CPU", 0))
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"starting the instantid app on {url} (tiny preset, CPU) ...", file=sys.stderr, flush=True)
-        serve.run(build_app(config), name="instantid", route_prefix="/", blocking=False)
+        serve.run(build_app_from_spec(spec), name="instantid", route_prefix="/", blocking=False)
         wait_ready(url)
         body = {"face_image": base64.b64encode(FACE.read_bytes()).decode(), **REQUEST}
         response = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
@@ -104,7 +102,7 @@ def main() -> int:
         print(result["metadata"])
         timings = ", ".join(f"{stage}={ms:.0f}ms" for stage, ms in result["timings_ms"].items())
         print(f"POST /v1/generate -> 200, seed {result['seed']}, {timings}", file=sys.stderr)
-        status = _demo_job(url, body) if config.jobs is not None else 0
+        status = _demo_job(url, body) if spec.args.jobs is not None else 0
         print(f"playground: {url}/")
         if sys.stdin.isatty() or os.environ.get("DEMO_KEEP_SERVING") == "1":
             print("open the playground in a browser; Ctrl-C stops the app", file=sys.stderr, flush=True)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, DenoiserSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
@@ -40,6 +40,7 @@ from instantid_core.pipeline import denoise_request
 
 from .errors import JobCancelled
 from .job_store import JobStore
+from .metrics import DenoiserMetrics, StageMetrics
 from .schemas import DenoiseResult, FaceResult, PromptResult
 
 logger = logging.getLogger("ray.serve")
@@ -81,8 +82,23 @@ class Denoiser:
         self.replica_id = _replica_id()
         self.jobs = JobStore(self.config.jobs.resolved_broker_url(), self.config.jobs.status_ttl_s) \
             if self.config.jobs else None
-        self._run_batch.set_max_batch_size(self.config.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.metrics, self.gpu_metrics = StageMetrics(), DenoiserMetrics(self.config.pipeline.device)
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live settings (`user_config`, applied by Serve without restarting the replica): Serve's batcher is
+        retuned in place; a batch already running keeps the size it started with."""
+        self.settings = DenoiserSettings.model_validate(user_config)
+        self._run_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def live_settings(self) -> dict[str, Any]:
+        """What this replica runs with now, and which process it is (for operators and the reconfigure test)."""
+        import os
+
+        return {"settings": self.settings.model_dump(), "pid": os.getpid(), "replica": self.replica_id,
+                "max_batch_size": self._run_batch._get_max_batch_size(),
+                "batch_wait_timeout_s": self._run_batch._get_batch_wait_timeout_s()}
 
     async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
                        control_images: list[bytes | None] | None = None,
@@ -90,6 +106,12 @@ class Denoiser:
         """`control_images`: per `params.controls` entry its own image bytes or None; `control_fallback`: the pose
         photo, else the face photo (the canny/depth input when a control brings no image). `job_id`: an async
         job's, whose progress goes to its record after every step and whose cancel stops it at the next one."""
+        with self.metrics.track():
+            return await self._generate(face, prompt, params, seed, control_images, control_fallback, job_id)
+
+    async def _generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
+                        control_images: list[bytes | None] | None,
+                        control_fallback: bytes | None, job_id: str | None) -> DenoiseResult:
         self.denoiser.loras.check(params.loras)  # 400 naming an unknown LoRA before anything is loaded
         params = self.denoiser.loras.with_presets(params)  # a few-step LoRA's scheduler/steps/guidance if unset
         controls = ()
@@ -107,7 +129,7 @@ class Denoiser:
             raise JobCancelled(f"job {job_id} was cancelled")
         item = _Item(request, key, time.perf_counter(), job_id=job_id if self.jobs else None)
         try:
-            if request.num_images > self.config.max_batch_size:
+            if request.num_images > self.settings.max_batch_size:
                 # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
                 (result,) = await self._run_group([item])
             else:
@@ -184,6 +206,7 @@ class Denoiser:
             logger.info("%d of %d requests left their batch (%s): their callers went away",
                         sum(output is None for output in outputs), len(items), _size(items[0]))
         batch_images = sum(item.request.num_images for item in items)
+        self.gpu_metrics.batch(batch_images, [started - item.enqueued for item in items], elapsed, key.steps)
         return [output if output is None or isinstance(output, Exception) else (
             np.ascontiguousarray(output), batch_images, started - item.enqueued, elapsed)
             for item, output in zip(items, outputs, strict=True)]

@@ -19,7 +19,6 @@ from instantid_core import errors as core
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import InvalidLora
 
-from . import metrics
 from .schemas import ErrorBody, ErrorDetail
 
 logger = logging.getLogger("ray.serve")
@@ -59,6 +58,12 @@ class InternalError(InstantIDError):
     """A bug in a stage. The answer names the request id (the logs have the traceback), never the internals."""
 
     code = "internal"
+
+
+class RequestIdInUse(InstantIDError):
+    """The caller's x-request-id names outputs that exist: a reused id never overwrites another request's images."""
+
+    code = "request_id_in_use"
 
 
 class JobNotFound(InstantIDError):
@@ -103,6 +108,7 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     JobsDisabled: 503,
     RouteNotFound: 404,
     MethodNotAllowed: 405,
+    RequestIdInUse: 409,
     core.ImageTooLarge: 413,
     core.InvalidImage: 415,
     core.NoFaceDetected: 422,
@@ -134,10 +140,10 @@ def error_response(exc: InstantIDError, retry_after_s: int, status: int | None =
 
 
 def internal_error_response(request_id: str, route: str, exc: BaseException) -> JSONResponse:
-    """An unexpected exception: logged with its traceback, counted as `internal`, answered as a JSON 500 that
-    names the request id (what an operator greps the logs for), never a plain-text page or the internals."""
+    """An unexpected exception: logged with its traceback (the Ingress counts the HTTP 500 in its metrics),
+    answered as a JSON 500 that names the request id (what an operator greps the logs for), never a plain-text
+    page or the internals."""
     logger.error("request %s: unexpected error in %s", request_id, route, exc_info=exc)
-    metrics.observe_error("internal")
     return error_response(InternalError(f"internal error in request {request_id}; it has been logged"),
                           retry_after_s=1)
 

@@ -13,12 +13,13 @@ import time
 from typing import Any
 
 from instantid_app.cache import LRUCache, nbytes
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, FaceSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.face import FaceAnalyzer, FaceInfo
 from instantid_core.pipeline import face_condition
 
+from .metrics import CacheMetrics, StageMetrics
 from .schemas import FaceResult
 
 
@@ -57,10 +58,23 @@ class FaceAnalysis:
             settings = settings.model_copy(update={"face_threads": replica_cpus()})
         self.settings = settings
         self.analyzer = FaceAnalyzer(resolve_app_weights(self.config).face_pack, settings)
-        self.cache: LRUCache[FaceInfo] = LRUCache(self.config.face_cache_bytes, sizeof=nbytes)
+        self.cache: LRUCache[FaceInfo] = LRUCache(FaceSettings().cache_bytes, sizeof=nbytes)
+        self.metrics, self.cache_metrics = StageMetrics(), CacheMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live settings (user_config): the cache bound changes in place, keeping the most recent analyses."""
+        self.live = FaceSettings.model_validate(user_config)
+        self.cache.resize(self.live.cache_bytes)
 
     async def analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
                       init_image: bytes | None = None, mask_image: bytes | None = None) -> FaceResult:
+        with self.metrics.track():
+            result = await self._analyze_cached(face_images, pose_image, params, init_image, mask_image)
+        self.cache_metrics.lookup(result.cache_hit)
+        return result
+
+    async def _analyze_cached(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
+                              init_image: bytes | None, mask_image: bytes | None) -> FaceResult:
         start = time.perf_counter()
         lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.

@@ -11,6 +11,7 @@ awaits once, at the end. The same `generate` method serves HTTP and Python `Depl
 import asyncio
 import hashlib
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -18,22 +19,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, IngressSettings
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.pipeline import check_init_inputs, draw_seed
+from instantid_core.storage import OutputStore
 
 from . import metrics, playground
 from .access import AccessControl, Action
 from .errors import (
     InternalError,
+    RequestIdInUse,
     ServiceOverloaded,
     StageTimeout,
     error_response,
@@ -76,7 +78,31 @@ GENERATE_BODY = {
 JOB_BODY = {"requestBody": {**GENERATE_BODY["requestBody"], "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
     "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}}
-ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)}
+ERROR_RESPONSES = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503, 504)}
+# A caller's x-request-id becomes the request id (response header and body, output keys, every stage's log lines:
+# Serve's own request context carries the header's value to each replica's JSON logs) when it is a safe token:
+# one path segment, no "..", short. Anything else is ignored and the request gets an id of its own.
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")
+
+
+def safe_request_id(value: str | None) -> str | None:
+    return value if value and SAFE_REQUEST_ID.fullmatch(value) and ".." not in value else None
+
+
+def caller_request_id(request: Request) -> str | None:
+    return safe_request_id(request.headers.get("x-request-id"))
+
+
+def serve_request_id() -> str | None:
+    """Serve's id of the current HTTP request (the caller's x-request-id, or one Serve generated), which its proxy
+    returns in the x-request-id response header and puts on every stage's log lines. Ray has no public accessor
+    for it in 2.60; the private one is read defensively (an id of our own when it is absent or not a safe token)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return safe_request_id(_get_serve_request_context().request_id)
+    except Exception:  # noqa: BLE001 - a moved private API must not fail requests
+        return None
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -125,26 +151,39 @@ class Ingress(playground.PlaygroundRoutes):
         self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
         self.consumer = jobs  # the JobConsumer (bound here so it is part of the app; probed by /readyz)
         self.jobs = JobsAPI(self.config)
-        self.access = AccessControl(self.config.access)
-        self.inputs = InputReader(self.config)
+        self.outputs = OutputStore(self.config.output_uri)  # a caller's request id is refused where outputs exist
+        self.metrics, self.http_metrics = metrics.StageMetrics(), metrics.IngressMetrics()
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live settings (user_config: limits, timeouts, API keys and rate limits), applied by Serve without a
+        restart. A bad entry (or an unreadable key file) raises, so the deploy fails naming it and the replica keeps
+        its previous settings."""
+        settings = IngressSettings.model_validate(user_config)
+        access = AccessControl(settings.access)
+        self.settings, self.access = settings, access
+        self.inputs = InputReader(self.config, settings)
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
-    async def generate(self, request: GenerateRequest, inline: bool = False,
-                       request_id: str | None = None, job_id: str | None = None) -> GenerateResponse:
+    async def generate(self, request: GenerateRequest, inline: bool = False, request_id: str | None = None,
+                       job_id: str | None = None, new_id: bool = False) -> GenerateResponse:
         """Run one request through the DAG; raises typed InstantIDErrors for expected failures.
 
         `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects,
-        and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled."""
-        try:
-            return await self._generate(request, inline, request_id, job_id)
-        except InstantIDError as exc:  # HTTP and handle callers alike
-            metrics.observe_error(exc.code)
-            raise
+        and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled. `new_id`: the id is
+        the caller's (x-request-id), so outputs that already exist under it are a 409."""
+        with self.metrics.track():  # HTTP and handle callers alike, by outcome code
+            return await self._generate(request, inline, request_id, job_id, new_id)
 
     async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None,
-                        job_id: str | None = None) -> GenerateResponse:
+                        job_id: str | None = None, new_id: bool = False) -> GenerateResponse:
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
+        if new_id:
+            existing = self.outputs.request_meta_uri(request_id, prefix=request.output.prefix)
+            if await asyncio.to_thread(self.outputs.exists, existing):
+                raise RequestIdInUse(f"x-request-id {request_id!r} is taken: its outputs exist ({existing}); send a "
+                                     "new id", field="x-request-id")
         params = request.params()
         seed = params.seed if params.seed is not None else draw_seed()
         default_scheduler = self.config.pipeline.default_scheduler
@@ -182,7 +221,7 @@ class Ingress(playground.PlaygroundRoutes):
                                              job_id=job_id)
             written = self.writer.write.remote(images, request_id, seed, meta, request.output.format,
                                                request.output.prefix, inline)
-            response: GenerateResponse = await asyncio.wait_for(written, timeout=self.config.stage_timeout_s)
+            response: GenerateResponse = await asyncio.wait_for(written, timeout=self.settings.stage_timeout_s)
         except InstantIDError:
             raise
         except asyncio.CancelledError:
@@ -194,7 +233,7 @@ class Ingress(playground.PlaygroundRoutes):
         except asyncio.TimeoutError as exc:
             for stage in (face, prompt, images, written):  # nobody waits for them any more: free the replicas
                 stage.cancel()
-            raise StageTimeout(f"the request took longer than {self.config.stage_timeout_s:.0f}s; retry later or "
+            raise StageTimeout(f"the request took longer than {self.settings.stage_timeout_s:.0f}s; retry later or "
                                "ask for fewer steps/images") from exc
         except BackPressureError as exc:
             raise ServiceOverloaded("the service is at capacity; retry after the Retry-After delay") from exc
@@ -205,7 +244,6 @@ class Ingress(playground.PlaygroundRoutes):
             logger.error("request %s: stage error: %s", request_id, exc)
             raise InternalError(f"internal error in request {request_id}; it has been logged") from exc
         response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
-        metrics.observe_response(response)
         return response
 
     async def _read_control_images(self, params: GenerateParams) -> tuple[list[bytes | None], GenerateParams]:
@@ -223,7 +261,7 @@ class Ingress(playground.PlaygroundRoutes):
         """Generate images: a JSON body (images as base64 or s3:// URIs) or a multipart upload."""
         async def run() -> Response:
             result = await self.generate(await self.inputs.parse_request(request), inline=inline,
-                                         request_id=request.state.request_id)
+                                         request_id=request.state.request_id, new_id=request.state.new_id)
             return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "generate", run, action="generate")
@@ -292,22 +330,22 @@ class Ingress(playground.PlaygroundRoutes):
         ready = all(results.values())
         return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
-    async def http_metrics(self) -> Response:
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
     # --- helpers ----------------------------------------------------------------------------------------------------
     async def _http(self, request: Request, route: str, run, action: Action) -> Response:
         started = time.perf_counter()
-        request.state.request_id = request_id = uuid.uuid4().hex
+        given = caller_request_id(request)
+        # The caller's safe id, else Serve's own (so the header Serve's proxy returns, the body and the logs agree).
+        request.state.request_id = request_id = given or serve_request_id() or uuid.uuid4().hex
+        request.state.new_id = given is not None
         try:
             self.access.check(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
             response = await run()
         except InstantIDError as exc:
             if http_status(exc) >= 500 and http_status(exc) not in (503, 504):
                 logger.error("route %s: %s", route, exc.message)
-            response = error_response(exc, self.config.retry_after_s)
+            response = error_response(exc, self.settings.retry_after_s)
         except Exception as exc:  # a bug: a JSON 500 naming the request, the traceback in the log, counted
             response = internal_error_response(request_id, route, exc)
-        metrics.observe_http(route, response.status_code, time.perf_counter() - started)
+        self.http_metrics.http(route, response.status_code, time.perf_counter() - started)
+        # No x-request-id header set here: Serve's proxy adds its own (the same id), a second would repeat it.
         return response

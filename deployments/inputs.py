@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, IngressSettings
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.storage import fetch_url, make_s3_client, read_uri
 
@@ -22,14 +22,14 @@ from .schemas import GenerateRequest
 
 
 class InputReader:
-    def __init__(self, config: AppConfig) -> None:
-        self.config = config
+    def __init__(self, config: AppConfig, settings: IngressSettings) -> None:
+        self.config, self.settings = config, settings  # where inputs may come from; the live size limits
         self._s3_client: Any = None
         self._s3_lock = threading.Lock()
 
     async def read_image(self, source: str, field: str) -> bytes:
         """The bytes an image field names; errors name the field."""
-        limit = self.config.max_image_bytes
+        limit = self.settings.max_image_bytes
         try:
             if source.startswith("s3://"):
                 data = await asyncio.to_thread(read_uri, source, allowed_buckets=self.config.allowed_input_buckets,
@@ -63,8 +63,8 @@ class InputReader:
     async def parse_request(self, request: Request, model: type[GenerateRequest] = GenerateRequest) -> Any:
         """The body as `model` (GenerateRequest, or a subclass such as JobRequest)."""
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise ImageTooLarge(f"request body over {self.settings.max_body_bytes} bytes")
         # Every body, JSON or multipart, chunked or not, is counted while it streams in: nothing larger than
         # max_body_bytes is ever held in memory or spooled to disk.
         body = await self._read_body(request)
@@ -79,8 +79,8 @@ class InputReader:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > self.config.max_body_bytes:
-                raise ImageTooLarge(f"request body over {self.config.max_body_bytes} bytes")
+            if size > self.settings.max_body_bytes:
+                raise ImageTooLarge(f"request body over {self.settings.max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -90,10 +90,10 @@ class InputReader:
 
         try:
             form = await Request(request.scope, replay).form(max_files=11, max_fields=4,
-                                                               max_part_size=self.config.max_image_bytes)
+                                                               max_part_size=self.settings.max_image_bytes)
         except Exception as exc:  # starlette raises several types for a broken multipart body
             if "maximum size" in str(exc):
-                raise ImageTooLarge(f"an uploaded part is over {self.config.max_image_bytes} bytes") from exc
+                raise ImageTooLarge(f"an uploaded part is over {self.settings.max_image_bytes} bytes") from exc
             raise InvalidParameter(f"malformed multipart body: {exc}") from exc
         faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
         pose = form.get("pose_image")

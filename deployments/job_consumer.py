@@ -100,7 +100,7 @@ class JobConsumer:
             request = GenerateRequest.model_validate(payload["request"])
             response = self.ingress.generate.remote(request, inline=bool(payload.get("inline")),
                                                     request_id=job_id, job_id=job_id)
-            result = response.result(timeout_s=self.config.stage_timeout_s + 60)
+            result = response.result(timeout_s=self.jobs.run_timeout_s)  # the Ingress's 504 comes first
             final = status.model_copy(update={"status": "done", "result": result})
         except JobCancelled:
             final = status.model_copy(update={"status": "cancelled"})

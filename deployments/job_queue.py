@@ -3,8 +3,9 @@ the Ingress, consumer in JobConsumer) and the queue-length autoscaling policy of
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
+from ray.serve.async_inference_autoscaling_policy import AsyncInferenceAutoscalingPolicy
 from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 
 from instantid_app.config import JobsConfig
@@ -41,10 +42,13 @@ def task_processor_config(jobs: JobsConfig) -> TaskProcessorConfig:
     )
 
 
-def autoscaling_policy(jobs: JobsConfig) -> dict[str, Any]:
-    """Serve's AsyncInferenceAutoscalingPolicy: replicas from queued jobs plus the ones running."""
-    return {
-        "policy_function": "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
-        "policy_kwargs": {"broker_url": jobs.resolved_broker_url(), "queue_name": jobs.queue_name,
-                          "poll_interval_s": jobs.queue_poll_interval_s},
-    }
+class JobQueuePolicy(AsyncInferenceAutoscalingPolicy):
+    """Serve's queue-length policy (replicas from queued plus running jobs) with the broker URL taken from
+    `broker_url_env` where the Serve controller's environment sets it (a Kubernetes Secret), else `broker_url`:
+    the file and Serve's stored config name the variable, never a password. Named by
+    `JobsConfig.autoscaling_policy()`."""
+
+    def __init__(self, queue_name: str, broker_url: str, broker_url_env: str | None = None,
+                 poll_interval_s: float = 5.0) -> None:
+        url = (os.environ.get(broker_url_env) if broker_url_env else None) or broker_url
+        super().__init__(broker_url=url, queue_name=queue_name, poll_interval_s=poll_interval_s)

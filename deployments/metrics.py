@@ -1,48 +1,132 @@
-"""Prometheus metrics of the ingress replica (served at GET /metrics).
+"""Each stage's own metrics, through `ray.serve.metrics`: Ray tags every series with `application`, `deployment` and
+`replica` and exports it on Ray's metrics port of the node (the PodMonitor in k8s/ scrapes every Ray pod), so
+figures add up across replicas and no stage is missing. Nothing is served on the public HTTP port.
 
-Per-stage figures travel back with each response (timings, queue wait, batch size, cache hits), so the ingress
-records them for every stage without the stages exporting metrics of their own. Each ingress replica counts its
-own requests: with several, scrape each (or sum them); Ray's metrics port on every node (the PodMonitor in k8s/)
-carries Serve's own per-deployment request, error, latency and queue metrics for every stage.
+Names are `instantid_*` with their unit; Ray's exporter prefixes them `ray_` and counters get `_total`, so the
+dashboard and the alerts query `ray_instantid_*` (EXPORTED lists every exported name; tests/test_operator.py
+scrapes a live app and checks that each name the dashboard and the alerts use is there). Histograms reach the
+request timeout (Serve's `request_timeout_s`, 330 s), so a slow request lands in a bucket, not only in `+Inf`.
+
+A stage creates its metrics in its constructor (one StageMetrics per replica): Ray's metric objects belong to the
+worker process that records them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from .schemas import GenerateResponse
+from ray.serve import metrics as serve_metrics
 
-REGISTRY = CollectorRegistry()
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Seconds: from a cached prompt (ms) to SDXL at 1024 px on a busy GPU (minutes), up to stage_timeout_s (300) and
+# Serve's request_timeout_s (330).
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 240, 300, 330]
+STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
+BATCH_BUCKETS_IMAGES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
 
-HTTP_REQUESTS = Counter("instantid_http_requests", "HTTP requests by route and status code",
-                        ["route", "code"], registry=REGISTRY)
-HTTP_LATENCY = Histogram("instantid_http_latency_seconds", "HTTP request latency", ["route"],
-                         buckets=LATENCY_BUCKETS, registry=REGISTRY)
-STAGE_LATENCY = Histogram("instantid_stage_latency_seconds", "Time spent in each stage", ["stage"],
-                          buckets=LATENCY_BUCKETS, registry=REGISTRY)
-BATCH_SIZE = Histogram("instantid_denoiser_batch_images", "Images in the denoiser batch a request ran in",
-                       buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=REGISTRY)
-IMAGES = Counter("instantid_images_generated", "Images generated", registry=REGISTRY)
-CACHE_LOOKUPS = Counter("instantid_cache_lookups", "Face and prompt cache lookups", ["stage", "result"],
-                        registry=REGISTRY)
-REQUEST_ERRORS = Counter("instantid_request_errors", "Failed generate requests (HTTP and handle) by error code",
-                         ["code"], registry=REGISTRY)
-
-
-def observe_http(route: str, code: int, seconds: float) -> None:
-    HTTP_REQUESTS.labels(route=route, code=str(code)).inc()
-    HTTP_LATENCY.labels(route=route).observe(seconds)
-
-
-def observe_response(response: GenerateResponse) -> None:
-    for stage, ms in response.timings_ms.items():
-        STAGE_LATENCY.labels(stage=stage).observe(ms / 1000)
-    BATCH_SIZE.observe(response.batch_size)
-    IMAGES.inc(len(response.images))
-    for stage, hit in response.cache_hits.items():
-        CACHE_LOOKUPS.labels(stage=stage, result="hit" if hit else "miss").inc()
+# Exported names (after Ray's `ray_` prefix and the `_total` of counters; histograms add _bucket/_sum/_count).
+EXPORTED = {
+    "ray_instantid_stage_requests_total": "calls each stage handled, by `code` (ok or the error code)",
+    "ray_instantid_stage_latency_seconds": "time in each stage's own work (histogram)",
+    "ray_instantid_http_requests_total": "HTTP requests at the Ingress by `route` and status `code`",
+    "ray_instantid_request_latency_seconds": "end-to-end request time at the Ingress by `route` (histogram)",
+    "ray_instantid_denoiser_queue_wait_seconds": "time a request waited for its GPU batch to start (histogram)",
+    "ray_instantid_denoiser_batch_images": "images in each GPU batch (histogram)",
+    "ray_instantid_denoiser_step_seconds": "seconds per denoising step of a batch (histogram)",
+    "ray_instantid_images_generated_total": "images the Denoiser produced",
+    "ray_instantid_cache_lookups_total": "face and prompt cache lookups by `result` (hit, miss)",
+    "ray_instantid_gpu_memory_allocated_bytes": "GPU memory held by the replica's tensors (0 on CPU; `device`)",
+    "ray_instantid_gpu_memory_reserved_bytes": "GPU memory reserved by the replica's allocator (0 on CPU)",
+}
 
 
-def observe_error(code: str) -> None:
-    REQUEST_ERRORS.labels(code=code).inc()
+class StageMetrics:
+    """Requests by outcome and latency of one stage, recorded by that stage's replica."""
+
+    def __init__(self) -> None:
+        self.requests = serve_metrics.Counter(
+            "instantid_stage_requests", description=EXPORTED["ray_instantid_stage_requests_total"],
+            tag_keys=("code",))
+        self.latency = serve_metrics.Histogram(
+            "instantid_stage_latency_seconds", description=EXPORTED["ray_instantid_stage_latency_seconds"],
+            boundaries=LATENCY_BUCKETS_S)
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        """Time the block; count it as `ok`, or as the error code of what it raised (then re-raise)."""
+        started = time.perf_counter()
+        code = "ok"
+        try:
+            yield
+        except BaseException as exc:  # CancelledError too: a caller that went away is not an `ok`
+            code = getattr(exc, "code", None) or type(exc).__name__
+            raise
+        finally:
+            self.requests.inc(tags={"code": code})
+            self.latency.observe(time.perf_counter() - started)
+
+
+class CacheMetrics:
+    def __init__(self) -> None:
+        self.lookups = serve_metrics.Counter(
+            "instantid_cache_lookups", description=EXPORTED["ray_instantid_cache_lookups_total"],
+            tag_keys=("result",))
+
+    def lookup(self, hit: bool) -> None:
+        self.lookups.inc(tags={"result": "hit" if hit else "miss"})
+
+
+class DenoiserMetrics:
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.queue_wait = serve_metrics.Histogram(
+            "instantid_denoiser_queue_wait_seconds", description=EXPORTED["ray_instantid_denoiser_queue_wait_seconds"],
+            boundaries=LATENCY_BUCKETS_S)
+        self.batch_images = serve_metrics.Histogram(
+            "instantid_denoiser_batch_images", description=EXPORTED["ray_instantid_denoiser_batch_images"],
+            boundaries=BATCH_BUCKETS_IMAGES)
+        self.step_seconds = serve_metrics.Histogram(
+            "instantid_denoiser_step_seconds", description=EXPORTED["ray_instantid_denoiser_step_seconds"],
+            boundaries=STEP_BUCKETS_S)
+        self.images = serve_metrics.Counter(
+            "instantid_images_generated", description=EXPORTED["ray_instantid_images_generated_total"])
+        self.gpu_allocated = serve_metrics.Gauge(
+            "instantid_gpu_memory_allocated_bytes", tag_keys=("device",),
+            description=EXPORTED["ray_instantid_gpu_memory_allocated_bytes"])
+        self.gpu_reserved = serve_metrics.Gauge(
+            "instantid_gpu_memory_reserved_bytes", tag_keys=("device",),
+            description=EXPORTED["ray_instantid_gpu_memory_reserved_bytes"])
+        self.record_gpu_memory()
+
+    def batch(self, images: int, queue_waits_s: list[float], seconds: float, steps: int | None) -> None:
+        self.batch_images.observe(images)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(max(wait, 0.0))
+        if steps:
+            self.step_seconds.observe(seconds / steps)
+        self.images.inc(images)
+        self.record_gpu_memory()
+
+    def record_gpu_memory(self) -> None:
+        allocated = reserved = 0
+        if self.device.startswith("cuda"):
+            import torch
+
+            allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        self.gpu_allocated.set(allocated, tags={"device": self.device})
+        self.gpu_reserved.set(reserved, tags={"device": self.device})
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.http_requests = serve_metrics.Counter(
+            "instantid_http_requests", description=EXPORTED["ray_instantid_http_requests_total"],
+            tag_keys=("route", "code"))
+        self.request_latency = serve_metrics.Histogram(
+            "instantid_request_latency_seconds", description=EXPORTED["ray_instantid_request_latency_seconds"],
+            boundaries=LATENCY_BUCKETS_S, tag_keys=("route",))
+
+    def http(self, route: str, code: int, seconds: float) -> None:
+        self.http_requests.inc(tags={"route": route, "code": str(code)})
+        self.request_latency.observe(seconds, tags={"route": route})

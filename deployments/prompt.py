@@ -7,21 +7,34 @@ import time
 from typing import Any
 
 from instantid_app.cache import LRUCache
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, PromptSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import Style
 from instantid_core.text import PromptEmbeds, PromptEncoder
 
+from .metrics import CacheMetrics, StageMetrics
 from .schemas import PromptResult
 
 
 class PromptEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        self.encoder = PromptEncoder(resolve_app_weights(self.config).sdxl, self.config.pipeline)
-        self.cache: LRUCache[PromptEmbeds] = LRUCache(self.config.prompt_cache_bytes)
+        self.encoder = PromptEncoder(resolve_app_weights(self.config).sdxl, self.config.prompt_pipeline())
+        self.cache: LRUCache[PromptEmbeds] = LRUCache(PromptSettings().cache_bytes)
+        self.metrics, self.cache_metrics = StageMetrics(), CacheMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live settings (user_config): the cache bound changes in place, keeping the most recent embeddings."""
+        self.settings = PromptSettings.model_validate(user_config)
+        self.cache.resize(self.settings.cache_bytes)
 
     async def encode(self, prompt: str, negative_prompt: str, style: Style) -> PromptResult:
+        with self.metrics.track():
+            result = await self._encode_cached(prompt, negative_prompt, style)
+        self.cache_metrics.lookup(result.cache_hit)
+        return result
+
+    async def _encode_cached(self, prompt: str, negative_prompt: str, style: Style) -> PromptResult:
         start = time.perf_counter()
         key = (prompt, negative_prompt, style)
         cached = self.cache.get(key)

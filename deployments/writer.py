@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from instantid_app.config import AppConfig
+from instantid_app.config import AppConfig, WriterSettings
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
+from .metrics import StageMetrics
 from .schemas import DenoiseResult, GenerateResponse
 
 HEALTH_IMAGE = np.zeros((8, 8, 3), np.uint8)
@@ -21,9 +22,19 @@ class OutputWriter:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
         self.store = OutputStore(self.config.output_uri)
+        self.settings = WriterSettings()
+        self.metrics = StageMetrics()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.settings = WriterSettings.model_validate(user_config)
 
     async def write(self, result: DenoiseResult, request_id: str, seed: int, meta: dict[str, Any], fmt: str,
                     prefix: str | None, inline: bool) -> GenerateResponse:
+        with self.metrics.track():
+            return await self._write(result, request_id, seed, meta, fmt, prefix, inline)
+
+    async def _write(self, result: DenoiseResult, request_id: str, seed: int, meta: dict[str, Any], fmt: str,
+                     prefix: str | None, inline: bool) -> GenerateResponse:
         start = time.perf_counter()
         encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in result.images])
         timings = {**result.timings, "encode": time.perf_counter() - start}
@@ -34,13 +45,17 @@ class OutputWriter:
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]
-        small = result.width * result.height <= self.config.inline_max_pixels
+        small = result.width * result.height <= self.settings.inline_max_pixels
         return GenerateResponse(
             request_id=request_id, seed=seed, width=result.width, height=result.height, images=stored.image_uris,
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
             batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
         )
+
+    async def live_settings(self) -> dict[str, Any]:
+        """What this replica writes with now (the playground's /v1/options reports inline_max_pixels)."""
+        return self.settings.model_dump(mode="json")
 
     async def check_health(self) -> None:
         """Encode a tiny image (the encoder libraries work); the store is checked by real writes, so an S3 outage

@@ -72,5 +72,13 @@ class LRUCache(Generic[V]):
         with self._lock:
             return list(self._items)
 
+    def resize(self, max_bytes: int) -> None:
+        """A new bound, applied live (user_config): the least recently used entries beyond it are dropped."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._items and self.bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
     def __len__(self) -> int:
         return len(self._items)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,7 +33,7 @@ class AccessConfig(BaseModel):
 
 
 class AutoscalingConfig(BaseModel):
-    """A subset of Ray Serve's autoscaling_config, passed through as is."""
+    """A subset of Ray Serve's autoscaling_config (the rest passes through to Serve, which validates it)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -44,38 +44,137 @@ class AutoscalingConfig(BaseModel):
     downscale_delay_s: float = Field(60.0, ge=0)
 
 
-class DeploymentOptions(BaseModel):
-    """Ray Serve options of one stage; anything Serve accepts in `serve.deployment(...)` may be added."""
+# --- live settings: each deployment's `user_config`, applied by its reconfigure() without a restart ---------------
+
+class IngressSettings(BaseModel):
+    """The Ingress's `user_config`: limits and access, changed live by `serve deploy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body limit; larger bodies get 413.")
+    max_image_bytes: int = Field(15 * 2**20, ge=1024, description="Per-image limit after base64 decoding.")
+    stage_timeout_s: float = Field(300.0, gt=0, description="A request whose stages take longer than this in all "
+                                   "answers 504, and its stages are cancelled.")
+    retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
+    access: AccessConfig = Field(default_factory=AccessConfig)
+
+
+class FaceSettings(BaseModel):
+    """FaceAnalysis's `user_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cache_bytes: int = Field(16 * 2**20, ge=0, description="Bytes of face analyses kept (about 2.2 KB each; 0: no "
+                             "cache); shrinking drops the least recently used.")
+
+
+class PromptSettings(BaseModel):
+    """PromptEncoder's `user_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cache_bytes: int = Field(256 * 2**20, ge=0, description="Bytes of prompt embeddings kept (about 1.3 MB each with "
+                             "SDXL; 0: no cache); shrinking drops the least recently used.")
+
+
+class DenoiserSettings(BaseModel):
+    """The Denoiser's `user_config`: Serve's batcher is retuned in place (`set_max_batch_size`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(4, ge=1, description="Most images per GPU batch.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description="How long a batch waits to fill.")
+
+
+class WriterSettings(BaseModel):
+    """OutputWriter's `user_config`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inline_max_pixels: int = Field(1024 * 1024, ge=0, description="?inline=true returns images up to this size.")
+
+
+SETTINGS: dict[str, type[BaseModel] | None] = {  # deployment name -> its user_config model (None: no live settings)
+    "Ingress": IngressSettings, "FaceAnalysis": FaceSettings, "PromptEncoder": PromptSettings,
+    "Denoiser": DenoiserSettings, "OutputWriter": WriterSettings,
+    "JobConsumer": None,  # only with `jobs` in args; it has no reconfigure(), so its entry takes no user_config
+}
+DEPLOYMENT_NAMES = tuple(SETTINGS)
+JOB_CONSUMER = "JobConsumer"
+
+# The options each deployment is bound with (a Python caller's, or `serve run` of a file without a `deployments`
+# entry for it); the file's `applications[].deployments[]` entries override them key by key, as Serve does.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "Ingress": {"max_ongoing_requests": 32, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
+    "FaceAnalysis": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.5}},
+    "PromptEncoder": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.5}},
+    "Denoiser": {"max_ongoing_requests": 16, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
+    "OutputWriter": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
+    # max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads); it scales on the
+    # broker's queue length (the policy JobsConfig.autoscaling_policy() names).
+    "JobConsumer": {"max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.25},
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}},
+}
+
+
+class DeploymentEntry(BaseModel):
+    """One `applications[].deployments[]` entry. Serve's own DeploymentSchema checks the Serve options (see
+    `validate_serve_config`); this model adds what Serve cannot know: the name is one of ours and `user_config` is
+    that deployment's settings model."""
 
     model_config = ConfigDict(extra="allow")
 
-    autoscaling_config: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    max_ongoing_requests: int = Field(8, ge=1)
-    max_queued_requests: int = Field(64, ge=-1, description="-1: unbounded; else excess requests get 503")
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
+    name: str
+    user_config: dict[str, Any] | None = None
+    autoscaling_config: AutoscalingConfig | None = None
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    ray_actor_options: dict[str, Any] | None = None
 
-    def serve_options(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+    @model_validator(mode="after")
+    def _known_deployment_and_settings(self) -> DeploymentEntry:
+        if self.name not in SETTINGS:
+            raise ValueError(f"deployments: unknown deployment {self.name!r}; the app has {', '.join(SETTINGS)}")
+        model = SETTINGS[self.name]
+        if self.user_config is not None:
+            if model is None:
+                raise ValueError(f"deployments: {self.name} has no live settings; remove its user_config")
+            model.model_validate(self.user_config)
+        return self
+
+    def settings(self) -> BaseModel | None:
+        model = SETTINGS[self.name]
+        return model.model_validate(self.user_config or {}) if model else None
 
 
-class StageOptions(BaseModel):
+class WeightsConfig(BaseModel):
+    """Real model sources, or the tiny preset when asked for by name: never one in place of the other."""
+
     model_config = ConfigDict(extra="forbid")
 
-    ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
-        max_ongoing_requests=32, max_queued_requests=64, ray_actor_options={"num_cpus": 0.25}))
-    face: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.5}))
-    prompt: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.5}))
-    denoiser: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
-        max_ongoing_requests=16, ray_actor_options={"num_cpus": 1}))
-    writer: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(ray_actor_options={"num_cpus": 0.25}))
-    # The job consumer: max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads);
-    # it scales on the broker's queue length (build_app sets Serve's AsyncInferenceAutoscalingPolicy).
-    jobs: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(
-        max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.25},
-        autoscaling_config=AutoscalingConfig(target_ongoing_requests=4)))
+    preset: Literal["tiny"] | None = Field(
+        None, description="`tiny`: random tiny models in the published layouts (written on first start, seconds).")
+    preset_dir: str = Field("/tmp/instantid-tiny", description="Where the tiny preset is written (with `preset`).")
+    sources: ModelSources | None = Field(None, description="Where each part of the real weights lives.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_shape_is_an_error(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tiny_preset_dir" in data:
+            raise ValueError("weights.tiny_preset_dir is gone: use `weights: {preset: tiny}` (and `preset_dir`) for "
+                             "the tiny preset, or `weights: {sources: {...}}` for real weights")
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> WeightsConfig:
+        if self.preset and self.sources is not None:
+            raise ValueError("weights: give `preset: tiny` or `sources`, not both (a preset never stands in for "
+                             "real weights)")
+        if not self.preset and self.sources is None:
+            raise ValueError("weights: name the real weights (`sources: {sdxl: ..., ...}`; `sources: {}` is the "
+                             "published Hugging Face repos) or ask for `preset: tiny`")
+        if not self.preset and "preset_dir" in self.model_fields_set:
+            raise ValueError("weights.preset_dir is only read with `preset: tiny`")
+        return self
 
 
 class JobsConfig(BaseModel):
@@ -103,6 +202,10 @@ class JobsConfig(BaseModel):
                                            "the HMAC-SHA256 key for the X-InstantID-Signature header (unset: "
                                            "webhooks are not signed).")
     queue_poll_interval_s: float = Field(5.0, gt=0, description="How often the autoscaler reads the queue length.")
+    run_timeout_s: float = Field(360.0, gt=0, description="Longest a consumer waits for one run of a job through "
+                                 "the Ingress, which answers its own stage_timeout_s (a live Ingress setting) "
+                                 "first; past it the run counts as failed and the job goes back to the queue. "
+                                 "Must exceed the Ingress's stage_timeout_s.")
 
     def resolved_broker_url(self) -> str:
         # Read here, in the deployments' process, never in the core: the URL may carry a password.
@@ -112,46 +215,32 @@ class JobsConfig(BaseModel):
         value = os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None
         return value.encode() if value else None
 
-
-class WeightsConfig(BaseModel):
-    """Either the tiny preset (written on first start, seconds, no download) or real model sources."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tiny_preset_dir: str | None = Field(
-        "/tmp/instantid-tiny", description="Write/use the tiny preset here; set to null to use `sources`.")
-    sources: ModelSources = Field(default_factory=ModelSources)
+    def autoscaling_policy(self) -> dict[str, Any]:
+        """The JobConsumer's `autoscaling_config.policy`: replicas from queued plus running jobs. It names the
+        environment variable, never the resolved URL, so no Redis password lands in Serve's stored config."""
+        return {"policy_function": "deployments.job_queue:JobQueuePolicy",
+                "policy_kwargs": {"queue_name": self.queue_name, "broker_url": self.broker_url,
+                                  "broker_url_env": self.broker_url_env,
+                                  "poll_interval_s": self.queue_poll_interval_s}}
 
 
 class AppConfig(BaseModel):
-    """Everything `build_app` needs. `serve_config.yaml`'s application `args` are exactly this model."""
+    """The application's `args`: only what builds the models and where things are stored. Ray hashes `args` into
+    the code version, so a change here restarts every replica; live knobs are each deployment's `user_config`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    weights: WeightsConfig
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     output_uri: str = Field("file:///tmp/instantid-outputs", description="file:// or s3:// prefix for outputs.")
     allowed_input_buckets: list[str] = Field(default_factory=list, description="s3:// inputs only from these.")
     allow_url_inputs: bool = Field(False, description="Fetch http(s) image URLs server-side (off: SSRF risk).")
     allowed_url_hosts: list[str] = Field(default_factory=list, description="With allow_url_inputs: the only hosts "
                                          "URLs may name (exact host names; redirects are not followed).")
-    max_body_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body limit; larger bodies get 413.")
-    max_image_bytes: int = Field(15 * 2**20, ge=1024, description="Per-image limit after base64 decoding.")
-    stage_timeout_s: float = Field(300.0, gt=0, description="A request whose stages take longer than this in all "
-                                   "answers 504, and its stages are cancelled.")
-    inline_max_pixels: int = Field(1024 * 1024, description="?inline=true returns images up to this many pixels.")
-    max_batch_size: int = Field(4, ge=1, description="Denoiser: most images per GPU batch.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Denoiser: how long a batch waits to fill.")
-    face_cache_bytes: int = Field(16 * 2**20, ge=0, description="FaceAnalysis: bytes of face analyses kept "
-                                  "(about 2.2 KB each; 0: no cache).")
-    prompt_cache_bytes: int = Field(256 * 2**20, ge=0, description="PromptEncoder: bytes of prompt embeddings kept "
-                                    "(about 1.3 MB each with SDXL; 0: no cache).")
-    retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
     allowed_webhook_hosts: list[str] = Field(default_factory=list, description="Job webhooks only to these hosts "
                                              "(exact host names; default none; redirects are not followed).")
     jobs: JobsConfig | None = Field(None, description="The async jobs API (/v1/jobs) on a Redis broker; null: "
-                                    "/v1/jobs answers 503.")
-    access: AccessConfig = Field(default_factory=AccessConfig)
+                                    "/v1/jobs answers 503. With it the app has a sixth deployment, JobConsumer.")
     loras: dict[str, str | LoraEntry | None] = Field(
         default_factory=dict, description="LoRA registry added over the weights' own (the tiny preset registers "
         "tiny-style): name -> source (file, folder or s3:// prefix whose .safetensors files become names, hub id) "
@@ -162,7 +251,34 @@ class AppConfig(BaseModel):
     depth_estimator: str | None = Field(None, description="transformers depth-estimation model for the `depth` "
                                         "control; default the weights' own (the tiny preset has one).")
     playground: bool = Field(True, description="Serve the browser playground at `/` (false: `/` answers 404).")
-    deployments: StageOptions = Field(default_factory=StageOptions)
+    prompt_device: str | None = Field(None, description="Where the PromptEncoder's text encoders run; default "
+                                      "pipeline.device. `cpu` (in float32) frees the GPU share: then give the "
+                                      "PromptEncoder CPU-node resources and no num_gpus.")
+
+    def prompt_pipeline(self) -> PipelineSettings:
+        """The pipeline settings the PromptEncoder loads its text encoders with (its embeddings cross to the
+        Denoiser as float32 numpy whatever device made them)."""
+        if not self.prompt_device or self.prompt_device == self.pipeline.device:
+            return self.pipeline
+        update: dict[str, Any] = {"device": self.prompt_device}
+        if self.prompt_device == "cpu":
+            update["dtype"] = "float32"  # half precision on CPU is slow and not what the CPU kernels are tuned for
+        return self.pipeline.model_copy(update=update)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _live_knobs_are_not_args(cls, data: Any) -> Any:
+        moved = {"deployments": "applications[].deployments[]", "max_batch_size": "Denoiser",
+                 "batch_wait_timeout_s": "Denoiser", "face_cache_bytes": "FaceAnalysis (cache_bytes)",
+                 "prompt_cache_bytes": "PromptEncoder (cache_bytes)", "inline_max_pixels": "OutputWriter",
+                 **{k: "Ingress" for k in IngressSettings.model_fields}}
+        if isinstance(data, dict):
+            for key in data:
+                if key in moved:
+                    where = moved[key] if key == "deployments" else f"the {moved[key]} user_config"
+                    raise ValueError(f"{key} is not an app arg any more: it goes in {where} (a live setting, "
+                                     "changed without restarting replicas)")
+        return data
 
     @model_validator(mode="after")
     def _url_inputs_name_their_hosts(self) -> AppConfig:
@@ -171,20 +287,112 @@ class AppConfig(BaseModel):
                              "reach internal services")
         return self
 
+
+class AppSpec(BaseModel):
+    """A whole `instantid` application: its args and its deployments' options (Serve's shape), as
+    `serve_config.yaml` carries them and as Python callers (tests, bench) build it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    args: AppConfig
+    deployments: list[DeploymentEntry] = Field(default_factory=list)
+
     @model_validator(mode="after")
-    def _denoiser_can_hold_a_batch(self) -> AppConfig:
-        if self.deployments.denoiser.max_ongoing_requests < self.max_batch_size:
-            raise ValueError("deployments.denoiser.max_ongoing_requests must be >= max_batch_size "
-                             "or batches can never fill")
+    def _check(self) -> AppSpec:
+        names = [d.name for d in self.deployments]
+        if len(set(names)) != len(names):
+            raise ValueError(f"deployments: a name appears twice in {names}")
+        denoiser = self.options("Denoiser")
+        if denoiser["max_ongoing_requests"] < self.settings("Denoiser").max_batch_size:
+            raise ValueError("Denoiser: max_ongoing_requests must be >= user_config.max_batch_size or batches can "
+                             "never fill")
+        jobs, stage_timeout_s = self.args.jobs, self.settings("Ingress").stage_timeout_s
+        if jobs is not None and jobs.run_timeout_s <= stage_timeout_s:
+            raise ValueError(f"jobs.run_timeout_s ({jobs.run_timeout_s:g}) must exceed the Ingress's "
+                             f"user_config.stage_timeout_s ({stage_timeout_s:g}), or a job's run is abandoned "
+                             "before the Ingress answers it")
+        consumer = self.entry(JOB_CONSUMER)
+        if consumer is not None and jobs is None:
+            raise ValueError("deployments: JobConsumer runs the async jobs: set `jobs` in args or remove its entry "
+                             "(Serve refuses options for a deployment the app does not have)")
+        scaling = consumer.autoscaling_config if consumer else None
+        policy = (scaling.model_extra or {}).get("policy") if scaling else None
+        if policy is not None and policy != self.args.jobs.autoscaling_policy():
+            raise ValueError(f"JobConsumer: autoscaling_config.policy must be {self.args.jobs.autoscaling_policy()} "
+                             "(the queue-length policy of args.jobs), or left out")
         return self
+
+    def entry(self, name: str) -> DeploymentEntry | None:
+        return next((d for d in self.deployments if d.name == name), None)
+
+    def options(self, name: str) -> dict[str, Any]:
+        """The Serve options `name` is bound with: DEFAULT_OPTIONS, the entry's keys over them, and `user_config`
+        always set (its model's defaults filled in), so reconfigure() runs on every replica start. The JobConsumer
+        has no user_config; its autoscaling_config always carries the queue-length policy."""
+        entry = self.entry(name)
+        given = entry.model_dump(mode="json", exclude_none=True, exclude={"name"}) if entry else {}
+        chosen = {**DEFAULT_OPTIONS[name], **given}
+        settings = self.settings(name)
+        if settings is not None:
+            chosen["user_config"] = settings.model_dump(mode="json")
+        if name == JOB_CONSUMER and self.args.jobs is not None:
+            chosen["autoscaling_config"] = {**chosen["autoscaling_config"],
+                                            "policy": self.args.jobs.autoscaling_policy()}
+        return chosen
+
+    def settings(self, name: str) -> Any:
+        entry = self.entry(name)
+        model = SETTINGS[name]
+        return entry.settings() if entry else (model() if model else None)
+
+    def stages(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, options) of the app's deployments as they are bound (see `options`): the five stages, and the
+        JobConsumer when args has `jobs`."""
+        return [(name, self.options(name)) for name in DEPLOYMENT_NAMES
+                if name != JOB_CONSUMER or self.args.jobs is not None]
+
+    @property
+    def ingress(self) -> IngressSettings:
+        return self.settings("Ingress")
+
+    @property
+    def denoiser(self) -> DenoiserSettings:
+        return self.settings("Denoiser")
 
 
 def load_serve_config(path: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def app_entry(serve_config: dict[str, Any]) -> dict[str, Any]:
+    (app,) = [a for a in serve_config["applications"] if a["name"] == APP_NAME]
+    return app
+
+
+def app_spec(serve_config: dict[str, Any]) -> AppSpec:
+    """The `instantid` application of a loaded Serve config, validated: args, every deployments[] entry and
+    its user_config."""
+    app = app_entry(serve_config)
+    spec = AppSpec.model_validate({"args": app.get("args", {}), "deployments": app.get("deployments", [])})
+    consumer = spec.entry(JOB_CONSUMER)
+    if consumer is not None and consumer.autoscaling_config is not None and spec.args.jobs is not None:
+        if "policy" not in (consumer.autoscaling_config.model_extra or {}):
+            # Serve replaces the bound autoscaling_config with a file's whole: without its policy the consumers
+            # would scale on HTTP requests they never get, not on the queue.
+            raise ValueError("JobConsumer: an autoscaling_config in a Serve file replaces the bound one whole; "
+                             f"give its policy too: {spec.args.jobs.autoscaling_policy()}")
+    return spec
+
+
+def validate_serve_config(serve_config: dict[str, Any]) -> AppSpec:
+    """The whole file as `serve deploy` reads it: Serve's own schema (ServeDeploySchema: every Serve option of every
+    entry, http_options, logging_config) and then our models. Raises ValueError (pydantic's ValidationError)."""
+    from ray.serve.schema import ServeDeploySchema  # Ray only where a whole Serve file is checked
+
+    ServeDeploySchema.parse_obj(serve_config)
+    return app_spec(serve_config)
+
+
 def app_config_from_serve_config(path: Path = SERVE_CONFIG_PATH) -> AppConfig:
-    """The AppConfig carried by the `instantid` application of a Serve config file."""
-    config = load_serve_config(path)
-    (app,) = [a for a in config["applications"] if a["name"] == APP_NAME]
-    return AppConfig.model_validate(app.get("args", {}))
+    """The AppConfig (args) carried by the `instantid` application of a Serve config file."""
+    return app_spec(load_serve_config(path)).args

@@ -13,7 +13,12 @@ from .config import AppConfig
 
 
 def resolve_app_weights(config: AppConfig) -> ResolvedWeights:
-    return resolve_sources(config.weights.sources, config.weights.tiny_preset_dir, config, dtype=config.pipeline.dtype)
+    """`weights.preset: tiny` -> the tiny preset; otherwise exactly `weights.sources`, and a source that is
+    missing or broken raises WeightsError naming the part and the path (the deploy fails; nothing stands in)."""
+    weights, dtype = config.weights, config.pipeline.dtype
+    if weights.preset == "tiny":
+        return resolve_sources(None, weights.preset_dir, config, dtype=dtype)
+    return resolve_sources(weights.sources, None, config, dtype=dtype)
 
 
 def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSources:
@@ -29,7 +34,7 @@ def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSou
     })
 
 
-def resolve_sources(sources: ModelSources, tiny_preset_dir: str | None,
+def resolve_sources(sources: ModelSources | None, tiny_preset_dir: str | None,
                     config: AppConfig | None = None, *, dtype: str = "float32") -> ResolvedWeights:
     """The tiny preset when a folder for it is named (written there on first use), else the sources; with the
     app config's LoRAs and ControlNets over theirs. `dtype` is the replicas': half precision fetches SDXL's fp16

@@ -168,11 +168,9 @@ class OutputStore:
             InvalidParameter: bad request_id, prefix or format.
             StorageError: a write failed; images already written for this request were deleted (best effort).
         """
-        _check_segment("request_id", request_id)
-        prefix_parts = _check_key("prefix", prefix) if prefix else []
         _, ext, content_type = _format(fmt)
         now = now or datetime.now(timezone.utc)
-        folder = "/".join([*prefix_parts, now.strftime("%Y-%m-%d"), request_id])
+        folder = self._request_folder(request_id, prefix, now)
         image_locs = [self._join(f"{folder}/{i}.{ext}") for i in range(len(images))]
         meta_loc = self._join(f"{folder}/meta.json")
         image_uris = [loc.uri for loc in image_locs]
@@ -191,6 +189,17 @@ class OutputStore:
             self._delete([meta_loc, *image_locs])
             raise StorageError(f"could not write outputs of request {request_id} to {meta_loc.uri}: {err}") from err
         return StoredOutput(image_uris=image_uris, meta_uri=meta_loc.uri)
+
+    def request_meta_uri(self, request_id: str, *, prefix: str | None = None, now: datetime | None = None) -> str:
+        """The sidecar URI write_request would write for this id now (to refuse a reused id before any work)."""
+        folder = self._request_folder(request_id, prefix, now or datetime.now(timezone.utc))
+        return self._join(f"{folder}/meta.json").uri
+
+    @staticmethod
+    def _request_folder(request_id: str, prefix: str | None, now: datetime) -> str:
+        _check_segment("request_id", request_id)
+        prefix_parts = _check_key("prefix", prefix) if prefix else []
+        return "/".join([*prefix_parts, now.strftime("%Y-%m-%d"), request_id])
 
     def put_json(self, key_or_uri: str, obj: Any) -> str:
         """Write `obj` as JSON (atomically: temp file + rename locally, one PutObject on S3); returns its URI."""

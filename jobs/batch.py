@@ -448,15 +448,17 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> BatchSettings:
-    from instantid_app.config import SERVE_CONFIG_PATH, app_config_from_serve_config
+    from instantid_app.config import SERVE_CONFIG_PATH, app_spec, load_serve_config
 
-    app = app_config_from_serve_config(args.config or SERVE_CONFIG_PATH)
+    spec = app_spec(load_serve_config(args.config or SERVE_CONFIG_PATH))
+    app = spec.args
     # The same node types as the serving app: face actors where FaceAnalysis goes, denoisers where the Denoiser goes.
-    placement = {"face_resources": app.deployments.face.ray_actor_options.get("resources", {}),
-                 "denoise_resources": app.deployments.denoiser.ray_actor_options.get("resources", {})}
+    placement = {"face_resources": spec.options("FaceAnalysis")["ray_actor_options"].get("resources", {}),
+                 "denoise_resources": spec.options("Denoiser")["ray_actor_options"].get("resources", {})}
     if args.weights:
         return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline, **placement)
-    return BatchSettings(app.weights.sources, app.weights.tiny_preset_dir, app.pipeline, **placement)
+    tiny = app.weights.preset_dir if app.weights.preset == "tiny" else None
+    return BatchSettings(app.weights.sources or ModelSources(), tiny, app.pipeline, **placement)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -8,7 +8,8 @@ What is written, per overlay:
 - `base` (used as is by `cpu-demo`): `serve_config.yaml` verbatim, behind a "generated" header, so the RayService's
   `serveConfigV2` is exactly the file `serve run` uses (kustomize cannot read files outside its folder).
 - `gpu`: `serve_config.yaml`'s `instantid` application with `overlays/gpu/serve-patch.yaml` deep-merged over it
-  (mappings merge key by key; anything else, `null` included, replaces), then validated as `AppConfig`.
+  (mappings merge key by key, `deployments` entries by `name`, `null` removes a key; anything else replaces), then
+  validated by Serve's schema and our models (`instantid_app.config.validate_serve_config`).
 - `batch` (k8s/batch, the RayJob): the `gpu` file again, which `instantid batch --config` reads.
 
 kustomize puts each overlay's file into the `instantid-serve-config` ConfigMap and, by a `replacements` entry,
@@ -31,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python k8s/render.py` from anywhere: deployments/ is importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from instantid_app.config import APP_NAME, SERVE_CONFIG_PATH, AppConfig
+from instantid_app.config import APP_NAME, SERVE_CONFIG_PATH, AppSpec, app_entry, app_spec, validate_serve_config
 
 K8S_DIR = REPO_ROOT / "k8s"
 OVERLAYS = ("base", "gpu", "batch")  # folders with a serve config of their own; cpu-demo uses base's
@@ -45,13 +46,34 @@ HEADER = (
 
 
 def deep_merge(base: Any, patch: Any) -> Any:
-    """`patch` over `base`: mappings merge recursively; any other value (lists, scalars, null) replaces."""
+    """`patch` over `base`: mappings merge recursively, lists of `name`d mappings (Serve's `deployments`) merge entry
+    by name (a new name is appended; `{name: X, remove: true}` drops X); null removes the key; any other value
+    (lists, scalars) replaces."""
+    if _named(base) and _named(patch):
+        merged = [copy.deepcopy(entry) for entry in base]
+        for entry in patch:
+            index = next((i for i, old in enumerate(merged) if old["name"] == entry["name"]), None)
+            if entry.get("remove") is True:  # e.g. the JobConsumer of an overlay that sets `jobs: null`
+                if index is not None:
+                    merged.pop(index)
+            elif index is None:
+                merged.append(copy.deepcopy(entry))
+            else:
+                merged[index] = deep_merge(merged[index], entry)
+        return merged
     if isinstance(base, dict) and isinstance(patch, dict):
         merged = dict(base)
         for key, value in patch.items():
-            merged[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+            if value is None:  # null removes the key (e.g. the tiny preset's keys in the gpu patch)
+                merged.pop(key, None)
+            else:
+                merged[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
         return merged
     return copy.deepcopy(patch)
+
+
+def _named(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) and "name" in v for v in value)
 
 
 def load_patch(overlay: str) -> dict[str, Any] | None:
@@ -72,7 +94,7 @@ def render_serve_config(
         patch: the application patch; default the overlay's committed `serve-patch.yaml`.
 
     Raises:
-        pydantic.ValidationError: the patched `args` are not a valid `AppConfig`.
+        ValueError: the patched file is not a valid Serve config or our models refuse an entry.
     """
     config = yaml.safe_load(source.read_text())
     patch = load_patch(overlay) if patch is None else patch
@@ -80,17 +102,13 @@ def render_serve_config(
         config["applications"] = [
             deep_merge(app, patch) if app["name"] == APP_NAME else app for app in config["applications"]
         ]
-    AppConfig.model_validate(app_entry(config).get("args", {}))
+    validate_serve_config(config)
     return config
 
 
-def app_entry(serve_config: dict[str, Any]) -> dict[str, Any]:
-    (app,) = [a for a in serve_config["applications"] if a["name"] == APP_NAME]
-    return app
-
-
-def app_config(serve_config: dict[str, Any]) -> AppConfig:
-    return AppConfig.model_validate(app_entry(serve_config).get("args", {}))
+def app_config(serve_config: dict[str, Any]) -> AppSpec:
+    """The `instantid` application of a loaded serve config: args and every deployment's options, validated."""
+    return app_spec(serve_config)
 
 
 def cpu_only(serve_config: dict[str, Any], source: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
@@ -101,9 +119,9 @@ def cpu_only(serve_config: dict[str, Any], source: Path = SERVE_CONFIG_PATH) -> 
     original = app_entry(yaml.safe_load(source.read_text()))["args"]
     for key in ("weights", "pipeline", "output_uri"):
         app["args"][key] = copy.deepcopy(original[key])
-    for stage in app["args"].get("deployments", {}).values():
+    for stage in app.get("deployments", []):
         stage.get("ray_actor_options", {}).pop("num_gpus", None)
-    AppConfig.model_validate(app["args"])
+    validate_serve_config(config)
     return config
 
 

@@ -22,14 +22,14 @@ class ServedApp:
     url: str  # http://127.0.0.1:PORT
     bucket: str
     tiny_dir: Path
-    config: object  # instantid_app.config.AppConfig
+    config: object  # instantid_app.config.AppSpec: args + every deployment's options and user_config
 
 
-def small_stage_options(**denoiser) -> dict:
-    """CPU-light options so several apps fit on a 2-core machine."""
+def small_stage_options(**denoiser) -> dict[str, dict]:
+    """CPU-light options (deployment name -> Serve options) so several apps fit on a 2-core machine."""
     one = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.1}}
-    return {"ingress": {**one, "max_ongoing_requests": 32}, "face": one, "prompt": one, "writer": one,
-            "denoiser": {**one, "max_ongoing_requests": 16, **denoiser}}
+    return {"Ingress": {**one, "max_ongoing_requests": 32}, "FaceAnalysis": one, "PromptEncoder": one,
+            "OutputWriter": one, "Denoiser": {**one, "max_ongoing_requests": 16, **denoiser}}
 
 
 @pytest.fixture(scope="session")
@@ -59,18 +59,23 @@ def serve_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_tiny_preset(tmp_path_factory.mktemp("serve") / "tiny")
 
 
-def deploy(port: int, name: str, route_prefix: str, config_overrides: dict, bucket: str,
-           tiny_dir: Path) -> ServedApp:
+def deploy(port: int, name: str, route_prefix: str, args: dict, bucket: str, tiny_dir: Path,
+           options: dict[str, dict] | None = None, user_config: dict[str, dict] | None = None) -> ServedApp:
+    """Deploy the app: `args` over the test's (tiny preset, the S3 bucket), `options` (deployment name -> Serve
+    options, default small_stage_options()) and `user_config` (deployment name -> its live settings)."""
     from ray import serve
 
-    from deployments.app import build_app
-    from instantid_app.config import AppConfig
+    from deployments.app import build_app_from_spec
+    from instantid_app.config import AppSpec
 
-    config = AppConfig.model_validate({
-        "weights": {"tiny_preset_dir": str(tiny_dir)}, "output_uri": f"s3://{bucket}/out",
-        "allowed_input_buckets": [bucket], "deployments": small_stage_options(), **config_overrides,
-    })
-    serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
+    options = options or small_stage_options()
+    user_config = user_config or {}
+    entries = [{"name": n, **options.get(n, {}), **({"user_config": user_config[n]} if n in user_config else {})}
+               for n in sorted({*options, *user_config})]
+    config = AppSpec.model_validate({"args": {
+        "weights": {"preset": "tiny", "preset_dir": str(tiny_dir)}, "output_uri": f"s3://{bucket}/out",
+        "allowed_input_buckets": [bucket], **args}, "deployments": entries})
+    serve.run(build_app_from_spec(config), name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     wait_ready(url)
     return ServedApp(url, bucket, tiny_dir, config)
@@ -86,8 +91,9 @@ def served_app(ray_instance: int, s3_server: str, serve_tiny_dir: Path, redis_ur
     jobs_options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 2,
                     "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
                         "env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}}
-    overrides = {"batch_wait_timeout_s": 0.3, "max_batch_size": 8, "allowed_webhook_hosts": ["127.0.0.1"],
-                 "jobs": {"broker_url": redis_url, "broker_url_env": None, "visibility_timeout_s": 8, "lease_s": 4,
-                          "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1},
-                 "deployments": {**small_stage_options(), "jobs": jobs_options}}
-    return deploy(ray_instance, "instantid", "/", overrides, bucket, serve_tiny_dir)
+    args = {"allowed_webhook_hosts": ["127.0.0.1"],
+            "jobs": {"broker_url": redis_url, "broker_url_env": None, "visibility_timeout_s": 8, "lease_s": 4,
+                     "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1}}
+    live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}
+    return deploy(ray_instance, "instantid", "/", args, bucket, serve_tiny_dir,
+                  options={**small_stage_options(), "JobConsumer": jobs_options}, user_config=live)

@@ -44,11 +44,11 @@ def strict_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
     bucket = f"strict-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     stages = small_stage_options(max_ongoing_requests=1, max_queued_requests=1)
-    overrides = {"max_batch_size": 1, "stage_timeout_s": 4, "deployments": stages,
-                 "allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"],
-                 "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
-                            "rate_limit_burst": BURST}}
-    app = deploy(ray_instance, "strict", "/strict", overrides, bucket, serve_tiny_dir)
+    live = {"Denoiser": {"max_batch_size": 1},
+            "Ingress": {"stage_timeout_s": 4, "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
+                                                         "rate_limit_burst": BURST}}}
+    args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"]}
+    app = deploy(ray_instance, "strict", "/strict", args, bucket, serve_tiny_dir, options=stages, user_config=live)
     yield app
     from ray import serve
 
@@ -69,7 +69,7 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict:
 def test_keys_guard_the_api_and_health_stays_open(strict_app, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
     url = strict_app.url
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/openapi.json"):
         assert httpx.get(f"{url}{path}", timeout=30).status_code == 200, path
 
     missing = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
@@ -147,7 +147,8 @@ def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict
             meta = response.json()["metadata"]
             bucket, key = meta.removeprefix("s3://").split("/", 1)
             seen.append(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode())
-    seen.append(httpx.get(f"{strict_app.url}/metrics", timeout=30).text)
+    metrics_port = ray._private.worker._global_node.metrics_export_port  # Ray's port: where the app's metrics are
+    seen.append(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text)
     time.sleep(2)  # replica log lines are flushed asynchronously
 
     logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())

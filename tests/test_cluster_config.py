@@ -54,15 +54,15 @@ def test_launcher_node_types_offer_the_resources_the_gpu_serve_config_asks_for()
     for name in ("ray.worker.cpu", "ray.worker.gpu"):
         assert 1 <= types[name]["min_workers"] <= types[name]["max_workers"] <= config["max_workers"]
 
-    stages = render.app_config(render.render_serve_config("gpu")).deployments
-    for stage, options in stages:
-        wanted = options.ray_actor_options.get("resources", {})
+    spec = render.app_config(render.render_serve_config("gpu"))
+    for stage, options in spec.stages():
+        wanted = options["ray_actor_options"].get("resources", {})
         offering = [n for n, t in types.items()
                     if all(custom(t["resources"]).get(k, 0) >= v for k, v in wanted.items())]
         assert offering, f"no node type offers {stage}'s {wanted}"
-        if options.ray_actor_options.get("num_gpus"):
+        if options["ray_actor_options"].get("num_gpus"):
             assert offering == ["ray.worker.gpu"], f"{stage} asks for a GPU but could land on {offering}"
-    assert stages.denoiser.ray_actor_options["resources"] == {"gpu_node": 0.75}  # + a PromptEncoder's 0.25
+    assert spec.options("Denoiser")["ray_actor_options"]["resources"] == {"gpu_node": 0.75}  # + a Prompt's 0.25
 
 
 def test_launcher_runs_our_image_with_a_weights_cache_and_prefetches_the_served_config() -> None:
@@ -75,7 +75,7 @@ def test_launcher_runs_our_image_with_a_weights_cache_and_prefetches_the_served_
     remote_dir, local_dir = next((r, loc) for r, loc in config["file_mounts"].items() if mounted.startswith(r))
     assert (REPO / local_dir / Path(mounted).relative_to(remote_dir)).exists()
     served = render.app_config(yaml.safe_load((REPO / local_dir / "serve_config.yaml").read_text()))
-    assert served.weights.sources.cache_dir.startswith("/weights/")
+    assert served.args.weights.sources.cache_dir.startswith("/weights/")
 
 
 def test_kuberay_groups_advertise_the_same_node_type_resources() -> None:
@@ -92,7 +92,7 @@ def test_prefetch_resolves_and_validates_the_weights_a_serve_config_names(tiny_r
     config = yaml.safe_load(render.SERVE_CONFIG_PATH.read_text())
     args = render.app_entry(config)["args"]
     sources = ModelSources.from_root(str(tiny_root)).model_dump(mode="json")  # the YAML an operator writes
-    args["weights"] = {"tiny_preset_dir": None, "sources": sources}
+    args["weights"] = {"sources": sources}
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert prefetch_main([str(path)]) == 0
@@ -158,11 +158,11 @@ def test_local_cluster_starts_two_nodes_places_by_resource_and_stops_every_proce
 def test_cpu_only_keeps_the_gpu_placement_but_runs_the_tiny_preset_without_gpus() -> None:
     gpu = render.render_serve_config("gpu")
     local = render.cpu_only(gpu)
-    stages, gpu_stages = render.app_config(local).deployments, render.app_config(gpu).deployments
-    for (name, options), (_, gpu_options) in zip(stages, gpu_stages, strict=False):
-        assert "num_gpus" not in options.ray_actor_options, name
-        assert options.ray_actor_options.get("resources") == gpu_options.ray_actor_options.get("resources"), name
-        assert options.autoscaling_config == gpu_options.autoscaling_config, name
-    source = render.app_config(yaml.safe_load(render.SERVE_CONFIG_PATH.read_text()))
-    args = render.app_config(local)
+    stages, gpu_stages = render.app_config(local).stages(), render.app_config(gpu).stages()
+    for (name, options), (_, gpu_options) in zip(stages, gpu_stages, strict=True):
+        assert "num_gpus" not in options["ray_actor_options"], name
+        assert options["ray_actor_options"].get("resources") == gpu_options["ray_actor_options"].get("resources"), name
+        assert options["autoscaling_config"] == gpu_options["autoscaling_config"], name
+    source = render.app_config(yaml.safe_load(render.SERVE_CONFIG_PATH.read_text())).args
+    args = render.app_config(local).args
     assert (args.weights, args.pipeline, args.output_uri) == (source.weights, source.pipeline, source.output_uri)

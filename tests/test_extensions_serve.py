@@ -148,9 +148,9 @@ def extended_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=bucket)
     stages = small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2})
     preset = {"source": str(Path(serve_tiny_dir) / "loras" / "tiny-style.safetensors"), "steps": 2, "guidance": 1.0}
-    overrides = {"deployments": stages, "loras": {"broken": str(bad), "fast-style": preset},
-                 "controlnets": {"pose": str(Path(serve_tiny_dir) / "controlnets" / "pose")}}
-    return deploy(ray_instance, "instantid-ext", "/ext", overrides, bucket, serve_tiny_dir)
+    args = {"loras": {"broken": str(bad), "fast-style": preset},
+            "controlnets": {"pose": str(Path(serve_tiny_dir) / "controlnets" / "pose")}}
+    return deploy(ray_instance, "instantid-ext", "/ext", args, bucket, serve_tiny_dir, options=stages)
 
 
 def test_a_file_that_is_not_a_lora_answers_422_naming_it_and_the_replica_keeps_serving(extended_app,

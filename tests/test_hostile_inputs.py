@@ -22,7 +22,7 @@ def replica_actors() -> set[str]:
 def test_every_hostile_request_gets_its_documented_4xx_and_nothing_restarts(served_app, astronaut_bytes):
     config = served_app.config
     corpus = image_cases(astronaut_bytes) + body_cases(b64(astronaut_bytes), served_app.bucket,
-                                                       config.max_body_bytes, config.max_image_bytes)
+                                                       config.ingress.max_body_bytes, config.ingress.max_image_bytes)
     assert len(corpus) >= 40 and len({c.name for c in corpus}) == len(corpus)
     replicas_before = replica_actors()
 

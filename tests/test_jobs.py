@@ -231,7 +231,7 @@ def queue_length(url: str, queue: str) -> int:
 
 @pytest.mark.slow
 def test_twenty_jobs_on_one_consumer_all_end_done_as_the_queue_rises_and_falls(served_app, astronaut_bytes):
-    jobs = served_app.config.jobs
+    jobs = served_app.config.args.jobs
     face = b64(astronaut_bytes)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: submit(served_app, {"face_image": face, "prompt": f"job {i}", "seed": i,
@@ -292,7 +292,7 @@ def redis_values(client: redis.Redis, key: bytes) -> list[bytes]:
 def test_no_photo_bytes_remain_in_the_broker_or_the_store_once_jobs_end(served_app, astronaut_bytes):
     job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "forget me", **FAST}).json()["job_id"]
     assert wait_for(served_app, job_id)["status"] == "done"
-    client = redis.Redis.from_url(served_app.config.jobs.broker_url)
+    client = redis.Redis.from_url(served_app.config.args.jobs.broker_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # every job of this module has ended and been acknowledged
         if all(json.loads(client.hget(key, "record"))["status"] in ("done", "failed", "cancelled")
@@ -306,7 +306,7 @@ def test_no_photo_bytes_remain_in_the_broker_or_the_store_once_jobs_end(served_a
         for value in redis_values(client, key):
             assert not any(needle in value for needle in needles), f"photo bytes left in redis key {key!r}"
         if key.startswith(b"instantid:job:"):
-            assert 0 < client.ttl(key) <= served_app.config.jobs.status_ttl_s  # records expire
+            assert 0 < client.ttl(key) <= served_app.config.args.jobs.status_ttl_s  # records expire
     s3 = boto3.client("s3")
     for obj in s3.list_objects_v2(Bucket=served_app.bucket).get("Contents", []):
         data = s3.get_object(Bucket=served_app.bucket, Key=obj["Key"])["Body"].read()

@@ -98,32 +98,46 @@ def test_gpu_rayservice_serves_serve_config_yaml_with_the_gpu_patch() -> None:
     source = load_serve_config(SERVE_CONFIG_PATH)
     assert {k: v for k, v in served.items() if k != "applications"} == \
         {k: v for k, v in source.items() if k != "applications"}
-    args = render.app_config(served)
+    spec = render.app_config(served)
+    args = spec.args
     assert (args.pipeline.device, args.pipeline.dtype) == ("cuda", "bfloat16")
-    assert args.weights.tiny_preset_dir is None
+    assert args.weights.preset is None and args.weights.sources is not None  # real weights, no preset
     # A Denoiser and a PromptEncoder share one GPU node: 0.75 + 0.25 of its GPU and of its `gpu_node`.
-    assert args.deployments.denoiser.ray_actor_options["num_gpus"] == 0.75
-    assert args.deployments.denoiser.ray_actor_options["resources"] == {"gpu_node": 0.75}
-    assert args.deployments.prompt.ray_actor_options["num_gpus"] == 0.25
-    assert args.deployments.prompt.ray_actor_options["resources"] == {"gpu_node": 0.25}
-    assert args.deployments.face.ray_actor_options["resources"] == {"cpu_node": 1}
+    assert spec.options("Denoiser")["ray_actor_options"]["num_gpus"] == 0.75
+    assert spec.options("Denoiser")["ray_actor_options"]["resources"] == {"gpu_node": 0.75}
+    assert spec.options("PromptEncoder")["ray_actor_options"]["num_gpus"] == 0.25
+    assert spec.options("PromptEncoder")["ray_actor_options"]["resources"] == {"gpu_node": 0.25}
+    assert spec.options("FaceAnalysis")["ray_actor_options"]["resources"] == {"cpu_node": 1}
 
 
 def test_a_serve_config_edit_reaches_the_gpu_overlay(tmp_path: Path) -> None:
     edited = load_serve_config(SERVE_CONFIG_PATH)
-    render.app_entry(edited)["args"]["max_batch_size"] = 2
+    (denoiser,) = [d for d in render.app_entry(edited)["deployments"] if d["name"] == "Denoiser"]
+    denoiser["user_config"]["max_batch_size"] = 2
     source = tmp_path / "serve_config.yaml"
     source.write_text(yaml.safe_dump(edited))
     rendered_args = render.app_config(render.render_serve_config("gpu", source=source))
-    assert rendered_args.max_batch_size == 2
-    assert rendered_args.pipeline.device == "cuda"  # the patch still applies on top
+    assert rendered_args.denoiser.max_batch_size == 2
+    assert rendered_args.args.pipeline.device == "cuda"  # the patch still applies on top
+
+
+def test_an_overlay_without_jobs_drops_the_job_consumer_entry_by_name() -> None:
+    patch = {**render.load_patch("gpu")}
+    patch["args"] = {**patch["args"], "jobs": None}
+    with pytest.raises(ValueError, match="JobConsumer runs the async jobs"):  # the entry would name no deployment
+        render.render_serve_config("gpu", patch=patch)
+    patch["deployments"] = [*patch["deployments"], {"name": "JobConsumer", "remove": True}]
+    spec = render.app_config(render.render_serve_config("gpu", patch=patch))
+    assert spec.args.jobs is None and spec.entry("JobConsumer") is None
+    assert "JobConsumer" not in dict(spec.stages()) and spec.entry("Denoiser") is not None
 
 
 def test_the_configmap_the_prefetch_reads_is_the_served_config() -> None:
     for overlay in ("cpu-demo", "gpu"):
         docs = rendered(overlay)
-        configmap = one(docs, "ConfigMap")
-        assert configmap["metadata"]["name"] == "instantid-serve-config"  # no hash suffix: see kustomization
+        (configmap,) = [d for d in docs
+                        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "instantid-serve-config"]
+        # (a fixed name, no hash suffix: see kustomization)
         assert configmap["data"]["serve_config.yaml"] == one(docs, "RayService")["spec"]["serveConfigV2"]
 
 
@@ -160,8 +174,8 @@ def test_gpu_overlay_has_head_cpu_and_gpu_groups_sized_for_sdxl() -> None:
 def test_the_gpu_group_can_hold_every_gpu_replica_at_its_maximum() -> None:
     rayservice = one(rendered("gpu"), "RayService")
     (gpu,) = [g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
-    wanted = [(options.autoscaling_config.max_replicas, options.ray_actor_options.get("resources", {})
+    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).stages()
+    wanted = [(options["autoscaling_config"]["max_replicas"], options["ray_actor_options"].get("resources", {})
                .get("gpu_node", 0)) for _, options in stages]
     per_node = ray_start_resources(gpu)["gpu_node"]
     # Replicas are whole actors: pack the largest first, each onto a node with room (first fit).
@@ -180,9 +194,9 @@ def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_grou
         rayservice = one(rendered(overlay), "RayService")
         groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
         offered = [ray_start_resources(g) for g in groups]
-        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).stages()
         for name, options in stages:
-            wanted = options.ray_actor_options.get("resources", {})
+            wanted = options["ray_actor_options"].get("resources", {})
             assert any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in offered), (overlay, name)
 
 
@@ -200,10 +214,11 @@ def test_proxies_enforce_the_apps_body_limit_and_outwait_its_timeouts(all_option
         served = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
         app = render.app_config(served)
         annotations = one(docs, "Ingress")["metadata"]["annotations"]
-        assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == render.nginx_body_size(app.max_body_bytes)
+        body_size = render.nginx_body_size(app.ingress.max_body_bytes)
+        assert annotations["nginx.ingress.kubernetes.io/proxy-body-size"] == body_size
         assert render.nginx_body_size(20 * 2**20) == "20m"
         timeout = render.proxy_timeout_s(served)
-        assert timeout > app.stage_timeout_s  # the app's JSON 504 answers first
+        assert timeout > app.ingress.stage_timeout_s  # the app's JSON 504 answers first
         for key in ("proxy-read-timeout", "proxy-send-timeout"):
             assert annotations[f"nginx.ingress.kubernetes.io/{key}"] == str(timeout)
         backend = one(docs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
@@ -215,12 +230,11 @@ def test_proxies_enforce_the_apps_body_limit_and_outwait_its_timeouts(all_option
     assert rule["timeouts"]["request"] == f"{render.proxy_timeout_s(render.render_serve_config('gpu'))}s"
 
 
-def test_monitors_scrape_ray_metrics_and_the_app_metrics() -> None:
+def test_monitors_scrape_ray_metrics_port_of_every_ray_pod_and_never_the_public_port() -> None:
     docs = rendered("gpu")
-    pod_monitor, service_monitor = one(docs, "PodMonitor"), one(docs, "ServiceMonitor")
+    pod_monitor = one(docs, "PodMonitor")
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert service_monitor["spec"]["endpoints"][0] == {**service_monitor["spec"]["endpoints"][0],
-                                                       "port": "serve", "path": "/metrics"}
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]  # the Serve port carries no Prometheus text
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     selector = pod_monitor["spec"]["selector"]["matchLabels"]
@@ -228,6 +242,45 @@ def test_monitors_scrape_ray_metrics_and_the_app_metrics() -> None:
         assert selector.items() <= template["metadata"]["labels"].items()
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
         assert ports["metrics"] == 8080 and ports["serve"] == 8000
+
+
+MONITORING = K8S / "components" / "monitoring"
+
+
+def queried_metrics() -> set[str]:
+    """Every metric name the shipped dashboard and alerts query (histograms by their base name)."""
+    dashboard = json.loads((MONITORING / "instantid-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = yaml.safe_load((MONITORING / "alerts.yaml").read_text())
+    exprs += [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
+    names = {name for expr in exprs for name in re.findall(r"\b(ray_[a-z0-9_]+)", expr)}
+    return {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
+
+
+def test_dashboard_and_alerts_cover_what_operators_need_and_ship_with_the_monitoring_component() -> None:
+    from deployments.metrics import EXPORTED
+
+    names = queried_metrics()
+    assert {"ray_instantid_stage_latency_seconds", "ray_instantid_denoiser_queue_wait_seconds",
+            "ray_instantid_denoiser_batch_images", "ray_instantid_images_generated_total",
+            "ray_instantid_stage_requests_total", "ray_instantid_http_requests_total",
+            "ray_serve_deployment_replica_healthy", "ray_instantid_gpu_memory_allocated_bytes"} <= names
+    assert {n for n in names if n.startswith("ray_instantid_")} <= set(EXPORTED)  # only names the app exports
+    docs = rendered("gpu")
+    (dashboard,) = [d for d in docs
+                    if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "instantid-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["instantid-dashboard.json"])["uid"] == "instantid-serve"
+    alerts = {r["alert"] for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    assert {"InstantIDErrorRatioHigh", "InstantIDQueueWaitHigh", "InstantIDNoHealthyReplica"} <= alerts
+
+
+def test_histograms_reach_the_request_timeout() -> None:
+    from deployments.metrics import LATENCY_BUCKETS_S
+
+    served = render.render_serve_config("gpu")
+    assert LATENCY_BUCKETS_S[-1] >= served["http_options"]["request_timeout_s"]
+    assert render.app_config(served).ingress.stage_timeout_s in LATENCY_BUCKETS_S
 
 
 def test_secret_template_holds_placeholders_only() -> None:
@@ -281,7 +334,7 @@ def test_every_manifest_names_only_fields_of_its_api(all_options: list[dict[str,
     for doc in docs:
         validate(doc)
         kinds.add(doc["kind"])
-    assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "ServiceMonitor", "HTTPRoute", "Gateway",
+    assert kinds == {"ConfigMap", "Ingress", "RayService", "PodMonitor", "PrometheusRule", "HTTPRoute", "Gateway",
                      "Secret", "ServiceAccount", "NetworkPolicy", "RayJob", "PriorityClass", "Service", "Deployment"}
 
 
@@ -376,13 +429,14 @@ def test_an_upgrade_keeps_the_old_cluster_until_its_longest_request_is_answered(
 def test_worker_pods_outlast_the_graceful_shutdown_of_every_stage_they_can_hold() -> None:
     for overlay in ("cpu-demo", "gpu"):
         rayservice = one(rendered(overlay), "RayService")
-        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+        stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).stages()
         for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
             offered = ray_start_resources(group)
             # Serve's default graceful_shutdown_wait_loop_s is 2 s; the wait loop runs before the timeout starts.
-            needed = [options.model_dump().get("graceful_shutdown_wait_loop_s", 2) + options.graceful_shutdown_timeout_s
+            needed = [options.get("graceful_shutdown_wait_loop_s", 2) + options.get("graceful_shutdown_timeout_s", 20)
                       for _, options in stages
-                      if all(offered.get(k, 0) >= v for k, v in options.ray_actor_options.get("resources", {}).items())]
+                      if all(offered.get(k, 0) >= v
+                             for k, v in options["ray_actor_options"].get("resources", {}).items())]
             grace = group["template"]["spec"]["terminationGracePeriodSeconds"]
             assert needed and grace >= max(needed), (overlay, group["groupName"], grace, needed)
 
@@ -476,7 +530,7 @@ def test_ephemeral_storage_requests_cover_the_weights_cache() -> None:
 
 
 def test_gpu_overlay_pins_the_hub_revisions_it_can() -> None:
-    sources = render.app_config(render.render_serve_config("gpu")).weights.sources
+    sources = render.app_config(render.render_serve_config("gpu")).args.weights.sources
     for part in ("sdxl", "identitynet", "adapter"):
         assert re.fullmatch(r"[^@]+@[0-9a-f]{40}", getattr(sources, part)), part
     # face_pack stays unpinned: no commit of DIAMONIKAKA/antelopev2 could be verified (serve-patch.yaml says so).
@@ -484,19 +538,19 @@ def test_gpu_overlay_pins_the_hub_revisions_it_can() -> None:
 
 def test_gpu_stages_scale_down_slower_than_a_gpu_pod_starts() -> None:
     rayservice = one(rendered("gpu"), "RayService")
-    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
+    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).stages()
     for name, options in stages:
-        if options.ray_actor_options.get("num_gpus"):
-            assert options.autoscaling_config.downscale_delay_s >= 600, name
-            assert options.autoscaling_config.upscale_delay_s >= 10, name  # not on a single burst
+        if options["ray_actor_options"].get("num_gpus"):
+            assert options["autoscaling_config"]["downscale_delay_s"] >= 600, name
+            assert options["autoscaling_config"]["upscale_delay_s"] >= 10, name  # not on a single burst
     assert rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]["idleTimeoutSeconds"] >= 600
 
 
 def test_a_denoiser_and_a_prompt_encoder_share_one_gpu_node() -> None:
     rayservice = one(rendered("gpu"), "RayService")
     (gpu,) = [g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
-    stages = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"])).deployments
-    pair = [stages.denoiser.ray_actor_options, stages.prompt.ray_actor_options]
+    spec = render.app_config(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    pair = [spec.options("Denoiser")["ray_actor_options"], spec.options("PromptEncoder")["ray_actor_options"]]
     gpus_per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert sum(o["num_gpus"] for o in pair) <= gpus_per_pod
     assert sum(o["resources"]["gpu_node"] for o in pair) <= ray_start_resources(gpu)["gpu_node"]

@@ -23,12 +23,10 @@ NODES = cluster_nodes()
 def expected_node_types() -> dict[str, set[str]]:
     """deployment -> the node types that offer every custom resource it asks for, from the GPU overlay."""
     offered = {"head": {}, "cpu": NODES[1].resources, "gpu": NODES[2].resources}
-    names = {"ingress": "Ingress", "face": "FaceAnalysis", "prompt": "PromptEncoder", "denoiser": "Denoiser",
-             "writer": "OutputWriter", "jobs": "JobConsumer"}
     expected = {}
-    for stage, options in render.app_config(render.render_serve_config("gpu")).deployments:
-        wanted = options.ray_actor_options.get("resources", {})
-        expected[names[stage]] = {t for t, res in offered.items() if all(res.get(k, 0) >= v for k, v in wanted.items())}
+    for stage, options in render.app_config(render.render_serve_config("gpu")).stages():
+        wanted = options["ray_actor_options"].get("resources", {})
+        expected[stage] = {t for t, res in offered.items() if all(res.get(k, 0) >= v for k, v in wanted.items())}
     return expected
 
 
@@ -44,6 +42,7 @@ def test_gpu_overlay_asks_for_node_types_by_custom_resource() -> None:
     expected = expected_node_types()
     assert expected["Denoiser"] == {"gpu"}
     assert expected["FaceAnalysis"] == expected["OutputWriter"] == expected["Ingress"] == {"cpu"}
+    assert expected["JobConsumer"] == {"cpu"}  # waiting on the broker never takes a GPU node's CPUs
 
 
 def test_replicas_land_only_on_the_node_types_that_offer_their_resources(placement_facts: dict) -> None:

@@ -219,7 +219,8 @@ def keyed_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory) -> Iter
     bucket = f"play-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     access = {"api_keys_file": str(keys), "rate_limit_per_minute": 6, "rate_limit_burst": BURST}
-    app = deploy(ray_instance, "playground-keys", "/keyed", {"access": access}, bucket, serve_tiny_dir)
+    app = deploy(ray_instance, "playground-keys", "/keyed", {}, bucket, serve_tiny_dir,
+                 user_config={"Ingress": {"access": access}})
     yield app
     from ray import serve
 
@@ -281,7 +282,7 @@ def test_playground_false_turns_the_page_off():
     from instantid_app.config import AppConfig
 
     routes = PlaygroundRoutes()
-    routes.config = AppConfig(playground=False)
+    routes.config = AppConfig.model_validate({"weights": {"preset": "tiny"}, "playground": False})
     with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
         for call in (routes.playground_page(request=None), routes.playground_file("app.js")):
             with pytest.raises(HTTPException) as raised:

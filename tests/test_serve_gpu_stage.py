@@ -26,8 +26,9 @@ def tight_app(ray_instance, s3_server, serve_tiny_dir):
     batching long enough for concurrent requests to meet."""
     bucket = f"oom-{uuid.uuid4().hex[:8]}"
     boto3.client("s3").create_bucket(Bucket=bucket)
-    overrides = {"batch_wait_timeout_s": 1.0, "max_batch_size": 4, "pipeline": {"oom_above_samples": 1}}
-    app = deploy(ray_instance, "tight", "/tight", overrides, bucket, serve_tiny_dir)
+    live = {"Denoiser": {"batch_wait_timeout_s": 1.0, "max_batch_size": 4}}
+    app = deploy(ray_instance, "tight", "/tight", {"pipeline": {"oom_above_samples": 1}}, bucket, serve_tiny_dir,
+                 user_config=live)
     yield app
     from ray import serve
 

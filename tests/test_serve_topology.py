@@ -11,7 +11,7 @@ import ray
 import yaml
 from ray import serve
 
-from instantid_app.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config
+from instantid_app.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config, validate_serve_config
 
 FAST = {"steps": 3, "width": 128, "height": 128}
 
@@ -76,9 +76,12 @@ def test_serve_config_yaml_is_an_appconfig_with_serve_build_structure():
     assert app["name"] == "instantid" and app["import_path"] == "deployments.app:build_app"
     parsed = app_config_from_serve_config()
     assert parsed == AppConfig.model_validate(app["args"])
-    # Every option in the file survives validation (nothing silently dropped by the model).
-    assert parsed.deployments.denoiser.max_queued_requests == app["args"]["deployments"]["denoiser"][
-        "max_queued_requests"]
+    # Every option in the file survives validation (nothing silently dropped by the model), and reaches the binding.
+    spec = validate_serve_config(config)
+    for entry in app["deployments"]:
+        bound = spec.options(entry["name"])
+        assert {k: v for k, v in bound.items() if k in entry and k != "autoscaling_config"} == \
+            {k: v for k, v in entry.items() if k not in ("name", "autoscaling_config")}
 
 
 def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
@@ -86,14 +89,17 @@ def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
 
     from deployments.app import build_app
 
-    config = app_config_from_serve_config()
-    built = serve_build(build_app(config), name="instantid")
+    config = validate_serve_config(yaml.safe_load(SERVE_CONFIG_PATH.read_text()))
+    built = serve_build(build_app(config.args), name="instantid")
     assert {d.name for d in built.deployments} == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
                                                    "OutputWriter", "JobConsumer"}
     # A request refused at any full queue, the Ingress's own included (Serve's proxy answers that one), gets
     # Retry-After. The JobConsumer takes its work from the broker, never from a caller's queue.
     called = [d for d in built.deployments if d.name != "JobConsumer"]
-    assert {d.backpressure_config.retry_after_s for d in called} == {config.retry_after_s}
+    assert {d.backpressure_config.retry_after_s for d in called} == {config.ingress.retry_after_s}
+    (consumer,) = [d for d in built.deployments if d.name == "JobConsumer"]
+    assert consumer.autoscaling_config.policy.policy_function == config.args.jobs.autoscaling_policy()[
+        "policy_function"]  # scales on the queue, whichever entry the file gives it
 
 
 def test_url_inputs_need_an_allow_list_of_hosts():
@@ -101,5 +107,6 @@ def test_url_inputs_need_an_allow_list_of_hosts():
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="allowed_url_hosts"):
-        AppConfig.model_validate({"allow_url_inputs": True})
-    assert AppConfig.model_validate({"allow_url_inputs": True, "allowed_url_hosts": ["images.example.com"]})
+        AppConfig.model_validate({"weights": {"preset": "tiny"}, "allow_url_inputs": True})
+    assert AppConfig.model_validate({"weights": {"preset": "tiny"}, "allow_url_inputs": True,
+                                     "allowed_url_hosts": ["images.example.com"]})

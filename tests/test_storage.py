@@ -161,3 +161,14 @@ def test_s3_store_finds_the_endpoint_through_boto3s_own_environment(s3_client, s
     stored = store.write_request("req-5", [_image(0)], "webp", {}, now=NOW)
     assert stored.meta_uri == f"s3://{s3_bucket}/2024-05-06/req-5/meta.json"
     assert _keys(s3_client, s3_bucket) == ["2024-05-06/req-5/0.webp", "2024-05-06/req-5/meta.json"]
+
+
+def test_request_meta_uri_is_where_write_request_puts_the_sidecar(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path.as_uri())
+    expected = store.request_meta_uri("req-9", prefix="tenant-a", now=NOW)
+    assert not store.exists(expected)  # what the Ingress checks before a caller's x-request-id may be used
+    stored = store.write_request("req-9", [encode_image(np.zeros((8, 8, 3), np.uint8), "png")], "png", {},
+                                 prefix="tenant-a", now=NOW)
+    assert stored.meta_uri == expected and store.exists(expected)
+    with pytest.raises(InvalidParameter):
+        store.request_meta_uri("../escape")

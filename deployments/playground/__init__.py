@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instantid_core.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from instantid_core.errors import InstantIDError, InvalidParameter
-from instantid_core.storage import OutputStore
 from instantid_core.styles import builtin_styles, load_styles
 
 from ..schemas import ErrorBody, GenerateRequest
@@ -68,11 +67,10 @@ class PlaygroundRoutes:
     """Routes of the playground, mixed into the Ingress (Serve binds inherited route methods to the replica)."""
 
     config: Any  # AppConfig
+    settings: Any  # IngressSettings (the Ingress's live settings)
     access: Any  # AccessControl
-
-    @cached_property
-    def _outputs(self) -> OutputStore:
-        return OutputStore(self.config.output_uri)
+    outputs: Any  # OutputStore of config.output_uri
+    writer: Any  # the OutputWriter's DeploymentHandle
 
     @cached_property
     def _style_names(self) -> list[str]:
@@ -100,7 +98,8 @@ class PlaygroundRoutes:
     @router.get("/v1/options")
     async def http_options(self) -> dict[str, Any]:
         """What this server offers: the request schema, size presets, limits, and whether API keys are required."""
-        config = self.config
+        config, settings = self.config, self.settings
+        writer = await self.writer.live_settings.remote()  # its user_config: a live setting of another deployment
         return {
             "request_schema": request_schema(),
             "default_scheduler": config.pipeline.default_scheduler.value,
@@ -109,8 +108,8 @@ class PlaygroundRoutes:
             "param_defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
             "choices": {"style": self._style_names},
             "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
-            "limits": {"max_image_bytes": config.max_image_bytes, "max_body_bytes": config.max_body_bytes,
-                       "inline_max_pixels": config.inline_max_pixels},
+            "limits": {"max_image_bytes": settings.max_image_bytes, "max_body_bytes": settings.max_body_bytes,
+                       "inline_max_pixels": writer["inline_max_pixels"]},
             "api_key_required": bool(self.access.enabled),
             # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
             "jobs": config.jobs is not None,
@@ -127,7 +126,7 @@ class PlaygroundRoutes:
         needed (request ids are random, but a URI may have been shared in logs)."""
         async def read() -> Response:
             key = self._output_key(uri)
-            data = await asyncio.to_thread(self._outputs.read_bytes, key)
+            data = await asyncio.to_thread(self.outputs.read_bytes, key)
             return Response(data, media_type=OUTPUT_TYPES[key.rsplit(".", 1)[1]],
                             headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
@@ -135,7 +134,7 @@ class PlaygroundRoutes:
         return await self._http(request, "outputs", read, action="jobs")
 
     def _output_key(self, uri: str) -> str:
-        base = self._outputs.base_uri + "/"
+        base = self.outputs.base_uri + "/"
         key = uri[len(base):] if uri.startswith(base) else ""
         parts = key.split("/")
         if not key or len(parts) < 3 or not OUTPUT_NAME.match(parts[-1]) or any(p in ("", ".", "..") for p in parts):

@@ -153,16 +153,20 @@ def replica_counts() -> dict[str, dict[str, int]]:
 
 
 def app_config(tiny_dir: str, output_dir: str, broker_url: str) -> Any:
-    from instantid_app.config import AppConfig
+    from instantid_app.config import JobsConfig, app_spec
     from k8s.render import app_entry, cpu_only, render_serve_config
 
-    args = app_entry(cpu_only(render_serve_config("gpu")))["args"]
-    args["weights"]["tiny_preset_dir"] = tiny_dir
-    args["output_uri"] = Path(output_dir).resolve().as_uri()
+    config = cpu_only(render_serve_config("gpu"))
+    app = app_entry(config)
+    app["args"]["weights"]["preset_dir"] = tiny_dir
+    app["args"]["output_uri"] = Path(output_dir).resolve().as_uri()
     # This run's own Redis, never whatever may listen on the default port (or an INSTANTID_BROKER_URL in the env).
-    args["jobs"] = {**args.get("jobs", {}), "broker_url": broker_url, "broker_url_env": None}
-    args["deployments"]["denoiser"]["autoscaling_config"] = dict(DENOISER_AUTOSCALING)
-    return AppConfig.model_validate(args)
+    app["args"]["jobs"] = {**app["args"].get("jobs", {}), "broker_url": broker_url, "broker_url_env": None}
+    (denoiser,) = [d for d in app["deployments"] if d["name"] == "Denoiser"]
+    denoiser["autoscaling_config"] = dict(DENOISER_AUTOSCALING)
+    for consumer in [d for d in app["deployments"] if d["name"] == "JobConsumer"]:  # its policy reads that Redis
+        consumer["autoscaling_config"]["policy"] = JobsConfig.model_validate(app["args"]["jobs"]).autoscaling_policy()
+    return app_spec(config)
 
 
 def wait_ready(url: str, deadline: float) -> None:
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app_from_spec
 
     facts: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -318,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         types = node_types()
         facts["nodes"] = dict(Counter(types.values()))
         config = app_config(args.tiny_dir, args.output_dir, args.broker_url)
-        facts["asked"] = {name: options.ray_actor_options.get("resources", {})
-                          for name, options in config.deployments}
+        facts["asked"] = {name: options["ray_actor_options"].get("resources", {})
+                          for name, options in config.stages()}
         # One proxy, on the head: every node of this cluster shares the machine's ports.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
+        serve.run(build_app_from_spec(config), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{args.port}"
         wait_ready(url, time.monotonic() + args.ready_timeout)
         timings["ready_s"] = round(time.monotonic() - t0, 1)

@@ -1,0 +1,286 @@
+"""As an operator runs it: `ray start --head` (cluster/local.py, its own --temp-dir and free ports on 127.0.0.1),
+`serve deploy serve_config.yaml`, edit the file, deploy again.
+
+serve_config.yaml is deployed with only what a 2-core test machine and a private temp dir need changed (ports, CPU
+shares, one replica per deployment, where the tiny preset and the outputs go); everything else is the file's.
+Run under the Ray lock: `flock /work/tools/ray.lock .venv/bin/python -m pytest -q tests/test_operator.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from deployments.demo import free_port
+from instantid_app.config import SERVE_CONFIG_PATH, app_entry
+
+pytestmark = pytest.mark.slow
+
+
+def _blank_png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(out, "PNG")
+    return out.getvalue()
+
+
+BLANK_PNG = _blank_png()  # no face in it: a 422 no_face
+
+# A driver in its own process (the test session may hold another Ray driver): the Denoiser's replica actors (id,
+# pid, state) and what the replica reports it runs with.
+DRIVER = """
+import json, sys, ray
+from ray import serve
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+actors = [{"actor_id": a.actor_id, "pid": a.pid} for a in list_actors(address=sys.argv[1],
+    filters=[("class_name", "=", "ServeReplica:instantid:Denoiser"), ("state", "=", "ALIVE")])]
+live = serve.get_deployment_handle("Denoiser", app_name="instantid").live_settings.remote().result(timeout_s=60)
+print(json.dumps({"actors": actors, "live": live, "metrics_ports": [n["MetricsExportPort"] for n in ray.nodes()
+                                                                   if n["Alive"]]}))
+"""
+
+
+@dataclass
+class Operator:
+    cluster: Any  # cluster.local.LocalCluster
+    config_path: Path
+    http_port: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def serve(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.cluster.env}
+        serve_cli = shutil.which("serve", path=str(Path(sys.executable).parent)) or shutil.which("serve") or "serve"
+        return subprocess.run([serve_cli, *args, "-a", self.cluster.dashboard_url],
+                              env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def deploy(self, config: dict[str, Any]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        done = self.serve("deploy", str(self.config_path))
+        assert done.returncode == 0, done.stderr
+
+    def app_status(self) -> dict[str, Any]:
+        details = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=30).json()
+        return details["applications"].get("instantid", {})
+
+    def wait_running(self, timeout_s: float = 240) -> dict[str, Any]:
+        deadline, status = time.monotonic() + timeout_s, {}
+        while time.monotonic() < deadline:
+            status = self.app_status()
+            if status.get("status") == "RUNNING":
+                return status
+            if status.get("status") == "DEPLOY_FAILED":
+                pytest.fail(f"deploy failed: {status.get('message')}")
+            time.sleep(1)
+        pytest.fail(f"instantid not RUNNING after {timeout_s}s: {status.get('status')} {status.get('message')}")
+
+    def facts(self) -> dict[str, Any]:
+        env = {**os.environ, **self.cluster.env}
+        done = subprocess.run([sys.executable, "-c", DRIVER, self.cluster.address], env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def operator_config(tiny_dir: Path, out_dir: Path, http_port: int, broker_url: str) -> dict[str, Any]:
+    """serve_config.yaml with the test machine's changes only (the jobs' Redis is the session's own)."""
+    from instantid_app.config import JobsConfig
+
+    config = yaml.safe_load(SERVE_CONFIG_PATH.read_text())
+    config["http_options"].update(host="127.0.0.1", port=http_port)
+    app = app_entry(config)
+    app["args"]["weights"]["preset_dir"] = str(tiny_dir)
+    app["args"]["output_uri"] = out_dir.as_uri()
+    app["args"]["jobs"].update(broker_url=broker_url, broker_url_env=None)
+    for entry in app["deployments"]:
+        entry["ray_actor_options"] = {**entry.get("ray_actor_options", {}), "num_cpus": 0.1}
+        entry["autoscaling_config"] = {**entry["autoscaling_config"], "min_replicas": 1, "max_replicas": 1}
+        if entry["name"] == "JobConsumer":  # the file's policy follows its jobs settings
+            entry["autoscaling_config"]["policy"] = JobsConfig.model_validate(app["args"]["jobs"]).autoscaling_policy()
+    return config
+
+
+def denoiser_entry(config: dict[str, Any]) -> dict[str, Any]:
+    (entry,) = [d for d in app_entry(config)["deployments"] if d["name"] == "Denoiser"]
+    return entry
+
+
+@pytest.fixture(scope="module")
+def operator(serve_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Operator]:
+    from cluster.local import NodeSpec, start_local_cluster
+
+    work = tmp_path_factory.mktemp("operator")
+    with start_local_cluster([NodeSpec("head", num_cpus=3)], dashboard=True, auth="disabled") as cluster:
+        op = Operator(cluster, work / "serve_config.yaml", free_port())
+        op.config = operator_config(serve_tiny_dir, work / "out", op.http_port, redis_url)
+        op.deploy(op.config)
+        op.wait_running()
+        yield op
+
+
+def test_a_redeploy_changes_max_replicas_and_max_batch_size_on_the_same_replicas(operator: Operator) -> None:
+    before = operator.facts()
+    assert len(before["actors"]) == 1 and before["live"]["max_batch_size"] == 4  # serve_config.yaml's
+    edited = copy.deepcopy(operator.config)
+    denoiser = denoiser_entry(edited)
+    denoiser["autoscaling_config"]["max_replicas"] = 3
+    denoiser["user_config"]["max_batch_size"] = 2
+    operator.deploy(edited)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = operator.wait_running()
+        config = status["deployments"]["Denoiser"]["deployment_config"]
+        after = operator.facts()
+        if config["autoscaling_config"]["max_replicas"] == 3 and after["live"]["max_batch_size"] == 2:
+            break
+        time.sleep(1)
+    assert config["autoscaling_config"]["max_replicas"] == 3 and config["user_config"]["max_batch_size"] == 2
+    # The same replica actor, the same process: reconfigured, not restarted (no SDXL reload on a GPU).
+    assert after["actors"] == before["actors"]
+    assert after["live"]["pid"] == before["live"]["pid"] and after["live"]["replica"] == before["live"]["replica"]
+    # ... and the new values are what Serve's batcher runs with.
+    assert after["live"]["max_batch_size"] == 2 and after["live"]["settings"]["max_batch_size"] == 2
+    operator.config = edited
+
+
+def test_a_job_runs_through_the_file_deployed_job_consumer_that_scales_on_its_queue(
+        operator: Operator, astronaut_bytes: bytes) -> None:
+    from instantid_app.config import JobsConfig
+    from tests.hostile_inputs import FAST, b64
+
+    status = operator.wait_running()
+    policy = status["deployments"]["JobConsumer"]["deployment_config"]["autoscaling_config"]["policy"]
+    jobs = JobsConfig.model_validate(app_entry(operator.config)["args"]["jobs"])
+    # Serve took the file's entry whole: the queue-length policy survived it, naming the variable, not a password.
+    assert policy["policy_function"] == jobs.autoscaling_policy()["policy_function"]
+    submitted = httpx.post(f"{operator.url}/v1/jobs", json={"face_image": b64(astronaut_bytes), "prompt": "job",
+                                                            **FAST}, timeout=60)
+    assert submitted.status_code == 202, submitted.text
+    deadline, job = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{operator.url}/v1/jobs/{submitted.json()['job_id']}", timeout=30).json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            break
+        time.sleep(0.5)
+    assert job["status"] == "done", job
+    assert all(f"/{job['job_id']}/" in uri for uri in job["result"]["images"])  # the job id names its outputs
+
+
+def scrape(ports: list[int]) -> str:
+    return "\n".join(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text for port in ports)
+
+
+def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics_port(
+        operator: Operator, astronaut_bytes: bytes) -> None:
+    from tests.hostile_inputs import FAST, b64
+    from tests.test_k8s import queried_metrics
+
+    body = {"face_image": b64(astronaut_bytes), "prompt": "metrics", **FAST}
+    for _ in range(2):  # a cache miss, then a hit
+        assert httpx.post(f"{operator.url}/v1/generate", json=body, timeout=120).status_code == 200
+    blank = base64.b64encode(BLANK_PNG).decode()
+    assert httpx.post(f"{operator.url}/v1/generate", json={**body, "face_image": blank}, timeout=120).status_code == 422
+    wanted = queried_metrics()
+    ports = operator.facts()["metrics_ports"]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:  # Ray's exporter flushes every few seconds
+        text = scrape(ports)
+        exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
+                    for line in text.splitlines() if line.startswith("ray_")}
+        if wanted <= exported and 'code="no_face"' in text:
+            break
+        time.sleep(2)
+    assert not wanted - exported, f"queried by the dashboard or the alerts but not exported: {wanted - exported}"
+    # Each stage's own series, tagged by Ray with the application and the deployment that recorded it.
+    for deployment in ("Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter"):
+        pattern = r'ray_instantid_stage_requests_total\{[^}]*deployment="' + deployment + '"'
+        assert re.search(pattern, text), deployment
+    assert re.search(r'ray_instantid_denoiser_batch_images_bucket\{[^}]*application="instantid"[^}]*'
+                     r'deployment="Denoiser"', text)
+    assert re.search(r'ray_instantid_stage_requests_total\{[^}]*code="no_face"[^}]*deployment="FaceAnalysis"', text)
+    assert re.search(r'ray_instantid_cache_lookups_total\{[^}]*deployment="FaceAnalysis"[^}]*result="hit"', text)
+    # ... and none on the public port.
+    assert httpx.get(f"{operator.url}/metrics", timeout=30).status_code == 404
+
+
+def test_a_callers_request_id_names_outputs_and_every_stages_json_logs_and_a_reuse_is_409(
+        operator: Operator, astronaut_bytes: bytes) -> None:
+    from tests.hostile_inputs import FAST, b64
+
+    body = {"face_image": b64(astronaut_bytes), "prompt": "request id", **FAST}
+    request_id = f"op-{uuid.uuid4().hex[:12]}"
+    first = httpx.post(f"{operator.url}/v1/generate", json=body, headers={"x-request-id": request_id}, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.headers["x-request-id"] == request_id and first.json()["request_id"] == request_id
+    assert all(f"/{request_id}/" in uri for uri in [*first.json()["images"], first.json()["metadata"]])
+    again = httpx.post(f"{operator.url}/v1/generate", json=body, headers={"x-request-id": request_id}, timeout=120)
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert error["code"] == "request_id_in_use" and request_id in error["message"] and error["field"] == "x-request-id"
+    unsafe = httpx.post(f"{operator.url}/v1/generate", json=body, headers={"x-request-id": "../../etc"}, timeout=120)
+    assert unsafe.status_code == 200 and unsafe.json()["request_id"] != "../../etc"  # an id of its own
+    # Every stage's JSON log lines carry it (Serve's request context passes the header's id to each replica).
+    deadline, seen = time.monotonic() + 30, set()
+    while time.monotonic() < deadline and len(seen) < 5:
+        for path in operator.cluster.root.rglob("logs/serve/replica_instantid_*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if request_id in line:
+                    record = json.loads(line)  # logging_config.encoding: JSON
+                    assert record["request_id"] == request_id
+                    seen.add(record["deployment"])
+        time.sleep(1)
+    assert seen == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter"}, seen
+
+
+def test_a_bad_user_config_fails_the_deploy_naming_the_field_and_keeps_serving(operator: Operator) -> None:
+    edited = copy.deepcopy(operator.config)
+    denoiser_entry(edited)["user_config"]["max_batch_size"] = 0
+    operator.deploy(edited)
+    deadline, status = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:
+        status = operator.app_status()
+        if status.get("status") == "DEPLOY_FAILED":
+            break
+        time.sleep(1)
+    assert status.get("status") == "DEPLOY_FAILED" and "max_batch_size" in status.get("message", "")
+    operator.deploy(operator.config)
+    operator.wait_running()
+
+
+def test_a_source_that_does_not_exist_fails_the_deploy_naming_it(operator: Operator, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-weights"
+    edited = copy.deepcopy(operator.config)
+    app_entry(edited)["args"]["weights"] = {"sources": {
+        "sdxl": str(missing / "sdxl"), "identitynet": str(missing / "InstantID/ControlNetModel"),
+        "adapter": str(missing / "InstantID/ip-adapter.bin"), "face_pack": str(missing / "antelopev2")}}
+    operator.deploy(edited)
+    deadline, status = time.monotonic() + 180, {}
+    while time.monotonic() < deadline:
+        status = operator.app_status()
+        if status.get("status") == "DEPLOY_FAILED":
+            break
+        time.sleep(1)
+    assert status.get("status") == "DEPLOY_FAILED", status
+    assert str(missing) in status["message"]  # the app status says which path; no tiny preset stood in
