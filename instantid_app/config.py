@@ -15,6 +15,7 @@ from instantid_core.config import ControlType, LoraEntry, ModelSources, Pipeline
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
 APP_NAME = "instantid"
+DEFAULT_TINY_DIR = "/tmp/instantid-tiny"
 
 
 class AccessConfig(BaseModel):
@@ -153,7 +154,8 @@ class WeightsConfig(BaseModel):
 
     preset: Literal["tiny"] | None = Field(
         None, description="`tiny`: random tiny models in the published layouts (written on first start, seconds).")
-    preset_dir: str = Field("/tmp/instantid-tiny", description="Where the tiny preset is written (with `preset`).")
+    preset_dir: str | None = Field(None, description="Where the tiny preset is written (with `preset`; default "
+                                   f"{DEFAULT_TINY_DIR}).")
     sources: ModelSources | None = Field(None, description="Where each part of the real weights lives.")
 
     @model_validator(mode="before")
@@ -172,9 +174,16 @@ class WeightsConfig(BaseModel):
         if not self.preset and self.sources is None:
             raise ValueError("weights: name the real weights (`sources: {sdxl: ..., ...}`; `sources: {}` is the "
                              "published Hugging Face repos) or ask for `preset: tiny`")
-        if not self.preset and "preset_dir" in self.model_fields_set:
+        # None when not given, so that the dump every replica re-validates (build_app passes args as a dict)
+        # carries no preset_dir beside real sources.
+        if not self.preset and self.preset_dir is not None:
             raise ValueError("weights.preset_dir is only read with `preset: tiny`")
         return self
+
+    @property
+    def tiny_dir(self) -> str:
+        """Where the tiny preset is written (with `preset: tiny`)."""
+        return self.preset_dir or DEFAULT_TINY_DIR
 
 
 class JobsConfig(BaseModel):

@@ -17,7 +17,7 @@ def resolve_app_weights(config: AppConfig) -> ResolvedWeights:
     missing or broken raises WeightsError naming the part and the path (the deploy fails; nothing stands in)."""
     weights, dtype = config.weights, config.pipeline.dtype
     if weights.preset == "tiny":
-        return resolve_sources(None, weights.preset_dir, config, dtype=dtype)
+        return resolve_sources(None, weights.tiny_dir, config, dtype=dtype)
     return resolve_sources(weights.sources, None, config, dtype=dtype)
 
 

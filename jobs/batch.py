@@ -457,7 +457,7 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
                  "denoise_resources": spec.options("Denoiser")["ray_actor_options"].get("resources", {})}
     if args.weights:
         return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline, **placement)
-    tiny = app.weights.preset_dir if app.weights.preset == "tiny" else None
+    tiny = app.weights.tiny_dir if app.weights.preset == "tiny" else None
     return BatchSettings(app.weights.sources or ModelSources(), tiny, app.pipeline, **placement)
 
 

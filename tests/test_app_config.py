@@ -56,6 +56,14 @@ def test_weights_are_the_preset_or_sources_never_both_and_never_by_default(weigh
         AppConfig.model_validate({})
 
 
+@pytest.mark.parametrize("weights", [TINY, {"preset": "tiny", "preset_dir": "/tmp/x"}, {"sources": {}}])
+def test_args_survive_the_dump_every_replica_validates_again(weights: dict) -> None:
+    config = AppConfig.model_validate({"weights": weights, "jobs": {}})
+    assert AppConfig.model_validate(config.model_dump(mode="json")) == config  # what build_app binds
+    if weights.get("preset"):
+        assert config.weights.tiny_dir == weights.get("preset_dir", "/tmp/instantid-tiny")
+
+
 def test_real_sources_never_touch_the_tiny_preset_and_a_missing_one_names_its_path(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     config = AppConfig.model_validate({"weights": {"sources": ModelSources.from_root(str(missing)).model_dump()}})
