@@ -85,6 +85,12 @@ class Operator:
         details = httpx.get(f"{self.cluster.dashboard_url}/api/serve/applications/", timeout=30).json()
         return details["applications"].get("instantid", {})
 
+    def failure_text(self, status: dict[str, Any]) -> str:
+        """What the app's status says went wrong: its message and each deployment's (Serve puts the replica's
+        error, e.g. a bad user_config field or a missing weights path, on the deployment)."""
+        return "\n".join([status.get("message", ""), *(d.get("message", "") for d in
+                                                          status.get("deployments", {}).values())])
+
     def wait_running(self, timeout_s: float = 240) -> dict[str, Any]:
         deadline, status = time.monotonic() + timeout_s, {}
         while time.monotonic() < deadline:
@@ -249,7 +255,7 @@ def test_a_callers_request_id_names_outputs_and_every_stages_json_logs_and_a_reu
                 if request_id in line:
                     record = json.loads(line)  # logging_config.encoding: JSON
                     assert record["request_id"] == request_id
-                    seen.add(record["deployment"])
+                    seen.add(record["deployment"].removeprefix("instantid_"))  # Ray logs it as app_deployment
         time.sleep(1)
     assert seen == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter"}, seen
 
@@ -264,7 +270,7 @@ def test_a_bad_user_config_fails_the_deploy_naming_the_field_and_keeps_serving(o
         if status.get("status") == "DEPLOY_FAILED":
             break
         time.sleep(1)
-    assert status.get("status") == "DEPLOY_FAILED" and "max_batch_size" in status.get("message", "")
+    assert status.get("status") == "DEPLOY_FAILED" and "max_batch_size" in operator.failure_text(status), status
     operator.deploy(operator.config)
     operator.wait_running()
 
@@ -283,4 +289,5 @@ def test_a_source_that_does_not_exist_fails_the_deploy_naming_it(operator: Opera
             break
         time.sleep(1)
     assert status.get("status") == "DEPLOY_FAILED", status
-    assert str(missing) in status["message"]  # the app status says which path; no tiny preset stood in
+    # The app status says which path (on the deployments whose replicas loaded it); no tiny preset stood in.
+    assert str(missing) in operator.failure_text(status), operator.failure_text(status)

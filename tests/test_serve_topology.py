@@ -80,8 +80,15 @@ def test_serve_config_yaml_is_an_appconfig_with_serve_build_structure():
     spec = validate_serve_config(config)
     for entry in app["deployments"]:
         bound = spec.options(entry["name"])
-        assert {k: v for k, v in bound.items() if k in entry and k != "autoscaling_config"} == \
-            {k: v for k, v in entry.items() if k not in ("name", "autoscaling_config")}
+        given = {k: v for k, v in entry.items() if k != "name"}
+        assert _within(given, bound), (entry["name"], given, bound)  # the bound options also fill in defaults
+
+
+def _within(given: object, bound: object) -> bool:
+    """Every key and value of `given` is in `bound` (mappings recursively; the bound side may have more keys)."""
+    if isinstance(given, dict):
+        return isinstance(bound, dict) and all(k in bound and _within(v, bound[k]) for k, v in given.items())
+    return given == bound
 
 
 def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
@@ -98,8 +105,8 @@ def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
     called = [d for d in built.deployments if d.name != "JobConsumer"]
     assert {d.backpressure_config.retry_after_s for d in called} == {config.ingress.retry_after_s}
     (consumer,) = [d for d in built.deployments if d.name == "JobConsumer"]
-    assert consumer.autoscaling_config.policy.policy_function == config.args.jobs.autoscaling_policy()[
-        "policy_function"]  # scales on the queue, whichever entry the file gives it
+    policy = consumer._deployment_config.autoscaling_config.policy  # scales on the queue, whatever the file's entry
+    assert policy.policy_function == config.args.jobs.autoscaling_policy()["policy_function"]
 
 
 def test_url_inputs_need_an_allow_list_of_hosts():
