@@ -308,7 +308,9 @@ def test_no_photo_bytes_remain_in_the_broker_or_the_store_once_jobs_end(served_a
         if key.startswith(b"instantid:job:"):
             assert 0 < client.ttl(key) <= served_app.config.args.jobs.status_ttl_s  # records expire
     s3 = boto3.client("s3")
-    for obj in s3.list_objects_v2(Bucket=served_app.bucket).get("Contents", []):
+    # Everything the app wrote (its output_uri); not the inputs other tests uploaded to the bucket on purpose.
+    written = served_app.config.args.output_uri.removeprefix(f"s3://{served_app.bucket}/").rstrip("/") + "/"
+    for obj in s3.list_objects_v2(Bucket=served_app.bucket, Prefix=written).get("Contents", []):
         data = s3.get_object(Bucket=served_app.bucket, Key=obj["Key"])["Body"].read()
         assert not any(needle in data for needle in needles), f"photo bytes left in {obj['Key']}"
 
