@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments import metrics
 from deployments.errors import install_error_handlers
 from instantid_core.errors import GPUMemoryError, NoFaceDetected
 
@@ -21,16 +20,14 @@ def _client() -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 
 
-def test_an_unexpected_exception_answers_a_json_500_naming_the_request_and_is_counted():
-    counter = metrics.REQUEST_ERRORS.labels(code="internal")
-    before = counter._value.get()
+def test_an_unexpected_exception_answers_a_json_500_naming_the_request():
+    # Counting it is the Ingress's (IngressMetrics on Ray's metrics port, by route and status), not the handler's.
     response = _client().get("/boom")
     assert response.status_code == 500
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
     assert error["code"] == "internal" and "internal error in request " in error["message"]
     assert "ZeroDivisionError" not in response.text and "a bug" not in response.text  # no internals
-    assert counter._value.get() == before + 1
 
 
 def test_unknown_routes_and_methods_answer_json():

@@ -227,6 +227,9 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics
                      r'deployment="Denoiser"', text)
     assert re.search(r'ray_instantid_stage_requests_total\{[^}]*code="no_face"[^}]*deployment="FaceAnalysis"', text)
     assert re.search(r'ray_instantid_cache_lookups_total\{[^}]*deployment="FaceAnalysis"[^}]*result="hit"', text)
+    # The Ingress counts each HTTP answer by route and status (the no-face 422 above among them).
+    assert any(line.startswith("ray_instantid_http_requests_total{") and 'code="422"' in line
+               and 'route="generate"' in line for line in text.splitlines())
     # ... and none on the public port.
     assert httpx.get(f"{operator.url}/metrics", timeout=30).status_code == 404
 
