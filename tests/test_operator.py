@@ -210,18 +210,20 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics
     assert httpx.post(f"{operator.url}/v1/generate", json={**body, "face_image": blank}, timeout=120).status_code == 422
     wanted = queried_metrics()
     ports = operator.facts()["metrics_ports"]
+    # Each stage's own series, tagged by Ray with the application and the deployment that recorded it.
+    stage_series = {deployment: r'ray_instantid_stage_requests_total\{[^}]*deployment="' + deployment + '"'
+                    for deployment in ("Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter")}
     deadline, text = time.monotonic() + 90, ""
-    while time.monotonic() < deadline:  # Ray's exporter flushes every few seconds
+    while time.monotonic() < deadline:  # each worker's exporter flushes on its own clock, every few seconds
         text = scrape(ports)
         exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
                     for line in text.splitlines() if line.startswith("ray_")}
-        if wanted <= exported and 'code="no_face"' in text:
+        if (wanted <= exported and 'code="no_face"' in text
+                and all(re.search(pattern, text) for pattern in stage_series.values())):
             break
         time.sleep(2)
     assert not wanted - exported, f"queried by the dashboard or the alerts but not exported: {wanted - exported}"
-    # Each stage's own series, tagged by Ray with the application and the deployment that recorded it.
-    for deployment in ("Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter"):
-        pattern = r'ray_instantid_stage_requests_total\{[^}]*deployment="' + deployment + '"'
+    for deployment, pattern in stage_series.items():
         assert re.search(pattern, text), deployment
     assert re.search(r'ray_instantid_denoiser_batch_images_bucket\{[^}]*application="instantid"[^}]*'
                      r'deployment="Denoiser"', text)
