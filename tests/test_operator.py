@@ -265,16 +265,22 @@ def test_a_callers_request_id_names_outputs_and_every_stages_json_logs_and_a_reu
     assert seen == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter"}, seen
 
 
-def test_a_bad_user_config_fails_the_deploy_naming_the_field_and_keeps_serving(operator: Operator) -> None:
-    edited = copy.deepcopy(operator.config)
-    denoiser_entry(edited)["user_config"]["max_batch_size"] = 0
-    operator.deploy(edited)
-    deadline, status = time.monotonic() + 120, {}
+def wait_deploy_failed(operator: Operator, timeout_s: float) -> dict:
+    """The app's status once it is DEPLOY_FAILED, or the last one seen when `timeout_s` ran out."""
+    deadline, status = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
         status = operator.app_status()
         if status.get("status") == "DEPLOY_FAILED":
             break
         time.sleep(1)
+    return status
+
+
+def test_a_bad_user_config_fails_the_deploy_naming_the_field_and_keeps_serving(operator: Operator) -> None:
+    edited = copy.deepcopy(operator.config)
+    denoiser_entry(edited)["user_config"]["max_batch_size"] = 0
+    operator.deploy(edited)
+    status = wait_deploy_failed(operator, 120)
     assert status.get("status") == "DEPLOY_FAILED" and "max_batch_size" in operator.failure_text(status), status
     operator.deploy(operator.config)
     operator.wait_running()
@@ -287,12 +293,7 @@ def test_a_source_that_does_not_exist_fails_the_deploy_naming_it(operator: Opera
         "sdxl": str(missing / "sdxl"), "identitynet": str(missing / "InstantID/ControlNetModel"),
         "adapter": str(missing / "InstantID/ip-adapter.bin"), "face_pack": str(missing / "antelopev2")}}
     operator.deploy(edited)
-    deadline, status = time.monotonic() + 180, {}
-    while time.monotonic() < deadline:
-        status = operator.app_status()
-        if status.get("status") == "DEPLOY_FAILED":
-            break
-        time.sleep(1)
+    status = wait_deploy_failed(operator, 180)
     assert status.get("status") == "DEPLOY_FAILED", status
     # The app status says which path (on the deployments whose replicas loaded it); no tiny preset stood in.
     assert str(missing) in operator.failure_text(status), operator.failure_text(status)
