@@ -82,9 +82,8 @@ def weight_variant(dtype: str) -> str | None:
     return FP16 if dtype in HALF_DTYPES else None
 
 
-def _sdxl_patterns(variant: str | None) -> list[str]:
-    if variant is None:
-        return FETCH_PATTERNS["sdxl"]
+def _sdxl_patterns(variant: str) -> list[str]:
+    """SDXL's FETCH_PATTERNS with each model's `variant` weight files in place of the full-precision ones."""
     return [*(p for p in FETCH_PATTERNS["sdxl"] if p.split("/")[0] not in _SDXL_MODELS),
             *(f"{model}/{name}" for model, names in _SDXL_MODELS.items()
               for name in ["config.json", *(n for n in names if f".{variant}." in n)])]
@@ -349,7 +348,7 @@ def resolve_weights(
 
             s3_client = make_s3_client()
         variant = weight_variant(dtype) if part == "sdxl" else None
-        patterns = _sdxl_patterns(variant) if part == "sdxl" else FETCH_PATTERNS[part]
+        patterns = _sdxl_patterns(variant) if variant else FETCH_PATTERNS[part]
         path, revisions[part], count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client,
                                               patterns=patterns)
         downloaded += count
