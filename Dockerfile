@@ -34,14 +34,14 @@ WORKDIR /app
 # install into the same module folder: drop the CPU one and reinstall the GPU one so its CUDA provider is the one
 # that remains.
 COPY pyproject.toml README.md ./
-RUN mkdir -p instantid_core instantid_app instantid_cli deployments jobs \
+RUN mkdir -p instantid_core instantid_app instantid_cli deployments batch \
     && touch instantid_core/__init__.py instantid_app/__init__.py instantid_cli/__init__.py deployments/__init__.py \
-       jobs/__init__.py \
+       batch/__init__.py \
     && pip install --upgrade pip \
     && pip install ".[gpu]" \
     && pip uninstall -y instantid-serve onnxruntime \
     && pip install --force-reinstall --no-deps "$(grep -o 'onnxruntime-gpu==[0-9.]*' pyproject.toml)" \
-    && rm -rf instantid_core instantid_app instantid_cli deployments jobs
+    && rm -rf instantid_core instantid_app instantid_cli deployments batch
 
 COPY --chown=ray:ray . .
 RUN pip install --no-deps . \

@@ -1,4 +1,4 @@
-"""Batch job benchmark (issue 6): images/s of `jobs.batch` on the tiny preset with 1 vs 2 local worker nodes, and
+"""Batch job benchmark (issue 6): images/s of `batch.job` on the tiny preset with 1 vs 2 local worker nodes, and
 the time to resume a job killed mid-way.
 
     python bench/batch.py                          # 24 images x 2 prompts, 64x64, 2 steps; prints a table

@@ -20,7 +20,7 @@ from instantid_app.config import JOB_CONSUMER, AppConfig, AppSpec
 from .denoiser import Denoiser
 from .face import FaceAnalysis
 from .ingress import Ingress
-from .job_consumer import job_consumer_class
+from .jobs.consumer import job_consumer_class
 from .prompt import PromptEncoderDeployment
 from .writer import OutputWriter
 

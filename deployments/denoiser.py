@@ -39,7 +39,7 @@ from instantid_core.memory import run_splitting
 from instantid_core.pipeline import denoise_request
 
 from .errors import JobCancelled
-from .job_store import JobStore
+from .jobs.store import JobStore
 from .metrics import DenoiserMetrics, StageMetrics
 from .schemas import DenoiseResult, FaceResult, PromptResult
 

@@ -44,7 +44,7 @@ from .errors import (
     internal_error_response,
 )
 from .inputs import InputReader
-from .jobs_api import JobsAPI
+from .jobs.api import JobsAPI
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
 
 logger = logging.getLogger("ray.serve")

@@ -227,7 +227,7 @@ class JobsConfig(BaseModel):
     def autoscaling_policy(self) -> dict[str, Any]:
         """The JobConsumer's `autoscaling_config.policy`: replicas from queued plus running jobs. It names the
         environment variable, never the resolved URL, so no Redis password lands in Serve's stored config."""
-        return {"policy_function": "deployments.job_queue:JobQueuePolicy",
+        return {"policy_function": "deployments.jobs.task_queue:JobQueuePolicy",
                 "policy_kwargs": {"queue_name": self.queue_name, "broker_url": self.broker_url,
                                   "broker_url_env": self.broker_url_env,
                                   "poll_interval_s": self.queue_poll_interval_s}}

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output prefix: a folder, file:// or s3:// URI")
     gen.set_defaults(func=_generate)
 
-    from jobs.batch import add_batch_arguments, run_from_args
+    from batch.job import add_batch_arguments, run_from_args
 
     batch = commands.add_parser("batch", help="every photo x every prompt over an image set (Ray Data)")
     add_batch_arguments(batch)

@@ -22,7 +22,7 @@ from instantid_cli import main as cli_main
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
 from instantid_core.storage import OutputStore
-from jobs.batch import BatchSettings, list_inputs, load_prompts, pair_id, run_batch
+from batch.job import BatchSettings, list_inputs, load_prompts, pair_id, run_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"steps": 2, "width": 64, "height": 64}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
-from jobs.batch import BatchSettings, load_prompts, run_batch
+from batch.job import BatchSettings, load_prompts, run_batch
 
 
 def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronaut_bytes, serve_tiny_dir,

@@ -578,7 +578,7 @@ def test_batch_rayjob_runs_instantid_batch_on_its_own_cluster_and_cleans_up() ->
               for m in c["volumeMounts"]}
     assert str(parsed.config).startswith("/etc/instantid/") and "/etc/instantid" in mounts
     assert yaml.safe_load(configmap["data"][Path(parsed.config).name]) == render.render_serve_config("gpu")
-    from jobs.batch import load_prompts
+    from batch.job import load_prompts
 
     prompts = Path(render.K8S_DIR / "batch" / Path(parsed.prompts).name)
     assert configmap["data"][prompts.name] == prompts.read_text() and load_prompts(prompts)

@@ -19,10 +19,10 @@ from instantid_app.config import AppConfig
 from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import draw_seed
 
-from .errors import JobNotFound, JobsDisabled
-from .job_queue import TASK_NAME, task_processor_config
-from .job_store import JobStore
-from .schemas import JobRequest, JobStatus
+from ..errors import JobNotFound, JobsDisabled
+from .task_queue import TASK_NAME, task_processor_config
+from .store import JobStore
+from ..schemas import JobRequest, JobStatus
 from .webhooks import check_webhook_url
 
 

@@ -20,8 +20,8 @@ import httpx
 
 from instantid_core.errors import InvalidParameter
 
-from .errors import WebhookNotAllowed
-from .schemas import JobStatus, WebhookDelivery
+from ..errors import WebhookNotAllowed
+from ..schemas import JobStatus, WebhookDelivery
 
 logger = logging.getLogger("ray.serve")
 SIGNATURE_HEADER = "X-InstantID-Signature"

@@ -22,10 +22,10 @@ from instantid_app.config import AppConfig
 from instantid_core.errors import InstantIDError
 
 from . import webhooks
-from .errors import JobCancelled, http_status
-from .job_queue import TASK_NAME, task_processor_config
-from .job_store import TERMINAL, Change, JobStore
-from .schemas import ErrorDetail, GenerateRequest, JobStatus
+from ..errors import JobCancelled, http_status
+from .task_queue import TASK_NAME, task_processor_config
+from .store import TERMINAL, Change, JobStore
+from ..schemas import ErrorDetail, GenerateRequest, JobStatus
 
 logger = logging.getLogger("ray.serve")
 INGRESS_DEPLOYMENT = "Ingress"

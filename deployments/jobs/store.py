@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import redis
 
-from .schemas import JobProgress, JobStatus
+from ..schemas import JobProgress, JobStatus
 
 TERMINAL = ("done", "failed", "cancelled")
 Change = tuple[JobStatus, dict[str, str]]
