@@ -36,7 +36,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python k8s/render.py` from anywhere: deployments/ is importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from instantid_app.config import APP_NAME, SERVE_CONFIG_PATH, AppSpec, app_entry, app_spec, validate_serve_config
+# After the sys.path line above (E402).
+from instantid_app.config import (  # noqa: E402, I001
+    APP_NAME,
+    SERVE_CONFIG_PATH,
+    AppSpec,
+    app_entry,
+    app_spec,
+    validate_serve_config,
+)
 
 K8S_DIR = REPO_ROOT / "k8s"
 OVERLAYS = ("base", "gpu", "batch")  # folders with a serve config of their own; cpu-demo uses base's
