@@ -9,6 +9,13 @@
 - `compile`: `torch.compile(dynamic=False)` of the whole per-step function (IdentityNet, residual masking, UNet) as
   one graph; modes with CUDA graphs (`reduce-overhead`, `max-autotune`) run every call on one dedicated thread,
   because inductor keeps CUDA graph trees per thread. `compile_vae` does the same for the VAE decode.
+- `compile_regional`: `torch.compile` of each repeated transformer block of UNet and IdentityNet instead of the whole
+  step (diffusers' `compile_repeated_blocks`, also applied to IdentityNet): one graph per block shape, so it compiles
+  in a fraction of the whole step's time. Not with `compile` (that compiles the step around the same blocks).
+- `inductor_tuning`: the inductor settings diffusion-fast uses (1x1 convs as matmuls, coordinate-descent tuning, no
+  epilogue fusion); process-wide, set with the compile state.
+- `fp8`: FP8 Linear layers in the UNet's and IdentityNet's transformer blocks (`fp8.py`; Ada/Hopper; a device
+  without FP8 raises `fp8.FP8Unavailable` at construction). `fp8_backend` "emulated" checks the numerics anywhere.
 - `compile_cache_dir`: inductor's on-disk cache (FX graphs, autotuning) plus a mega-cache file, so a restarted
   replica re-traces but does not recompile.
 
@@ -33,6 +40,8 @@ import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import nn
+
+from . import fp8 as fp8_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import PipelineSettings
@@ -65,6 +74,10 @@ class AccelSettings:
     compile_vae: bool = False
     compile_cache_dir: str | None = None
     cudnn_benchmark: bool = False  # process-wide flag: let cuDNN time its conv algorithms per shape
+    compile_regional: bool = False  # compile each repeated transformer block, not the whole step
+    inductor_tuning: bool = False  # diffusion-fast's inductor settings (process-wide)
+    fp8: bool = False  # FP8 Linear layers in UNet + IdentityNet transformer blocks
+    fp8_backend: fp8_layers.FP8Backend = "auto"  # "emulated": same rounding without an FP8 kernel (tests, CPU)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings, **overrides) -> AccelSettings:
@@ -73,7 +86,7 @@ class AccelSettings:
 
     @property
     def any_compile(self) -> bool:
-        return self.compile or self.compile_vae
+        return self.compile or self.compile_vae or self.compile_regional
 
     def uses_cudagraphs(self, device: torch.device) -> bool:
         return (device.type == "cuda" and self.any_compile and self.compile_backend == "inductor"
@@ -89,6 +102,14 @@ class AccelSettings:
         if self.fuse_qkv and lora:
             # The LCM-LoRA wraps to_q/to_k/to_v; fused projections would silently bypass it.
             raise ValueError("fuse_qkv cannot be combined with an LCM-LoRA (lcm_lora); turn one of them off")
+        if self.compile and self.compile_regional:
+            raise ValueError("compile (the whole step) and compile_regional (its blocks) exclude each other; "
+                             "turn one of them off")
+        if self.fp8:
+            if lora:
+                # LoRAs (peft) wrap nn.Linear; an FP8 layer would silently drop their update.
+                raise ValueError("fp8 cannot be combined with LoRAs (lcm_lora, loras); turn one of them off")
+            fp8_layers.resolve_backend(device, self.fp8_backend)  # FP8Unavailable names what the device lacks
 
     def describe(self) -> str:
         on = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
@@ -158,6 +179,50 @@ def sdpa_context(backend: SdpaBackend) -> contextlib.AbstractContextManager:
     return torch.nn.attention.sdpa_kernel(SDPA_BACKENDS[backend])
 
 
+# --- model switches: FP8 layers, regional compile ----------------------------------------------------------------
+REPEATED_BLOCKS = ("BasicTransformerBlock",)  # diffusers' UNet2DConditionModel._repeated_blocks; IdentityNet too
+DIFFUSION_FAST_INDUCTOR = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
+                               coordinate_descent_check_all_directions=True)
+
+
+def apply_model_switches(unet: nn.Module, identitynet: nn.Module, accel: AccelSettings,
+                         device: torch.device) -> dict[str, int]:
+    """FP8 layers and regional compile on the loaded, placed UNet and IdentityNet; returns what changed per switch.
+
+    Once per model: a second call (e.g. a subclass that also calls it) changes nothing. FP8 first, so the compiled
+    blocks trace the FP8 layers (their quantisation then fuses into the surrounding kernels).
+    """
+    done = {"fp8_linears": 0, "compiled_blocks": 0}
+    for model in (unet, identitynet):
+        if getattr(model, "_instantid_switches", False):
+            continue
+        if accel.fp8:
+            done["fp8_linears"] += fp8_layers.convert_linears(model, fp8_layers.resolve_backend(device,
+                                                                                                 accel.fp8_backend))
+        if accel.compile_regional:
+            done["compiled_blocks"] += compile_regions(model, accel)
+        model._instantid_switches = True
+    return done
+
+
+def compile_regions(model: nn.Module, accel: AccelSettings) -> int:
+    """`torch.compile` every repeated block of `model` in place (regional compilation); returns how many.
+
+    Blocks of one class share their code, so blocks of one shape share one compiled graph (dynamo treats the
+    parameters as inputs): compile time grows with the number of block shapes, not of blocks.
+    """
+    names = set(REPEATED_BLOCKS) | set(getattr(model, "_repeated_blocks", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"compile_regional: {type(model).__name__} has none of {sorted(names)}")
+    options = dict(fullgraph=accel.compile_fullgraph, dynamic=False, backend=accel.compile_backend)
+    if accel.compile_backend == "inductor":
+        options["mode"] = accel.compile_mode
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
 # --- compile + persistent cache --------------------------------------------------------------------------------
 def configure_compile(accel: AccelSettings, shapes: int) -> None:
     """Process-wide compile state, set once by the denoiser's constructor (announced in the log).
@@ -170,13 +235,21 @@ def configure_compile(accel: AccelSettings, shapes: int) -> None:
         cache.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")  # read by inductor at first compile
         load_mega_cache(cache)
+    if accel.inductor_tuning:
+        import torch._inductor.config as inductor_config  # not loaded by `import torch` alone
+
+        for name, value in DIFFUSION_FAST_INDUCTOR.items():
+            setattr(inductor_config, name, value)
+    if accel.compile_regional:
+        shapes *= 8  # one graph per block shape: several levels and encoder lengths (UNet 77+16, IdentityNet 16)
     dynamo = torch._dynamo.config
     limit = max(dynamo.recompile_limit, shapes + 8)
     dynamo.recompile_limit = limit
     if hasattr(dynamo, "accumulated_recompile_limit"):
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
-    log.info("torch.compile: mode=%s fullgraph=%s backend=%s cache=%s recompile_limit=%d", accel.compile_mode,
-             accel.compile_fullgraph, accel.compile_backend, accel.compile_cache_dir, limit)
+    log.info("torch.compile: mode=%s fullgraph=%s backend=%s regional=%s inductor_tuning=%s cache=%s "
+             "recompile_limit=%d", accel.compile_mode, accel.compile_fullgraph, accel.compile_backend,
+             accel.compile_regional, accel.inductor_tuning, accel.compile_cache_dir, limit)
 
 
 def compile_fn(fn: Callable, accel: AccelSettings) -> Callable:

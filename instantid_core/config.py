@@ -212,6 +212,14 @@ class PipelineSettings(BaseModel):
     compile: bool = Field(False, description="torch.compile the UNet+IdentityNet step (GPU).")
     compile_mode: str = Field("max-autotune-no-cudagraphs", description="torch.compile mode when `compile` is on.")
     compile_cache_dir: str | None = Field(None, description="Persistent inductor cache so restarts skip compiling.")
+    compile_regional: bool = Field(False, description="torch.compile each repeated transformer block of UNet and "
+                                   "IdentityNet instead of the whole step (compiles in a fraction of the time); not "
+                                   "with `compile`.")
+    inductor_tuning: bool = Field(False, description="diffusion-fast's inductor settings for compiled code (1x1 "
+                                  "convs as matmuls, coordinate-descent tuning); process-wide.")
+    fp8: bool = Field(False, description="FP8 (e4m3, dynamic per-tensor scales) Linear layers in the UNet's and "
+                      "IdentityNet's transformer blocks; needs a GPU of compute capability >= 8.9 (Ada, Hopper), "
+                      "else the denoiser refuses to start (FP8Unavailable). Not with LoRAs.")
     warmup_sizes: list[tuple[int, int]] = Field(
         default_factory=list, description="(width, height) pairs a GPU denoiser compiles before it reports ready."
     )
