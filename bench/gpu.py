@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -81,6 +83,7 @@ class BenchConfig:
 
 OURS = dict(channels_last=True, fuse_qkv=True, cudnn_benchmark=True, compile=True, compile_mode="max-autotune",
             compile_vae=True)
+REGIONAL = dict(compile_regional=True, inductor_tuning=True, compile_mode="default")
 CONFIGS = [
     BenchConfig("baseline", note="fp16, eager, default SDPA, separate IdentityNet/UNet modules"),
     BenchConfig("fp32_reference", "float32", candidate=False, note="reference for the output check only"),
@@ -99,6 +102,14 @@ CONFIGS = [
     BenchConfig("compile_vae", accel=dict(compile_vae=True, compile_mode="max-autotune-no-cudagraphs")),
     BenchConfig("ours_fp16", "float16", accel=OURS, note="channels_last + fused QKV + compile (CUDA graphs) + VAE"),
     BenchConfig("ours_bf16", "bfloat16", accel=OURS, note="as ours_fp16, in bf16"),
+    # Issue 22: regional compile (each transformer block, diffusion-fast's inductor settings) and FP8 Linear layers.
+    BenchConfig("compile_regional", accel=REGIONAL, note="torch.compile of each transformer block + diffusion-fast "
+                "inductor settings"),
+    BenchConfig("fp8_regional", accel=REGIONAL | dict(fp8=True), note="FP8 Linear layers (torch._scaled_mm) in "
+                "UNet + IdentityNet transformer blocks, regional compile"),
+    BenchConfig("fp8_eager", accel=dict(fp8=True), note="FP8 Linear layers, eager (quantisation unfused)"),
+    BenchConfig("regional_cudagraphs", accel=REGIONAL | dict(compile_mode="reduce-overhead"), needs_cuda=True,
+                note="regional compile with CUDA graphs"),
 ]
 CONFIG_NAMES = [config.name for config in CONFIGS]
 
@@ -119,6 +130,11 @@ class Plan:
     psnr_min: float
     workdir: str
     prompt_file: str
+    fp8_backend: str = "auto"  # "emulated" off CUDA: the FP8 rows then check numerics, not speed
+    check_steps: int = 0  # > 0: the output check of `run_config` (batch 1, this many steps, vs the baseline)
+    check_factor: float = 16.0  # allowed latent difference: this x the unit roundoff of the lower precision
+    rows_file: str | None = None  # JSON lines file each finished row is appended to (bench/lease_rows.py)
+    row_tags: dict = field(default_factory=dict)  # fields every appended row carries (run, device, versions)
 
 
 def build_plan(args: argparse.Namespace, workdir: Path) -> Plan:
@@ -145,7 +161,17 @@ def build_plan(args: argparse.Namespace, workdir: Path) -> Plan:
         steps=args.steps or steps, batches=args.batches or ([1, 2] if args.quick else [1, 2, 4]),
         repeats=args.repeats or (2 if args.quick else 5), warm_calls=1 if args.quick else 2, compile_backend=backend,
         psnr_min=args.psnr_min, workdir=str(workdir), prompt_file=str(workdir / "prompt.npz"),
+        fp8_backend=getattr(args, "fp8_backend", None) or ("auto" if is_cuda(device) else "emulated"),
     )
+
+
+def published_configs():
+    """bench/sdxl_configs.py, whether this file runs as `python -m bench.gpu` or as `python bench/gpu.py`."""
+    try:
+        from bench import sdxl_configs
+    except ImportError:  # run as a script: bench/ itself is on sys.path, its parent is not
+        import sdxl_configs
+    return sdxl_configs
 
 
 def model_paths(root: str) -> tuple[Path, Path, Path]:
@@ -162,11 +188,11 @@ def write_random_sdxl(root: Path, device: str, shrunk: bool = False, seed: int =
     `shrunk`: the same depths at tiny widths (`sdxl_configs.SHRUNK`), to check this writer on a CPU."""
     if (root / ".complete").exists():
         return root
-    import sdxl_configs as published
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from instantid_core.tiny import write_tiny_tokenizer
 
+    published = published_configs()
     arch = published.SHRUNK if shrunk else published.PUBLISHED
     print(f"writing {'shrunk' if shrunk else 'full-size'} random models to {root} (once) ...", flush=True)
     shutil.rmtree(root, ignore_errors=True)
@@ -241,11 +267,18 @@ class Clock:
 
 def timed_denoiser_class():
     """IdentityDenoiser that also times its denoising loop and its VAE decode (measurement only)."""
+    from instantid_core.accel import apply_model_switches
     from instantid_core.denoise import IdentityDenoiser
 
     class TimedDenoiser(IdentityDenoiser):
-        clock: Clock
+        clock = Clock("cpu")  # replaced per run; this one serves calls made inside the constructor (warm-up)
         finite = True
+        last_latents: torch.Tensor | None = None
+
+        def apply_accel(self) -> None:
+            super().apply_accel()
+            # FP8 and regional compile; a no-op where the product's apply_accel already made this call.
+            self.switches = apply_model_switches(self.unet, self.identitynet, self.accel, self.device)
 
         def denoise(self, latents, cond, scheduler, generators, *args, **kwargs):
             with self.clock.span("loop"):
@@ -253,6 +286,7 @@ def timed_denoiser_class():
 
         def decode(self, latents):
             self.finite = bool(torch.isfinite(latents).all())
+            self.last_latents = latents.detach()  # the output check compares these (a view, copied only then)
             with self.clock.span("decode"):
                 return super().decode(latents)
 
@@ -329,8 +363,15 @@ def count_flops(denoiser, prompt, width: int, height: int) -> dict:
 
 
 # --- one configuration ------------------------------------------------------------------------------------------
-def run_config(config: BenchConfig, plan: Plan, count: bool) -> dict:
-    """Load the product denoiser with this configuration, time every batch size, save its images."""
+def compiles(accel: dict) -> bool:
+    return bool(accel.get("compile") or accel.get("compile_vae") or accel.get("compile_regional"))
+
+
+def run_config(config: BenchConfig, plan: Plan, count: bool, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Load the product denoiser with this configuration, time every batch size, save its images.
+
+    `on_row` gets each row the moment its batch size is done (failed ones with the full traceback), so a process
+    killed later keeps what it finished. With `plan.check_steps` the output check runs first (`output_check`)."""
     from instantid_core.accel import AccelSettings
     from instantid_core.config import PipelineSettings, Scheduler
     from instantid_core.denoise import BatchKey
@@ -340,9 +381,13 @@ def run_config(config: BenchConfig, plan: Plan, count: bool) -> dict:
     if config.needs_cuda and not is_cuda(plan.device):
         for batch in plan.batches:
             rows.append(base_row(config, plan, batch) | dict(status="skipped", reason="needs a CUDA device"))
+            if on_row:
+                on_row(rows[-1])
         return result
     accel = dict(config.accel)
-    if accel.get("compile") or accel.get("compile_vae"):
+    if accel.get("fp8"):
+        accel["fp8_backend"] = plan.fp8_backend
+    if compiles(accel):
         accel.update(compile_backend=plan.compile_backend,
                      compile_cache_dir=str(Path(plan.workdir) / f"compile-cache-{config.name}"))  # empty: cold compile
     prompt = load_prompt(plan.prompt_file)
@@ -364,8 +409,10 @@ def run_config(config: BenchConfig, plan: Plan, count: bool) -> dict:
         load_s = time.perf_counter() - started
         if count:
             result["flops"] = count_flops(denoiser, prompt, plan.width, plan.height)
+        check = output_check(denoiser, config, plan, prompt) if plan.check_steps else {}
         for batch in plan.batches:
-            row = base_row(config, plan, batch) | dict(load_s=load_s)
+            row = base_row(config, plan, batch) | dict(load_s=load_s, switches=getattr(denoiser, "switches", None))
+            row |= check
             requests = make_requests(prompt, batch, plan.width, plan.height)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -393,10 +440,16 @@ def run_config(config: BenchConfig, plan: Plan, count: bool) -> dict:
             )
             images[f"b{batch}"] = outputs[0]
             rows.append(row)
+            if on_row:
+                on_row(row)
     except Exception as exc:  # a configuration that fails is a row that says why, not a dead benchmark
         reason = f"{type(exc).__name__}: {exc}".strip()[:400]
         done = {row["batch"] for row in rows}
-        rows += [base_row(config, plan, b) | dict(status="error", reason=reason) for b in plan.batches if b not in done]
+        failed = [base_row(config, plan, b) | dict(status="error", reason=reason, error=traceback.format_exc())
+                  for b in plan.batches if b not in done]
+        rows += failed
+        for row in failed if on_row else []:
+            on_row(row)
     finally:
         if denoiser is not None:
             denoiser.close()
@@ -416,7 +469,9 @@ def run_config(config: BenchConfig, plan: Plan, count: bool) -> dict:
 
 def base_row(config: BenchConfig, plan: Plan, batch: int) -> dict:
     accel = {k: v for k, v in config.accel.items()}
-    if accel.get("compile") or accel.get("compile_vae"):
+    if accel.get("fp8"):
+        accel["fp8_backend"] = plan.fp8_backend
+    if compiles(accel):
         accel["compile_backend"] = plan.compile_backend
     return dict(config=config.name, batch=batch, dtype=config.dtype, accel=accel, candidate=config.candidate,
                 note=config.note, status="pending", reason=None)
@@ -427,14 +482,74 @@ def run_isolated(config: BenchConfig, plan: Plan, count: bool) -> dict:
     plan_file = Path(plan.workdir) / f"plan-{config.name}.json"
     out_file = Path(plan.workdir) / f"result-{config.name}.json"
     plan_file.write_text(json.dumps(asdict(plan)))
-    command = [sys.executable, str(Path(__file__).resolve()), "--_child", config.name, "--_plan", str(plan_file),
+    command = [sys.executable, "-m", "bench.gpu", "--_child", config.name, "--_plan", str(plan_file),
                "--_out", str(out_file)] + (["--_count"] if count else [])
-    proc = subprocess.run(command, text=True, capture_output=True)
+    proc = subprocess.run(command, text=True, capture_output=True, cwd=REPO)
     if proc.returncode == 0 and out_file.exists():
         return json.loads(out_file.read_text())
     reason = f"subprocess exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}"
     rows = [base_row(config, plan, b) | dict(status="error", reason=reason) for b in plan.batches]
     return dict(config=config.name, rows=rows, flops=None)
+
+
+# --- output check against the baseline at the same seed (issue 22) ---------------------------------------------
+# Unit roundoff of each precision: the relative error of one rounding. FP8 is e4m3 (3 mantissa bits).
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8, "fp8": 2.0**-4}
+BASELINE = "baseline"
+# Whatever the precision, latents further than this from the baseline's are another image: all zeros is 1.0, an
+# unrelated sample of the same spread about 1.4.
+MAX_REL_RMS = 0.25
+
+
+def precision_of(config: BenchConfig) -> str:
+    return "fp8" if config.accel.get("fp8") else config.dtype
+
+
+def output_check(denoiser, config: BenchConfig, plan: Plan, prompt) -> dict:
+    """One batch-1 call of `plan.check_steps` steps (a short schedule that ends at sigma 0, so the final latents are
+    the model's own prediction, not the shared starting noise), saved, and compared with the baseline's."""
+    from instantid_core.config import Scheduler
+    from instantid_core.denoise import BatchKey
+
+    clock = Clock(plan.device)
+    with clock.span("check"):
+        out = denoiser(make_requests(prompt, 1, plan.width, plan.height),
+                       BatchKey(plan.width, plan.height, plan.check_steps, Scheduler.euler))
+    own = dict(latents=denoiser.last_latents.float().cpu().numpy(), image=out[0][0])
+    np.savez(Path(plan.workdir) / f"check-{config.name}.npz", **own)
+    result = dict(check_steps=plan.check_steps, check_call_s=clock.seconds("check"), precision=precision_of(config))
+    base_file = Path(plan.workdir) / f"check-{BASELINE}.npz"
+    if config.name == BASELINE:
+        return result | dict(check="reference")
+    if not base_file.exists():
+        return result | dict(check="no baseline", check_reason="the baseline did not finish in this run")
+    with np.load(base_file) as data:
+        base = {name: data[name] for name in data.files}
+    baseline = next(c for c in CONFIGS if c.name == BASELINE)
+    return result | compare_outputs(own, base, precision_of(config), precision_of(baseline), plan.check_factor)
+
+
+def compare_outputs(own: dict, base: dict, precision: str, base_precision: str, factor: float) -> dict:
+    """Latents and image of a candidate vs the baseline's. The candidate is refused when its latents differ by more
+    than `factor` x the unit roundoff of the lower of the two precisions (RMS of the difference over the RMS of the
+    baseline's latents; never more than MAX_REL_RMS), or are not finite: a kernel that changes the computation
+    shows up far above that line, rounding (grown through a few steps of a deep network) stays below it."""
+    latents, reference = own["latents"].astype(np.float64), base["latents"].astype(np.float64)
+    allowed = min(factor * max(UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[base_precision]), MAX_REL_RMS)
+    if latents.shape != reference.shape:
+        return dict(check="refused", allowed_rel_rms=allowed,
+                    check_reason=f"latents shape {latents.shape} vs baseline {reference.shape}")
+    diff = latents - reference
+    rel = float(np.sqrt(np.mean(diff**2)) / max(np.sqrt(np.mean(reference**2)), 1e-30))
+    image_diff = np.abs(own["image"].astype(int) - base["image"].astype(int))
+    result = dict(latents_max_abs_diff=float(np.abs(diff).max()), latents_rel_rms=rel, allowed_rel_rms=allowed,
+                  image_max_abs_diff=int(image_diff.max()), image_psnr_db=psnr(own["image"], base["image"]))
+    if not np.isfinite(latents).all():
+        return result | dict(check="refused", check_reason="non-finite latents")
+    if not rel <= allowed:
+        return result | dict(check="refused", check_reason=f"latents differ by {rel:.3g} (relative RMS), more than "
+                             f"{factor:g} x the {precision} unit roundoff allows ({allowed:.3g})")
+    return result | dict(check="ok")
 
 
 # --- output check, choice, cold start ----------------------------------------------------------------------------
@@ -500,9 +615,9 @@ def run_cold_start(plan: Plan, config_name: str) -> list[dict]:
     for label in ("empty_cache", "warm_cache"):
         out_file = Path(plan.workdir) / f"cold-{label}.json"
         spawned = time.time()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_cold", config_name, "--_plan",
+        proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--_cold", config_name, "--_plan",
                                str(plan_file), "--_out", str(out_file), "--_cache", str(cache)],
-                              text=True, capture_output=True)
+                              text=True, capture_output=True, cwd=REPO)
         row = dict(config=config_name, cache=label, status="error", reason=None)
         if proc.returncode == 0 and out_file.exists():
             marks = json.loads(out_file.read_text())
@@ -518,16 +633,19 @@ def cold_child(config_name: str, plan: Plan, out: Path, cache: Path, imported: f
     """The product's start-up path: text encoders + denoiser (compiling for the plan's size, batch 1) -> image."""
     from instantid_core.accel import AccelSettings
     from instantid_core.config import PipelineSettings, Scheduler
-    from instantid_core.denoise import BatchKey, IdentityDenoiser
+    from instantid_core.denoise import BatchKey
     from instantid_core.text import PromptEncoder
 
     config = next(c for c in CONFIGS if c.name == config_name)
     accel = dict(config.accel, compile_backend=plan.compile_backend, compile_cache_dir=str(cache))
+    if accel.get("fp8"):
+        accel["fp8_backend"] = plan.fp8_backend
     settings = PipelineSettings(device=plan.device, dtype=config.dtype, warmup_sizes=[(plan.width, plan.height)],
                                 warmup_batch_sizes=[1])
     sdxl, identitynet, adapter = model_paths(plan.root)
     encoder = PromptEncoder(sdxl, settings)
-    denoiser = IdentityDenoiser(sdxl, identitynet, adapter, settings, accel=AccelSettings(**accel))
+    # The timed subclass only to apply FP8 / regional compile like run_config (see timed_denoiser_class).
+    denoiser = timed_denoiser_class()(sdxl, identitynet, adapter, settings, accel=AccelSettings(**accel))
     ready = time.time()
     prompt = encoder.encode(*PROMPT)
     denoiser(make_requests(prompt, 1, plan.width, plan.height), BatchKey(plan.width, plan.height, plan.steps,
@@ -652,11 +770,11 @@ def append_results(text: str, raw: Path) -> None:
 def flops_only(size: int) -> dict:
     """FlopCounterMode over one guided step (IdentityNet + UNet, both CFG halves) and one VAE decode of the
     published architectures at `size`, on meta tensors: exact op counts, nothing is computed."""
-    import sdxl_configs as published
     from torch.utils.flop_counter import FlopCounterMode
 
     from instantid_core.adapter import install_identity_adapter
 
+    published = published_configs()
     h = size // 8
     with torch.device("meta"), torch.inference_mode():
         unet, vae = published.build_unet(), published.build_vae()
@@ -725,7 +843,12 @@ def main(argv: list[str] | None = None) -> int:
             cold_child(args._cold, plan, Path(args._out), Path(args._cache), imported)
         else:
             config = next(c for c in CONFIGS if c.name == args._child)
-            Path(args._out).write_text(json.dumps(run_config(config, plan, args._count)))
+            on_row = None
+            if plan.rows_file:
+                from bench.lease_rows import RowWriter
+
+                on_row = RowWriter(Path(plan.rows_file), plan.row_tags).append
+            Path(args._out).write_text(json.dumps(run_config(config, plan, args._count, on_row), default=str))
         return 0
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -757,8 +880,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()  # the parent keeps no GPU memory while configurations run
         rows, flops = [], None
         # FLOPs are counted once, on the first eager configuration (FlopCounterMode cannot see into compiled code).
-        counter = next((c.name for c in configs if not (c.accel.get("compile") or c.accel.get("compile_vae")
-                                                        or c.needs_cuda)), None)
+        counter = next((c.name for c in configs if not (compiles(c.accel) or c.needs_cuda)), None)
         for config in configs:
             began = time.perf_counter()
             result = (run_isolated if isolate else run_config)(config, plan, config.name == counter)
