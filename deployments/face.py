@@ -57,7 +57,7 @@ class FaceAnalysis:
         if settings.face_threads is None:
             settings = settings.model_copy(update={"face_threads": replica_cpus()})
         self.settings = settings
-        self.analyzer = FaceAnalyzer(resolve_app_weights(self.config).face_pack, settings)
+        self.analyzer = FaceAnalyzer(resolve_app_weights(self.config, stage="FaceAnalysis").face_pack, settings)
         self.cache: LRUCache[FaceInfo] = LRUCache(FaceSettings().cache_bytes, sizeof=nbytes)
         self.metrics, self.cache_metrics = StageMetrics(), CacheMetrics()
 

@@ -19,7 +19,8 @@ from .schemas import PromptResult
 class PromptEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        self.encoder = PromptEncoder(resolve_app_weights(self.config).sdxl, self.config.prompt_pipeline())
+        self.encoder = PromptEncoder(resolve_app_weights(self.config, stage="PromptEncoder").sdxl,
+                                     self.config.prompt_pipeline())
         self.cache: LRUCache[PromptEmbeds] = LRUCache(PromptSettings().cache_bytes)
         self.metrics, self.cache_metrics = StageMetrics(), CacheMetrics()
 

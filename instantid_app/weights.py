@@ -3,6 +3,7 @@ real sources."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from instantid_core.config import ModelSources
@@ -11,14 +12,26 @@ from instantid_core.weights import ResolvedWeights, resolve_weights
 
 from .config import AppConfig
 
+# What each stage loads, so its replicas resolve (fetch and check) nothing else: a FaceAnalysis replica on a CPU pod
+# never lists, downloads or validates SDXL. None (the default) resolves every part: the prefetch Job, the CLI.
+FACE_PARTS = ("face_pack",)
+PROMPT_PARTS = ("sdxl_text",)  # tokenizers and text encoders of the SDXL folder
+DENOISER_PARTS = ("sdxl", "identitynet", "adapter", "lcm_lora", "extensions")
+STAGE_PARTS = {"FaceAnalysis": FACE_PARTS, "PromptEncoder": PROMPT_PARTS, "Denoiser": DENOISER_PARTS}
 
-def resolve_app_weights(config: AppConfig) -> ResolvedWeights:
+
+def resolve_app_weights(config: AppConfig, parts: Collection[str] | None = None, *,
+                        stage: str | None = None) -> ResolvedWeights:
     """`weights.preset: tiny` -> the tiny preset; otherwise exactly `weights.sources`, and a source that is
-    missing or broken raises WeightsError naming the part and the path (the deploy fails; nothing stands in)."""
+    missing or broken raises WeightsError naming the part and the path (the deploy fails; nothing stands in).
+    `parts`: only these (instantid_core.weights.PARTS); the rest are None. `stage`: a deployment's name, for the
+    parts it loads (STAGE_PARTS), so the deployments name themselves and the mapping lives here once."""
+    if stage is not None:
+        parts = STAGE_PARTS[stage]
     weights, dtype = config.weights, config.pipeline.dtype
     if weights.preset == "tiny":
-        return resolve_sources(None, weights.tiny_dir, config, dtype=dtype)
-    return resolve_sources(weights.sources, None, config, dtype=dtype)
+        return resolve_sources(None, weights.tiny_dir, config, dtype=dtype, parts=parts)
+    return resolve_sources(weights.sources, None, config, dtype=dtype, parts=parts)
 
 
 def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSources:
@@ -35,10 +48,11 @@ def with_extensions(sources: ModelSources, config: AppConfig | None) -> ModelSou
 
 
 def resolve_sources(sources: ModelSources | None, tiny_preset_dir: str | None,
-                    config: AppConfig | None = None, *, dtype: str = "float32") -> ResolvedWeights:
+                    config: AppConfig | None = None, *, dtype: str = "float32",
+                    parts: Collection[str] | None = None) -> ResolvedWeights:
     """The tiny preset when a folder for it is named (written there on first use), else the sources; with the
     app config's LoRAs and ControlNets over theirs. `dtype` is the replicas': half precision fetches SDXL's fp16
-    files."""
+    files. `parts` as for `resolve_app_weights`."""
     if tiny_preset_dir:
         sources = ModelSources.from_root(str(ensure_tiny_preset(Path(tiny_preset_dir))))
-    return resolve_weights(with_extensions(sources, config), dtype=dtype)
+    return resolve_weights(with_extensions(sources, config), dtype=dtype, parts=parts)

@@ -15,7 +15,7 @@ import shutil
 import struct
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,15 +105,30 @@ def load_variant(folder: Path, dtype: str) -> str | None:
 # Small parts first: a broken adapter or face pack fails before a 14 GB SDXL download starts.
 _PART_ORDER = ("adapter", "face_pack", "identitynet", "lcm_lora", "sdxl")
 
+# What `resolve_weights(parts=...)` may name: a ResolvedWeights part, `sdxl_text` (the SDXL folder with only what the
+# prompt encoder loads: tokenizers and text encoders, not the UNet and VAE) and `extensions` (LoRAs, extra ControlNets,
+# the depth estimator). A stage resolves only what it loads: a face replica never lists, fetches or checks SDXL.
+PARTS = (*_PART_ORDER, "sdxl_text", "extensions")
+_SDXL_TEXT_MODELS = ("text_encoder", "text_encoder_2")
+
+
+def _sdxl_text_patterns(variant: str | None) -> list[str]:
+    """The SDXL fetch patterns of the tokenizers and text encoders alone (`variant`: fp16 files for half dtypes)."""
+    return ["model_index.json", "tokenizer/*", "tokenizer_2/*",
+            *(f"{model}/{name}" for model in _SDXL_TEXT_MODELS
+              for name in ["config.json", *(n for n in _SDXL_MODELS[model]
+                                            if (f".{variant}." in n if variant else ".fp16." not in n))])]
+
 
 @dataclass(frozen=True)
 class ResolvedWeights:
     """Local, validated paths of every part, and where they came from."""
 
-    sdxl: Path
-    identitynet: Path
-    adapter: Path  # the ip-adapter.bin file
-    face_pack: Path  # the folder that holds the ONNX files (a nested antelopev2/ already followed)
+    # None: a part the resolution was not asked for (resolve_weights `parts`).
+    sdxl: Path | None  # with `sdxl_text` only: the folder, its tokenizers and text encoders checked
+    identitynet: Path | None
+    adapter: Path | None  # the ip-adapter.bin file
+    face_pack: Path | None  # the folder that holds the ONNX files (a nested antelopev2/ already followed)
     lcm_lora: Path | None = None
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA name -> .safetensors file (folders expanded)
     lora_presets: dict[str, dict] = field(default_factory=dict)  # LoRA name -> {scheduler, steps, guidance}
@@ -135,6 +150,18 @@ def check_sdxl(path: Path) -> Path:
     for model, names in _SDXL_MODELS.items():
         _check_json("sdxl", _need_file("sdxl", path, f"{model}/config.json"))
         _check_weight_files("sdxl", path, model, names)
+    return path
+
+
+def check_sdxl_text(path: Path) -> Path:
+    """Check the parts of an SDXL folder the prompt encoder loads: tokenizers and both text encoders; returns it."""
+    _need_dir("sdxl", path)
+    for rel in _SDXL_FILES:
+        if rel.startswith("tokenizer"):
+            _need_file("sdxl", path, rel)
+    for model in _SDXL_TEXT_MODELS:
+        _check_json("sdxl", _need_file("sdxl", path, f"{model}/config.json"))
+        _check_weight_files("sdxl", path, model, _SDXL_MODELS[model])
     return path
 
 
@@ -313,9 +340,10 @@ def _find_face_pack(path: Path) -> Path:
 
 
 def resolve_weights(
-    sources: ModelSources, *, offline: bool | None = None, s3_client: Any = None, dtype: str = "float32"
+    sources: ModelSources, *, offline: bool | None = None, s3_client: Any = None, dtype: str = "float32",
+    parts: Collection[str] | None = None,
 ) -> ResolvedWeights:
-    """Fetch (if needed) and validate every part of the weights.
+    """Fetch (if needed) and validate every part of the weights, or only `parts`.
 
     Args:
         sources: one source per part: a local path (exists, or starts with `/`, `.`, `~`, `file://`), an
@@ -327,6 +355,8 @@ def resolve_weights(
         s3_client: a boto3 S3 client; default `storage.make_s3_client()` when a source is on S3.
         dtype: the replicas' dtype. float16/bfloat16 fetch SDXL's fp16 files instead of the full-precision ones
             (`weight_variant`); a model whose source has no fp16 file gets its full-precision one.
+        parts: only these (names in PARTS); the others are neither fetched nor checked and are None in the result.
+            None: every part. `sdxl_text` fetches and checks only SDXL's tokenizers and text encoders.
 
     Returns:
         Validated local paths, revisions and how many files were downloaded.
@@ -334,13 +364,20 @@ def resolve_weights(
     Raises:
         WeightsError: a source cannot be fetched, or a part is incomplete or corrupt; names the source and file.
     """
+    wanted = set(PARTS if parts is None else parts)
+    unknown = wanted - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts: {sorted(unknown)} not among {PARTS}")
+    text_only = "sdxl_text" in wanted and "sdxl" not in wanted
+    if text_only:
+        wanted.add("sdxl")
     cache_root = Path(sources.cache_dir).expanduser() if sources.cache_dir else Path.home() / ".cache" / "instantid"
     paths: dict[str, Path | None] = {}
     revisions: dict[str, str] = {}
     downloaded = 0
     for part in _PART_ORDER:
         source = getattr(sources, part)
-        if source is None:
+        if source is None or part not in wanted:
             paths[part] = None
             continue
         if source.startswith("s3://") and s3_client is None:
@@ -348,22 +385,29 @@ def resolve_weights(
 
             s3_client = make_s3_client()
         variant = weight_variant(dtype) if part == "sdxl" else None
-        patterns = _sdxl_patterns(variant) if variant else FETCH_PATTERNS[part]
+        if part == "sdxl" and text_only:
+            patterns = _sdxl_text_patterns(variant)
+        else:
+            patterns = _sdxl_patterns(variant) if variant else FETCH_PATTERNS[part]
         path, revisions[part], count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client,
                                               patterns=patterns)
         downloaded += count
         missing = _models_without_weights(path) if variant and path.is_dir() else []
+        if text_only:
+            missing = [model for model in missing if model in _SDXL_TEXT_MODELS]
         if missing and not _is_local(source):
             # A source without fp16 files (a mirror of the full-precision ones): those models' full files instead.
             fallback = [f"{model}/{name}" for model in missing for name in _without_fp16(_SDXL_MODELS[model])]
             path, _, count = _fetch(part, source, offline=offline, cache_root=cache_root, client=s3_client,
                                     patterns=fallback)
             downloaded += count
+        check = check_sdxl_text if part == "sdxl" and text_only else _CHECKS[part]
         try:
-            paths[part] = _CHECKS[part](path)
+            paths[part] = check(path)
         except WeightsError as err:
             raise WeightsError(f"{err.message} (source: {source})", field=part) from err
-    extensions = resolve_extensions(sources, offline=offline, cache_root=cache_root, client=s3_client)
+    extensions = (resolve_extensions(sources, offline=offline, cache_root=cache_root, client=s3_client)
+                  if "extensions" in wanted else {})
     return ResolvedWeights(**paths, **extensions, revisions=revisions,  # type: ignore[arg-type]
                            downloaded_files=downloaded)
 
