@@ -505,8 +505,9 @@ def test_cloud_credentials_come_from_the_service_account_never_from_keys_in_cont
                                         "GOOGLE_APPLICATION_CREDENTIALS"}, container["name"]
                 for container in spec["containers"]:  # the hub token only where weights are downloaded
                     assert "HF_TOKEN" not in {e["name"] for e in container.get("env", [])}
-                    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"] or overlay == "cpu-demo" \
-                        or container["name"] == "ray-head"
+                ray = spec["containers"][0]  # the Ray container (the others: the log sidecar)
+                assert {"name": "HF_HUB_OFFLINE", "value": "1"} in ray["env"] or overlay == "cpu-demo" \
+                    or ray["name"] == "ray-head"
         if overlay != "batch":  # the batch runs as the online service's account, which the overlays create
             assert "instantid" in accounts
     annotations = one(rendered("gpu"), "ServiceAccount")["metadata"]["annotations"]

@@ -236,7 +236,8 @@ def test_gpu_weights_are_filled_once_by_a_job_and_mounted_read_only_by_every_ray
     for template in pod_templates(cluster):
         spec = template["spec"]
         volumes = {v["name"]: v for v in spec["volumes"]}
-        assert not [v for v in spec["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+        on_disk = {v["name"] for v in spec["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"}
+        assert on_disk <= {"ray-logs"}  # no per-pod weights cache left
         for container in spec["containers"][:1] + spec.get("initContainers", []):
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/weights"]
             assert mount["readOnly"] is True, container["name"]
@@ -271,3 +272,61 @@ def test_every_ray_container_runs_non_root_without_capabilities_under_runtime_de
         if job:
             assert job["securityContext"]["runAsNonRoot"] is True
             assert job["containers"][0]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+# --- logs and traces out of the pod -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Both overlays with components/tracing, rendered from temp folders."""
+    out = {}
+    for overlay in OVERLAYS:
+        root = tmp_path_factory.mktemp(f"traced-{overlay}")
+        rel = Path(os.path.relpath(K8S, root))
+        (root / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [str(rel / "overlays" / overlay)], "components": [str(rel / "components/tracing")]}))
+        out[overlay] = kustomize(root)
+    return out
+
+
+def test_every_ray_pod_ships_rays_and_serves_log_files_to_stdout_as_json(incremental: list[dict[str, Any]]) -> None:
+    for docs in every_rendering(incremental).values():
+        (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "instantid-fluent-bit"]
+        conf = config["data"]["fluent-bit.conf"]
+        assert re.search(r"Path\s+/tmp/ray/session_latest/logs/serve/\*\.log", conf)  # Serve's JSON logs
+        assert re.search(r"Parser\s+json", conf) and re.search(r"Format\s+json_lines", conf)
+        assert re.search(r"\[OUTPUT\]\s+Name\s+stdout", conf)
+        for template in pod_templates(one(docs, "RayService")["spec"]["rayClusterConfig"]):
+            spec = template["spec"]
+            ray, *others = spec["containers"]
+            (logs,) = [c for c in others if c["name"] == "logs"]
+            ray_logs = {m["name"] for m in ray["volumeMounts"] if m["mountPath"] == "/tmp/ray"}
+            assert ray_logs and ray_logs == {m["name"] for m in logs["volumeMounts"] if m["mountPath"] == "/tmp/ray"}
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            (conf_mount,) = [m for m in logs["volumeMounts"] if m["mountPath"] != "/tmp/ray"]
+            assert volumes[conf_mount["name"]]["configMap"]["name"] == "instantid-fluent-bit"
+            assert f"--config={conf_mount['mountPath']}/fluent-bit.conf" in logs["args"]
+    # Serve writes those logs as JSON (with request ids) because the served config says so.
+    assert yaml.safe_load(one(rendered("gpu"), "RayService")["spec"]["serveConfigV2"])["logging_config"][
+        "encoding"] == "JSON"
+
+
+def test_the_tracing_component_turns_serve_tracing_on_in_every_ray_container(
+        traced: dict[str, list[dict[str, Any]]]) -> None:
+    from ray.serve.schema import TracingConfig
+
+    for overlay, docs in traced.items():
+        cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+        for template in pod_templates(cluster):
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+            path = env["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"]
+            module, _, attr = path.partition(":")
+            assert callable(getattr(__import__(module, fromlist=[attr]), attr)), path  # importable in Ray's version
+            config = TracingConfig(exporter_import_path=path,
+                                   sampling_ratio=float(env["RAY_SERVE_TRACING_SAMPLING_RATIO"]))
+            assert 0 < config.sampling_ratio <= 1, overlay
+    for overlay in OVERLAYS:  # off unless the component is named
+        env = one(rendered(overlay), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+            "containers"][0]["env"]
+        assert not [e for e in env if e["name"].startswith("RAY_SERVE_TRACING")]
