@@ -126,15 +126,29 @@ def app_config(serve_config: dict[str, Any]) -> AppSpec:
 
 
 def cpu_only(serve_config: dict[str, Any], source: Path = SERVE_CONFIG_PATH) -> dict[str, Any]:
-    """A rendered config's placement (custom resources, replica counts) on a cluster without GPUs: `num_gpus`
-    dropped; weights, pipeline and outputs taken back from `source` (the tiny preset). For local multi-node tests."""
+    """A rendered config's placement (custom resources, replica counts) on a small cluster without GPUs, for local
+    multi-node tests (one 2-CPU node per type): `num_gpus` dropped; weights, pipeline and outputs taken back from
+    `source` (the tiny preset); what only a production cluster can give dropped: the spread over nodes
+    (`max_replicas_per_node`: one CPU node holds them all) and the API keys file (a Secret mounted in pods); and a
+    stage kept at several replicas for availability has its minimum share the CPUs one replica asked for."""
     config = copy.deepcopy(serve_config)
     app = app_entry(config)
     original = app_entry(yaml.safe_load(source.read_text()))["args"]
-    for key in ("weights", "pipeline", "output_uri"):
-        app["args"][key] = copy.deepcopy(original[key])
+    for key in ("weights", "pipeline", "output_uri"):  # a key the source leaves out takes the models' default
+        if key in original:
+            app["args"][key] = copy.deepcopy(original[key])
+        else:
+            app["args"].pop(key, None)
+    spec = app_spec(config)
     for stage in app.get("deployments", []):
-        stage.get("ray_actor_options", {}).pop("num_gpus", None)
+        actor = stage.setdefault("ray_actor_options", {})
+        actor.pop("num_gpus", None)
+        if stage.pop("max_replicas_per_node", None) is not None:
+            options = spec.options(stage["name"])
+            minimum = options.get("autoscaling_config", {}).get("min_replicas", 1)
+            actor["num_cpus"] = options["ray_actor_options"].get("num_cpus", 1) / max(minimum, 1)
+        access = stage.get("user_config", {}).get("access", {})
+        access.pop("api_keys_file", None)
     validate_serve_config(config)
     return config
 
