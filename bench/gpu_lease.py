@@ -220,6 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp8-backend", choices=("auto", "scaled_mm", "emulated"),
                         help="default: auto on CUDA (the FP8 kernel), emulated elsewhere (numerics only)")
     parser.add_argument("--compile-backend", help="inductor (default on CUDA) or eager (default elsewhere)")
+    parser.add_argument("--setup-only", action="store_true", help="write the models, encode the prompt, stop")
     parser.add_argument("--workdir", help="scratch folder (prompt, plans, check outputs, compile caches, logs)")
     return parser.parse_args(argv)
 
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                        matmul_tflops=matmul["tflops"], note="models written or found, prompt encoded"))
     (out / "run.json").write_text(json.dumps(dict(tags=tags, plan=asdict(plan), matmul=matmul,
                                                   items=[asdict(i) for i in items]), indent=1, default=str))
+    if args.setup_only:
+        items = []
     full_size = plan.models == "sdxl-random" or plan.models.startswith("weights:")
     seen = Seen.guess(gpu.is_cuda(plan.device), full_size)
     configs = {c.name: c for c in gpu.CONFIGS}
