@@ -52,11 +52,12 @@ demo-cli: setup $(TINY)/.done
 		--prompt "an astronaut portrait, watercolor" --style Watercolor --steps 8 --width 512 --height 512 \
 		--seed 42 --out $(OUT)
 
+# tests/unit, then tests/serve (one Ray, two apps), then tests/cluster (clusters of their own): see tests/conftest.py.
 test: setup redis-server
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: setup
-	$(PY) -m ruff check instantid_core instantid_app instantid_cli deployments jobs bench tests
+	$(PY) -m ruff check instantid_core instantid_app instantid_cli deployments batch bench testkit tests
 
 bench: setup $(TINY)/.done
 	$(PY) bench/core.py --weights $(TINY)

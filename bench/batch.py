@@ -7,7 +7,7 @@ the time to resume a job killed mid-way.
 
 What runs: the job exactly as a user runs it against a cluster (`python -m instantid_cli batch ...` with RAY_ADDRESS
 set), over a real S3 API (moto's server on 127.0.0.1, started here) holding face photos, on local clusters from
-cluster/local.py (a head with no CPUs + N worker nodes, one `ray start` process each). With N nodes the job gets N
+testkit/cluster.py (a head with no CPUs + N worker nodes, one `ray start` process each). With N nodes the job gets N
 face actors and N denoiser actors (`--face-actors N --denoise-actors N`). Per run: wall time of the job process
 (start to exit: imports, connecting, actor start-up, the work, the summary), the job's own `seconds` from
 summary.json (from `run_batch` entry to summary), and images/s = images written / job seconds.
@@ -39,8 +39,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python bench/batch.py` from anywhere: cluster/ and jobs/ are importable
-    sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 RAW_DIR = REPO / "bench" / "results"
@@ -151,7 +149,7 @@ def summary(prefix: str) -> dict[str, Any]:
 
 def throughput_run(nodes: int, args: argparse.Namespace, s3_env: dict[str, str], prompts: Path, weights: Path,
                    workdir: Path) -> dict[str, Any]:
-    from cluster.local import default_nodes, start_local_cluster
+    from testkit.cluster import default_nodes, start_local_cluster
 
     pairs = args.images * len(PROMPTS)
     cluster = start_local_cluster(default_nodes(cpu_nodes=nodes, gpu_nodes=0, cpus_per_node=CPUS_PER_NODE))
@@ -268,7 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
              (f"- job: {p['images']} face photos x {len(PROMPTS)} prompts = {p['images'] * len(PROMPTS)} pairs, "
              f"{p['size']}x{p['size']}, {p['steps']} steps, tiny preset, PNG outputs; input and output on moto's "
              f"S3 server on 127.0.0.1"),
-             (f"- cluster: cluster/local.py, a head with 0 CPUs + N worker nodes of {CPUS_PER_NODE} logical CPUs "
+             (f"- cluster: testkit/cluster.py, a head with 0 CPUs + N worker nodes of {CPUS_PER_NODE} logical CPUs "
              f"each; the job submitted as `python -m instantid_cli batch` with RAY_ADDRESS, N face + N denoiser "
               "actors"), "",
              table(report), "",

@@ -31,11 +31,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from testkit.net import free_port, wait_ready
+from testkit.redis import start_redis, stop_redis
 
-from deployments.demo import free_port, wait_ready  # noqa: E402
-from tests.fixtures_redis import start_redis  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 RESULTS_DIR = REPO / "bench" / "results"
@@ -124,7 +123,7 @@ def main() -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-        redis_process.terminate()
+        stop_redis(redis_process)
     if args.write_results:
         write_results(results, args.jobs)
     return 0

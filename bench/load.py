@@ -6,126 +6,41 @@ run stops by itself.
     python bench/load.py                      # 32 clients, 256 requests, tiny preset, 64x64; prints a report
     python bench/load.py --write-results      # the same, then replaces the "Reliability" section of RESULTS.md
 
-The suite runs each part in a short version (tests/test_hostile_inputs.py, tests/test_faults.py,
-tests/test_placement.py); this script is the long one. What runs: Ray local, the `instantid` app from
+The suite runs each part in a short version (tests/serve/test_hostile_inputs.py, tests/serve/test_faults.py,
+tests/cluster/test_placement.py); this script is the long one. What runs: Ray local, the `instantid` app from
 serve_config.yaml's AppConfig (tiny preset, outputs to a moto S3 server on 127.0.0.1 started here), real HTTP
-clients (httpx, async); then cluster/local.py's cluster with tests/apps/placement_driver.py for the node loss. The
+clients (httpx, async); then testkit.cluster's cluster with the driver of testkit.placement for the node loss. The
 batch job's kill-and-resume figures come from the newest bench/batch.py run (bench/results/batch-*.json).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from testkit.hostile import body_cases, check, image_cases, send
+from testkit.load import LoadResult, answered, audit_outputs, run_load
+from testkit.net import free_port
+from testkit.placement import run_on_local_cluster
+from testkit.serve import kill_replica, replica_actors
+
 REPO = Path(__file__).resolve().parents[1]
 FACE = REPO / "instantid_core" / "data" / "astronaut.jpg"
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Reliability (issue 5)"
-
-
-@dataclass
-class Answer:
-    status: int
-    seconds: float
-    started: float  # monotonic time the request was sent
-    body: dict[str, Any] | None
-    retry_after: str | None
-    error: str | None = None  # a transport error (timeout, reset) instead of an HTTP answer
-
-
-@dataclass
-class LoadResult:
-    answers: list[Answer] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def statuses(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for a in self.answers:
-            key = a.error or str(a.status)
-            counts[key] = counts.get(key, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def ok(self) -> list[Answer]:
-        return [a for a in self.answers if a.status == 200]
-
-    def percentile_s(self, q: float, only_ok: bool = True) -> float:
-        values = sorted(a.seconds for a in (self.ok() if only_ok else self.answers))
-        if not values:
-            return float("nan")
-        return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
-
-    def goodput(self) -> float:
-        """Images per second delivered in 200 answers over the run's wall time."""
-        return sum(len(a.body["images"]) for a in self.ok()) / self.wall_s if self.wall_s else 0.0
-
-
-def run_load(url: str, make_body: Callable[[int], dict], *, clients: int, requests: int, timeout_s: float,
-             headers: dict[str, str] | None = None,
-             during: Callable[[LoadResult], Any] | None = None) -> LoadResult:
-    """`clients` concurrent loops sending `requests` POST /v1/generate in all; `during(result)` runs in a thread
-    meanwhile, with the answers so far in `result.answers` (e.g. to inject a fault once some have come back)."""
-    return asyncio.run(_load(url, make_body, clients, requests, timeout_s, headers or {}, during))
-
-
-async def _load(url: str, make_body: Callable[[int], dict], clients: int, requests: int, timeout_s: float,
-                headers: dict[str, str], during: Callable[[LoadResult], Any] | None) -> LoadResult:
-    result, counter = LoadResult(), iter(range(requests))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-
-    async def client_loop(http: httpx.AsyncClient) -> None:
-        for index in counter:
-            sent = time.monotonic()
-            try:
-                response = await http.post(f"{url}/v1/generate", json=make_body(index), headers=headers)
-                body = response.json() if response.headers.get("content-type", "").startswith("application/json") \
-                    else None
-                result.answers.append(Answer(response.status_code, time.monotonic() - sent, sent, body,
-                                             response.headers.get("retry-after")))
-            except httpx.HTTPError as exc:  # a hang past the timeout or a dropped connection: recorded, not hidden
-                result.answers.append(Answer(0, time.monotonic() - sent, sent, None, None, type(exc).__name__))
-
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
-        side = asyncio.create_task(asyncio.to_thread(during, result)) if during else None
-        await asyncio.gather(*(client_loop(http) for _ in range(clients)))
-        if side:
-            await side
-    result.wall_s = time.monotonic() - started
-    return result
-
-
-def audit_outputs(result: LoadResult, listed: set[str], read: Callable[[str], bytes]) -> dict[str, Any]:
-    """Compare what 200 answers reported with what the store holds under the run's prefix.
-
-    `listed`: every object URI under the prefix. Returns counts of missing outputs (reported, not stored), orphans
-    (stored, never reported) and sidecars whose image list disagrees with the answer."""
-    reported: set[str] = set()
-    bad_sidecars = 0
-    for answer in result.ok():
-        uris = [*answer.body["images"], answer.body["metadata"]]
-        reported.update(uris)
-        if answer.body["metadata"] in listed:
-            sidecar = json.loads(read(answer.body["metadata"]))
-            bad_sidecars += sidecar.get("images") != answer.body["images"]
-    return {"reported": len(reported), "stored": len(listed), "missing": sorted(reported - listed),
-            "orphans": sorted(listed - reported), "bad_sidecars": bad_sidecars}
 
 
 def replica_rss_mb() -> dict[str, float]:
@@ -143,21 +58,7 @@ def replica_rss_mb() -> dict[str, float]:
     return rss
 
 
-def replica_names() -> set[str]:
-    """Names of the `instantid` app's live replica actors: a restarted replica comes back under a new name."""
-    import ray
-
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA::instantid#")}
-
-
 # --- the standalone benchmark ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _s3_objects(client: Any, bucket: str, prefix: str) -> set[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])}
@@ -168,16 +69,6 @@ def _s3_read(client: Any) -> Callable[[str], bytes]:
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     return read
-
-
-def answered(result: LoadResult, count: int, timeout_s: float) -> bool:
-    """Wait (in a `during` thread) until `count` answers have come back; False if the run ends or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while len(result.answers) < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _first_success_after(url: str, body: dict, since: float, limit_s: float) -> float | None:
@@ -220,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(REPO))
     from deployments.app import build_app_from_spec
     from instantid_app.config import app_entry, app_spec, load_serve_config
 
@@ -233,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     config.args.weights.preset_dir = str(REPO / ".cache" / "tiny")
     config.args.output_uri = f"s3://{bucket}/out"
     config.args.allowed_input_buckets = [bucket]  # so an s3:// face in it that does not exist is a 404, not a 403
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     face = base64.b64encode(FACE.read_bytes()).decode()
     run_id = uuid.uuid4().hex[:8]
@@ -252,11 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             httpx.post(f"{url}/v1/generate", json=body(i, "warmup"), timeout=120).raise_for_status()
 
         # The hostile corpus: every case its documented 4xx, no 5xx, no replica restarted, a valid request after.
-        from tests.hostile_inputs import body_cases, check, image_cases, send
-
         corpus = image_cases(FACE.read_bytes()) + body_cases(face, bucket, config.ingress.max_body_bytes,
                                                              config.ingress.max_image_bytes)
-        replicas_before = replica_names()
+        replicas_before = set(replica_actors())
         with httpx.Client(base_url=url, timeout=args.timeout) as http:
             answers = [(case, send(http, case)) for case in corpus]
             valid_after = http.post("/v1/generate", json=body(0, "after-hostile")).status_code
@@ -264,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                              "statuses": dict(sorted(Counter(r.status_code for _, r in answers).items())),
                              "server_errors": sum(r.status_code >= 500 for _, r in answers),
                              "undocumented": [p for p in (check(c, r) for c, r in answers) if p],
-                             "replica_restarts": len(replicas_before - replica_names()),
+                             "replica_restarts": len(replicas_before - set(replica_actors())),
                              "valid_request_after": valid_after}
 
         # Memory: sampled before, halfway and after; growth in the second half is what would mean a leak.
@@ -294,11 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         def kill_denoiser(live: LoadResult) -> None:
             if not answered(live, fault_requests // 4, args.timeout):
                 return
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if "#Denoiser#" in a["name"] and a["name"].startswith("SERVE_REPLICA::instantid#")]
+            names = replica_actors("Denoiser")
             killed_at["t"] = time.monotonic()
             for name in names:
-                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                kill_replica(name)
 
         faulted = run_load(url, lambda i: body(i, "kill"), clients=8, requests=fault_requests,
                            timeout_s=args.timeout, during=kill_denoiser)
@@ -334,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         s3.stop()
 
     if not args.no_node_loss:  # after Ray local is down: the cluster and its driver are processes of their own
-        from tests.apps.placement_driver import run_on_local_cluster
-
         with tempfile.TemporaryDirectory(prefix="load-node-loss-") as out:
             code, facts, stderr = run_on_local_cluster(Path(config.args.weights.preset_dir), Path(out))
         report["node_loss"] = facts.get("node_loss") or {"error": f"driver exit {code}: {stderr[-800:]}"}

@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from deployments.demo import free_port, wait_ready
+from testkit.net import free_port, wait_ready
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

@@ -1,2 +1,2 @@
-"""Ray clusters for InstantID: the AWS launcher config (aws.yaml), a local multi-node cluster for tests (local.py)
-and the weights prefetch that runs on every node before Ray starts (prefetch.py)."""
+"""Ray clusters for InstantID: the AWS launcher config (aws.yaml) and the weights prefetch that runs on every node
+before Ray starts (prefetch.py). The local multi-node cluster for tests is testkit/cluster.py."""

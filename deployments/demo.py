@@ -1,15 +1,15 @@
 """`make demo`: start the `instantid` app on the tiny preset (Ray local), send one real HTTP request with the bundled
 face photo, print the output URIs and per-stage timings, and shut everything down.
 
-OUTPUT_URI (file://... or s3://...) overrides where outputs go; default: ./outputs. It also prints the playground's
-URL; run from a terminal (or with DEMO_KEEP_SERVING=1) it keeps serving it until Ctrl-C.
+OUTPUT_URI (file://... or s3://...) overrides where outputs go; default: ./outputs. Serve listens on 127.0.0.1 at
+DEMO_PORT (default 8000, Serve's own default). It also prints the playground's URL; run from a terminal (or with
+DEMO_KEEP_SERVING=1) it keeps serving it until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import socket
 import sys
 import time
 
@@ -22,14 +22,8 @@ REQUEST = {"prompt": "an astronaut portrait, watercolor", "style": "Watercolor",
            "height": 512, "seed": 42}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    """Poll `{url}/readyz` until it answers 200 (also used by the tests and benchmarks that serve the app)."""
+def _wait_ready(url: str, timeout_s: float = 300) -> None:
+    """Poll `{url}/readyz` until it answers 200 (the proxy learns the app's route a moment after serve.run)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -82,7 +76,7 @@ def main() -> int:
     spec = app_spec(load_serve_config())
     spec.args.weights.preset_dir = str(REPO_ROOT / ".cache" / "tiny")
     spec.args.output_uri = os.environ.get("OUTPUT_URI") or (REPO_ROOT / "outputs").resolve().as_uri()
-    port = free_port()
+    port = int(os.environ.get("DEMO_PORT", "8000"))
     url = f"http://127.0.0.1:{port}"
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
@@ -90,7 +84,7 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print(f"starting the instantid app on {url} (tiny preset, CPU) ...", file=sys.stderr, flush=True)
         serve.run(build_app_from_spec(spec), name="instantid", route_prefix="/", blocking=False)
-        wait_ready(url)
+        _wait_ready(url)
         body = {"face_image": base64.b64encode(FACE.read_bytes()).decode(), **REQUEST}
         response = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
         if response.status_code != 200:

@@ -1,4 +1,5 @@
-"""Session fixtures: the tiny preset written once, and its models loaded once."""
+"""Session fixtures: the tiny preset written once (the one folder every test and app of the session reads), and its
+models loaded once."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ from pathlib import Path
 import pytest
 
 from instantid_core.config import PipelineSettings
-from instantid_core.tiny import write_tiny_preset
-
-ASTRONAUT = Path(__file__).resolve().parents[1] / "instantid_core" / "data" / "astronaut.jpg"
+from testkit.api import FACE
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_preset(tmp_path_factory.mktemp("tiny"))
+    """The tiny preset (its LoRAs, extra ControlNets and depth model included), marked complete as the apps expect."""
+    from instantid_core.tiny import ensure_tiny_preset
+
+    return ensure_tiny_preset(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def serve_tiny_dir(tiny_root: Path) -> Path:
+    """The same folder as `tiny_root` (the name tests/serve/test_serve_gpu_stage.py still asks for)."""
+    return tiny_root
 
 
 @pytest.fixture(scope="session")
@@ -39,4 +47,4 @@ def denoiser(tiny_root: Path, settings: PipelineSettings):
 
 @pytest.fixture(scope="session")
 def astronaut_bytes() -> bytes:
-    return ASTRONAUT.read_bytes()
+    return FACE.read_bytes()

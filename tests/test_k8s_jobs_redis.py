@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from tests.fixtures_redis import wait_for_redis
-from tests.fixtures_serve import free_port
+from testkit.net import free_port
+from testkit.redis import wait_for_redis
 from tests.test_k8s import one, rendered, validate
 
 

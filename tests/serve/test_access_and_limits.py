@@ -1,15 +1,15 @@
 """API keys, per-key rate limits, overload (503 + Retry-After), stage timeouts (504), a request larger than a
-batch, and URL inputs from allow-listed hosts, each produced by real requests to a second deployment of the app
-("strict"), and a grep proving keys and S3 credentials never reach logs, error bodies, sidecars or metrics."""
+batch, and URL inputs from allow-listed hosts, each produced by real requests to the session's keyed app
+(tests/serve/conftest.py), and a grep proving keys and S3 credentials never reach logs, error bodies, sidecars or
+metrics."""
 
 from __future__ import annotations
 
 import http.server
 import json
-import secrets
+import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,42 +17,20 @@ import boto3
 import httpx
 import pytest
 import ray
-import yaml
 
-from tests.fixtures_s3 import TEST_SECRET_ACCESS_KEY
-from tests.fixtures_serve import deploy, small_stage_options
-from tests.hostile_inputs import FAST, b64
+from testkit.api import FAST, b64
+from testkit.net import wait_until
+from testkit.serve import ongoing_requests, replica_actors
 
-FULL_KEY = f"full-{secrets.token_hex(16)}"
-JOBS_KEY = f"jobs-{secrets.token_hex(16)}"
-LOAD_KEY = f"load-{secrets.token_hex(16)}"  # the overload test's own rate bucket: its burst must not meet a 429
-UNKNOWN_KEY = f"nope-{secrets.token_hex(16)}"
-BURST = 12
 SLOW = {"steps": 40, "width": 512, "height": 512}
 
 
 @pytest.fixture(scope="module")
-def strict_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory):
-    """The app with keys from a file, a per-key rate limit, a 1.5 s stage timeout and a denoiser that takes one
-    request at a time with a queue of one."""
-    keys_file = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
-    keys_file.write_text(yaml.safe_dump({"keys": [
-        {"name": "full", "key": FULL_KEY, "actions": ["generate", "jobs"]},
-        {"name": "poller", "key": JOBS_KEY, "actions": ["jobs"]},
-        {"name": "load", "key": LOAD_KEY, "actions": ["generate"]},
-    ]}))
-    bucket = f"strict-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    stages = small_stage_options(max_ongoing_requests=1, max_queued_requests=1)
-    live = {"Denoiser": {"max_batch_size": 1},
-            "Ingress": {"stage_timeout_s": 4, "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
-                                                         "rate_limit_burst": BURST}}}
-    args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"]}
-    app = deploy(ray_instance, "strict", "/strict", args, bucket, serve_tiny_dir, options=stages, user_config=live)
-    yield app
-    from ray import serve
-
-    serve.delete("strict")
+def keys(api_keys):
+    """FULL (generate, jobs), JOBS (jobs only), LOAD (the overload test's own rate bucket: its burst must not meet a
+    429), UNKNOWN (in no file)."""
+    return {"FULL": api_keys["full"], "JOBS": api_keys["poller"], "LOAD": api_keys["load"],
+            "UNKNOWN": api_keys["unknown"]}
 
 
 def auth(key: str) -> dict[str, str]:
@@ -66,58 +44,65 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict:
     return error
 
 
-def test_keys_guard_the_api_and_health_stays_open(strict_app, astronaut_bytes):
+def test_keys_guard_the_api_and_health_stays_open(keyed_app, keys, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
-    url = strict_app.url
+    url = keyed_app.url
     for path in ("/healthz", "/readyz", "/openapi.json"):
         assert httpx.get(f"{url}{path}", timeout=30).status_code == 200, path
 
     missing = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
     assert "API key" in error_of(missing, 401, "unauthorized")["message"]
     assert missing.headers["WWW-Authenticate"] == "Bearer"
-    error_of(httpx.post(f"{url}/v1/generate", json=body, headers=auth(UNKNOWN_KEY), timeout=60), 401, "unauthorized")
-    error_of(httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": f"Basic {FULL_KEY}"},
+    error_of(httpx.post(f"{url}/v1/generate", json=body, headers=auth(keys["UNKNOWN"]), timeout=60), 401,
+             "unauthorized")
+    error_of(httpx.post(f"{url}/v1/generate", json=body, headers={"Authorization": "Basic " + keys["FULL"]},
                         timeout=60), 401, "unauthorized")
-    forbidden = httpx.post(f"{url}/v1/generate", json=body, headers=auth(JOBS_KEY), timeout=60)
+    forbidden = httpx.post(f"{url}/v1/generate", json=body, headers=auth(keys["JOBS"]), timeout=60)
     assert "'poller' may not use 'generate'" in error_of(forbidden, 403, "forbidden")["message"]
 
-    ok = httpx.post(f"{url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=60)
+    ok = httpx.post(f"{url}/v1/generate", json=body, headers=auth(keys["FULL"]), timeout=60)
     assert ok.status_code == 200, ok.text
-    via_header = httpx.post(f"{url}/v1/generate", json=body, headers={"X-API-Key": FULL_KEY}, timeout=60)
+    via_header = httpx.post(f"{url}/v1/generate", json=body, headers={"X-API-Key": keys["FULL"]}, timeout=60)
     assert via_header.status_code == 200, via_header.text
-    assert httpx.get(f"{url}/v1/jobs/0123abcd", headers=auth(JOBS_KEY), timeout=30).status_code == 404
+    assert httpx.get(f"{url}/v1/jobs/0123abcd", headers=auth(keys["JOBS"]), timeout=30).status_code == 404
 
 
-def test_a_key_over_its_rate_gets_429_with_retry_after(strict_app):
-    answers = [httpx.get(f"{strict_app.url}/v1/jobs/0123abcd", headers=auth(JOBS_KEY), timeout=30)
-               for _ in range(BURST + 3)]
+def test_a_key_over_its_rate_gets_429_with_retry_after(keyed_app, keys):
+    burst = keyed_app.config.ingress.access.rate_limit_burst
+    answers = [httpx.get(f"{keyed_app.url}/v1/jobs/0123abcd", headers=auth(keys["JOBS"]), timeout=30)
+               for _ in range(burst + 3)]
     codes = [a.status_code for a in answers]
-    assert codes[: BURST - 2].count(404) == BURST - 2, codes  # the burst passes (a request may refill a token)
+    assert codes[: burst - 2].count(404) == burst - 2, codes  # the burst passes (a request may refill a token)
     limited = [a for a in answers if a.status_code == 429]
     assert limited, codes
     assert 1 <= int(limited[0].headers["Retry-After"]) <= 2
     assert "poller" in error_of(limited[0], 429, "rate_limited")["message"]
     # Another key has its own bucket.
-    assert httpx.get(f"{strict_app.url}/v1/jobs/0123abcd", headers=auth(FULL_KEY), timeout=30).status_code == 404
+    assert httpx.get(f"{keyed_app.url}/v1/jobs/0123abcd", headers=auth(keys["FULL"]), timeout=30).status_code == 404
 
 
-def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(strict_app, astronaut_bytes):
+def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(keyed_app, keys, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 8, "width": 128, "height": 128}
     blocker = {**body, "steps": 20, "width": 256, "height": 256}  # ~1.5 s in the denoiser, under the 4 s timeout
 
     def send(payload: dict) -> httpx.Response:
-        return httpx.post(f"{strict_app.url}/v1/generate", json=payload, headers=auth(LOAD_KEY), timeout=60)
+        return httpx.post(f"{keyed_app.url}/v1/generate", json=payload, headers=auth(keys["LOAD"]), timeout=60)
+
+    def ongoing(deployment: str) -> int:
+        return sum(ongoing_requests(name) for name in replica_actors(deployment, app=keyed_app.name))
 
     # Warm the face and prompt caches, so the burst reaches the denoiser at once rather than paced by face analysis.
     assert send(body).is_success and send(blocker).is_success
     with ThreadPoolExecutor(10) as pool:
         # The denoiser runs one request and queues one. Serve counts a request as queued once its inputs (the face
-        # and prompt stages) are ready, so: the blocker runs, a second request waits in the queue, then a burst
-        # finds the queue full.
+        # and prompt stages) are ready, so: the blocker runs, a second request waits in the queue (both in the
+        # Ingress, only one in the denoiser, none left in the face and prompt stages), then a burst finds it full.
         busy = pool.submit(send, {**blocker, "seed": 99})
-        time.sleep(0.5)
+        wait_until(lambda: busy.done() or ongoing("Denoiser"), 60, "the blocker runs in the denoiser", 0.05)
         queued = pool.submit(send, {**body, "seed": 98})
-        time.sleep(0.3)
+        wait_until(lambda: busy.done() or (ongoing("Ingress") == 2 and not ongoing("FaceAnalysis")
+                                           and not ongoing("PromptEncoder")), 60, "a request waits for the denoiser",
+                   0.05)
         answers = list(pool.map(lambda i: send({**body, "seed": i}), range(8)))
         assert busy.result().status_code == 200 and queued.result().status_code == 200
     codes = sorted(a.status_code for a in answers)
@@ -125,23 +110,22 @@ def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(strict_
     overloaded = next(a for a in answers if a.status_code == 503)
     assert error_of(overloaded, 503, "overloaded") and int(overloaded.headers["Retry-After"]) >= 1
 
-    time.sleep(2)  # let the denoiser drain
-    slow = httpx.post(f"{strict_app.url}/v1/generate", json={**body, **SLOW}, headers=auth(LOAD_KEY), timeout=60)
+    # Every answer is in, so nothing is left in the denoiser; a request that gets in now meets an idle one.
+    wait_until(lambda: send(body).status_code == 200, 60, "a request answered 200 after the burst")
+    slow = httpx.post(f"{keyed_app.url}/v1/generate", json={**body, **SLOW}, headers=auth(keys["LOAD"]), timeout=60)
     assert "4s" in error_of(slow, 504, "stage_timeout")["message"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the app serves again once the slow request has left the denoiser
-        again = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(LOAD_KEY), timeout=60)
-        if again.status_code == 200:
-            break
-        time.sleep(1)
-    assert again.status_code == 200, again.text
+    # The app serves again once the slow request has left the denoiser.
+    wait_until(lambda: send(body).status_code == 200, 60, "a request answered 200 after the stage timeout",
+               interval_s=1)
 
 
-def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict_app, astronaut_bytes):
+def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(keyed_app, keys, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
     seen: list[str] = []
-    for headers in (auth(FULL_KEY), auth(UNKNOWN_KEY), {"X-API-Key": JOBS_KEY}, {"X-API-Key": UNKNOWN_KEY}):
-        response = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=headers, timeout=60)
+    request_id = f"leak-check-{time.monotonic_ns()}"  # named, so the wait below knows which log line to look for
+    for headers in ({**auth(keys["FULL"]), "x-request-id": request_id}, auth(keys["UNKNOWN"]),
+                    {"X-API-Key": keys["JOBS"]}, {"X-API-Key": keys["UNKNOWN"]}):
+        response = httpx.post(f"{keyed_app.url}/v1/generate", json=body, headers=headers, timeout=60)
         seen.append(response.text)
         if response.status_code == 200:
             meta = response.json()["metadata"]
@@ -149,12 +133,17 @@ def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict
             seen.append(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode())
     metrics_port = ray._private.worker._global_node.metrics_export_port  # Ray's port: where the app's metrics are
     seen.append(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text)
-    time.sleep(2)  # replica log lines are flushed asynchronously
-
     logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+
+    def ingress_logged_the_requests() -> list[Path]:  # replica log lines are flushed asynchronously
+        return [p for p in (logs_dir / "serve").glob("replica_keyed_Ingress_*.log")
+                if request_id.encode() in p.read_bytes()]
+
+    wait_until(ingress_logged_the_requests, 30, f"the keyed app's Ingress log names {request_id}")
     log_files = [p for p in logs_dir.rglob("*") if p.is_file()]
     assert any("Ingress" in p.name for p in log_files), "no ingress replica log found to check"
-    secrets_to_find = {"API key": [FULL_KEY, UNKNOWN_KEY, JOBS_KEY], "S3 secret": [TEST_SECRET_ACCESS_KEY]}
+    secrets_to_find = {"API key": [keys["FULL"], keys["UNKNOWN"], keys["JOBS"]],
+                       "S3 secret": [os.environ["AWS_SECRET_ACCESS_KEY"]]}  # the S3 test server's (fixtures_s3)
     for what, values in secrets_to_find.items():
         for value in values:
             assert not any(value in text for text in seen), f"{what} in a response, sidecar or metrics"
@@ -163,9 +152,9 @@ def test_keys_and_credentials_never_reach_logs_bodies_sidecars_or_metrics(strict
     assert json.loads(seen[0])["images"]  # the check above read real responses
 
 
-def test_a_request_with_more_images_than_a_batch_runs_as_a_batch_of_its_own(strict_app, astronaut_bytes):
+def test_a_request_with_more_images_than_a_batch_runs_as_a_batch_of_its_own(keyed_app, keys, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", "num_images": 3, **FAST}  # max_batch_size is 1
-    answer = httpx.post(f"{strict_app.url}/v1/generate", json=body, headers=auth(FULL_KEY), timeout=120)
+    answer = httpx.post(f"{keyed_app.url}/v1/generate", json=body, headers=auth(keys["FULL"]), timeout=120)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["images"]) == 3 and answer.json()["batch_size"] == 3
 
@@ -197,10 +186,10 @@ def image_host(astronaut_bytes):
     server.shutdown()
 
 
-def test_url_inputs_only_from_allowed_hosts_and_never_through_a_redirect(strict_app, image_host):
+def test_url_inputs_only_from_allowed_hosts_and_never_through_a_redirect(keyed_app, keys, image_host):
     def generate(url: str) -> httpx.Response:
-        return httpx.post(f"{strict_app.url}/v1/generate", json={"face_image": url, "prompt": "x", **FAST},
-                          headers=auth(FULL_KEY), timeout=120)
+        return httpx.post(f"{keyed_app.url}/v1/generate", json={"face_image": url, "prompt": "x", **FAST},
+                          headers=auth(keys["FULL"]), timeout=120)
 
     assert generate(f"http://{image_host}/face.jpg").status_code == 200
     port = image_host.rsplit(":", 1)[1]

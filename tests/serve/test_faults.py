@@ -13,10 +13,10 @@ import uuid
 import boto3
 import httpx
 import pytest
-import ray
 
-from bench.load import answered, audit_outputs, run_load
-from tests.hostile_inputs import b64
+from testkit.api import b64, s3_read
+from testkit.load import answered, audit_outputs, run_load
+from testkit.serve import kill_replica, replica_actors, wait_replaced
 
 SMALL = {"steps": 2, "width": 64, "height": 64}
 
@@ -24,16 +24,6 @@ SMALL = {"steps": 2, "width": 64, "height": 64}
 def objects_under(bucket: str, prefix: str) -> set[str]:
     pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", [])}
-
-
-def read_s3(uri: str) -> bytes:
-    bucket, key = uri.removeprefix("s3://").split("/", 1)
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def replicas_of(deployment: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::instantid#{deployment}#")]
 
 
 @pytest.fixture
@@ -53,7 +43,7 @@ def test_bounded_load_every_answer_is_200_or_503_and_the_store_matches(served_ap
     assert set(result.statuses()) <= {"200", "503"}, result.statuses()
     assert all(a.retry_after for a in result.answers if a.status == 503)
     assert result.ok(), result.statuses()
-    audit = audit_outputs(result, objects_under(served_app.bucket, f"out/{prefix}/"), read_s3)
+    audit = audit_outputs(result, objects_under(served_app.bucket, f"out/{prefix}/"), s3_read)
     assert audit["missing"] == [] and audit["orphans"] == [] and audit["bad_sidecars"] == 0, audit
     print(f"load: {result.statuses()} p50 {result.percentile_s(50):.2f}s p99 {result.percentile_s(99):.2f}s "
           f"goodput {result.goodput():.1f} img/s")
@@ -61,13 +51,14 @@ def test_bounded_load_every_answer_is_200_or_503_and_the_store_matches(served_ap
 
 def test_denoiser_killed_under_load_recovers_without_losses_or_orphans(served_app, body_factory):
     prefix = f"kill-{uuid.uuid4().hex[:8]}"
-    (victim,) = replicas_of("Denoiser")
+    victims = replica_actors("Denoiser")  # every one: nothing can denoise until Serve has started new ones
     killed_at: list[float] = []
 
     def kill(live) -> None:
         assert answered(live, 16, timeout_s=120), "the load run ended before the kill"
         killed_at.append(time.monotonic())
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        for victim in victims:
+            kill_replica(victim)
 
     result = run_load(served_app.url, body_factory(prefix), clients=8, requests=80, timeout_s=120, during=kill)
     for answer in result.answers:  # in flight at the kill: success, or a 5xx that says to retry
@@ -84,9 +75,9 @@ def test_denoiser_killed_under_load_recovers_without_losses_or_orphans(served_ap
             time.sleep(0.5)
         assert recovered, "no request succeeded within 30 s of the kill"
     assert min(recovered) < 30
-    assert replicas_of("Denoiser") and victim not in replicas_of("Denoiser")
+    wait_replaced("Denoiser", victims)  # as many replicas as before, none of them the killed ones
     # Every 200 has all its objects; a request that failed at the kill left none (its images never existed).
-    audit = audit_outputs(result, objects_under(served_app.bucket, f"out/{prefix}/"), read_s3)
+    audit = audit_outputs(result, objects_under(served_app.bucket, f"out/{prefix}/"), s3_read)
     assert audit["missing"] == [] and audit["orphans"] == [] and audit["bad_sidecars"] == 0, audit
     print(f"kill: {result.statuses()}, first success {min(recovered):.1f}s after the kill")
 
@@ -122,8 +113,8 @@ def test_a_job_survives_its_ingress_replica_dying(served_app, astronaut_bytes):
     submitted = httpx.post(f"{served_app.url}/v1/jobs", json=body, timeout=60)
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
-    for name in replicas_of("Ingress"):
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for name in replica_actors("Ingress"):
+        kill_replica(name)
 
     deadline = time.monotonic() + 150
     status = {}
@@ -142,5 +133,5 @@ def test_a_job_survives_its_ingress_replica_dying(served_app, astronaut_bytes):
     # loses nothing (a job the consumer was running through one goes back to the queue and runs again).
     result = status["result"]
     assert result["request_id"] == job_id and len(result["images"]) == 1
-    sidecar = json.loads(read_s3(result["metadata"]))
+    sidecar = json.loads(s3_read(result["metadata"]))
     assert sidecar["images"] == result["images"] and sidecar["seed"] == result["seed"]

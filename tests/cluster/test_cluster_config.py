@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
-from cluster.local import NODE_TYPE_RESOURCES, NodeSpec, start_local_cluster
 from cluster.prefetch import main as prefetch_main
 from instantid_core.config import ModelSources
 from k8s import render
+from testkit.cluster import NODE_TYPE_RESOURCES, NodeSpec, start_local_cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AWS = REPO / "cluster" / "aws.yaml"
-# launcher node type -> the node type of cluster/local.py and the KubeRay worker groups
+# launcher node type -> the node type of testkit.cluster and the KubeRay worker groups
 NODE_TYPES = {"ray.head.default": "head", "ray.worker.cpu": "cpu", "ray.worker.gpu": "gpu"}
 GPU_INSTANCE_FAMILIES = ("g5.", "g6.", "g6e.", "p4d.", "p5.")
 

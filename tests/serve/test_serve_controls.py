@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 
 from instantid_core.img2img import face_box_mask_image, prepare_init, seam_alpha
-from tests.test_serve_app import FAST, b64, png_pixels, post, s3_read
+from testkit.api import b64, png_pixels, post, s3_read
+
+FAST = {"steps": 3, "width": 128, "height": 128}
 
 
 def _png(image: Image.Image) -> bytes:

@@ -7,7 +7,6 @@ be decoded and answered 422 `no_face`: that proves the decoder handled the mode 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import struct
@@ -19,7 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-FAST = {"steps": 2, "width": 64, "height": 64}
+from testkit.api import FAST, b64
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,6 @@ class Case:
     path: str = "/v1/generate"
     params: dict = field(default_factory=dict)
     field: str | None = None  # the error's `field`, when the API names one
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def encode(image: Image.Image, fmt: str, **options: Any) -> bytes:

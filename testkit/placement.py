@@ -1,6 +1,7 @@
-"""Driver for tests/test_placement.py: runs in its own process against a local multi-node cluster.
+"""Placement driver for tests/cluster/test_placement.py and bench/load.py: runs in its own process against a local
+multi-node cluster.
 
-    python -m tests.apps.placement_driver --address 127.0.0.1:PORT --dashboard-url http://127.0.0.1:PORT \
+    python -m testkit.placement --address 127.0.0.1:PORT --dashboard-url http://127.0.0.1:PORT \
         --port PORT --tiny-dir DIR --output-dir DIR
 
 Deploys the GPU overlay's serve config (`k8s.render.cpu_only(render_serve_config("gpu"))`: its custom resources
@@ -13,8 +14,8 @@ process group: a machine lost, not drained) and records how Serve recovers: wher
 when a request succeeds again. The test decides what is right.
 
 A separate process because the test session may already hold an in-process Ray instance (`ray_instance`); a
-process is connected to one Ray cluster at a time. `run_on_local_cluster` starts the cluster (NODES) and this driver
-against it, for tests/test_placement.py and bench/load.py.
+process is connected to one Ray cluster at a time. `run_on_local_cluster` starts the cluster (cluster_nodes()) and
+this driver against it. The driver imports `k8s.render`: it runs from the repository root (`python -m`, cwd REPO).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
+from testkit.net import free_port, wait_ready
+
+REPO = Path(__file__).resolve().parents[1]
 # One CPU node and two "GPU" nodes, each standing in for a 4-GPU machine (gpu_node = GPUs on the node, as on a
 # g6.12xlarge): either has room for two Denoisers (gpu_node 1 each) and the PromptEncoder's GPU share (0.25), so
 # losing one leaves room for everything. The CPU node has logical CPUs to spare for a Denoiser too, so only the
@@ -55,7 +58,7 @@ REQUEST = {"prompt": "a portrait, watercolor", "steps": 8, "width": 256, "height
 
 
 def cluster_nodes() -> list:
-    from cluster.local import NodeSpec
+    from testkit.cluster import NodeSpec
 
     return [NodeSpec("head", num_cpus=0), NodeSpec("cpu", num_cpus=8)] + [
         NodeSpec("gpu", num_cpus=8, extra_resources={"gpu_node": 4, marker: 1}) for marker in GPU_MARKERS]
@@ -63,14 +66,14 @@ def cluster_nodes() -> list:
 
 def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = True,
                          timeout_s: float = DRIVER_TIMEOUT_S) -> tuple[int, dict[str, Any], str]:
-    """Start a Redis (the JobConsumer's broker) and cluster_nodes() with cluster/local.py, run this driver against
+    """Start a Redis (the JobConsumer's broker) and cluster_nodes() with testkit.cluster, run this driver against
     them, stop both.
 
     Returns the driver's exit code, its facts (empty if it printed none) and the tail of its stderr."""
     import tempfile
 
-    from cluster.local import start_local_cluster
-    from tests.fixtures_redis import start_redis
+    from testkit.cluster import start_local_cluster
+    from testkit.redis import start_redis, stop_redis
 
     nodes = cluster_nodes()
     redis_dir = tempfile.TemporaryDirectory(prefix="placement-redis-")
@@ -78,10 +81,9 @@ def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = 
     cluster = start_local_cluster(nodes, auth="token", dashboard=True)  # the state API needs the dashboard
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | cluster.env
-        env["PYTHONPATH"] = str(REPO)
-        command = [sys.executable, "-m", "tests.apps.placement_driver", "--address", cluster.address,
+        command = [sys.executable, "-m", "testkit.placement", "--address", cluster.address,
                    "--dashboard-url", cluster.dashboard_url, "--tiny-dir", str(tiny_dir),
-                   "--output-dir", str(output_dir), "--port", str(_free_port()), "--broker-url", broker_url]
+                   "--output-dir", str(output_dir), "--port", str(free_port()), "--broker-url", broker_url]
         if lose_node:
             node_pids = {marker: pid for spec, pid in zip(nodes, cluster.pids, strict=True)
                          for marker in GPU_MARKERS if marker in spec.resources}
@@ -97,21 +99,12 @@ def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = 
         return run.returncode, json.loads(lines[-1]) if lines else {}, run.stderr[-4000:]
     finally:
         cluster.stop()
-        redis_process.terminate()
-        redis_process.wait(timeout=10)
+        stop_redis(redis_process)
         redis_dir.cleanup()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def node_types() -> dict[str, str]:
-    """node id -> node type, read from the custom resources each alive node advertises (cluster/local.py)."""
+    """node id -> node type, read from the custom resources each alive node advertises (testkit.cluster)."""
     import ray
 
     types = {}
@@ -167,20 +160,6 @@ def app_config(tiny_dir: str, output_dir: str, broker_url: str) -> Any:
     for consumer in [d for d in app["deployments"] if d["name"] == "JobConsumer"]:  # its policy reads that Redis
         consumer["autoscaling_config"]["policy"] = JobsConfig.model_validate(app["args"]["jobs"]).autoscaling_policy()
     return app_spec(config)
-
-
-def wait_ready(url: str, deadline: float) -> None:
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            answer = httpx.get(f"{url}/readyz", timeout=10)
-            if answer.status_code == 200:
-                return
-            last = f"{answer.status_code} {answer.text[:300]}"
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/readyz not 200 in time; last answer: {last}")
 
 
 def burst(url: str, clients: int, scale_timeout_s: float, start_timeout_s: float) -> dict[str, Any]:
@@ -328,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app_from_spec(config), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{args.port}"
-        wait_ready(url, time.monotonic() + args.ready_timeout)
+        wait_ready(url, args.ready_timeout)
         timings["ready_s"] = round(time.monotonic() - t0, 1)
         facts["placement_before"] = replica_placement(types, args.dashboard_url)
         warm = httpx.post(f"{url}/v1/generate", timeout=120, json={

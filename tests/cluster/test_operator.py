@@ -1,9 +1,8 @@
-"""As an operator runs it: `ray start --head` (cluster/local.py, its own --temp-dir and free ports on 127.0.0.1),
+"""As an operator runs it: `ray start --head` (testkit.cluster, its own --temp-dir and free ports on 127.0.0.1),
 `serve deploy serve_config.yaml`, edit the file, deploy again.
 
 serve_config.yaml is deployed with only what a 2-core test machine and a private temp dir need changed (ports, CPU
 shares, one replica per deployment, where the tiny preset and the outputs go); everything else is the file's.
-Run under the Ray lock: `flock /work/tools/ray.lock .venv/bin/python -m pytest -q tests/test_operator.py`.
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ import httpx
 import pytest
 import yaml
 
-from deployments.demo import free_port
 from instantid_app.config import SERVE_CONFIG_PATH, app_entry
+from testkit.api import FAST, b64
+from testkit.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ print(json.dumps({"actors": actors, "live": live, "metrics_ports": [n["MetricsEx
 
 @dataclass
 class Operator:
-    cluster: Any  # cluster.local.LocalCluster
+    cluster: Any  # testkit.cluster.LocalCluster
     config_path: Path
     http_port: int
     config: dict[str, Any] = field(default_factory=dict)
@@ -134,13 +134,13 @@ def denoiser_entry(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def operator(serve_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Operator]:
-    from cluster.local import NodeSpec, start_local_cluster
+def operator(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Operator]:
+    from testkit.cluster import NodeSpec, start_local_cluster
 
     work = tmp_path_factory.mktemp("operator")
     with start_local_cluster([NodeSpec("head", num_cpus=3)], dashboard=True, auth="disabled") as cluster:
         op = Operator(cluster, work / "serve_config.yaml", free_port())
-        op.config = operator_config(serve_tiny_dir, work / "out", op.http_port, redis_url)
+        op.config = operator_config(tiny_root, work / "out", op.http_port, redis_url)
         op.deploy(op.config)
         op.wait_running()
         yield op
@@ -174,7 +174,6 @@ def test_a_redeploy_changes_max_replicas_and_max_batch_size_on_the_same_replicas
 def test_a_job_runs_through_the_file_deployed_job_consumer_that_scales_on_its_queue(
         operator: Operator, astronaut_bytes: bytes) -> None:
     from instantid_app.config import JobsConfig
-    from tests.hostile_inputs import FAST, b64
 
     status = operator.wait_running()
     policy = status["deployments"]["JobConsumer"]["deployment_config"]["autoscaling_config"]["policy"]
@@ -200,7 +199,6 @@ def scrape(ports: list[int]) -> str:
 
 def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics_port(
         operator: Operator, astronaut_bytes: bytes) -> None:
-    from tests.hostile_inputs import FAST, b64
     from tests.test_k8s import queried_metrics
 
     body = {"face_image": b64(astronaut_bytes), "prompt": "metrics", **FAST}
@@ -238,7 +236,6 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics
 
 def test_a_callers_request_id_names_outputs_and_every_stages_json_logs_and_a_reuse_is_409(
         operator: Operator, astronaut_bytes: bytes) -> None:
-    from tests.hostile_inputs import FAST, b64
 
     body = {"face_image": b64(astronaut_bytes), "prompt": "request id", **FAST}
     request_id = f"op-{uuid.uuid4().hex[:12]}"

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import ray
 import yaml
 from ray import serve
 
 from instantid_app.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config, validate_serve_config
+from testkit.api import b64
+from testkit.net import wait_until
+from testkit.serve import kill_replica, ongoing_requests, replica_actors, wait_replaced
 
 FAST = {"steps": 3, "width": 128, "height": 128}
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def test_a_second_app_calls_instantid_through_its_handle(served_app, astronaut_bytes):
     from deployments.schemas import GenerateRequest, GenerateResponse
-    from tests.apps.caller import app
+    from testkit.caller_app import app
 
     caller = serve.run(app, name="caller", route_prefix="/caller")
     try:
@@ -33,36 +29,25 @@ def test_a_second_app_calls_instantid_through_its_handle(served_app, astronaut_b
         serve.delete("caller")
 
 
-def _replica_actors(deployment: str) -> list[str]:
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return [a["name"] for a in names if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]
-            and a["name"].startswith("SERVE_REPLICA::instantid#")]
-
-
-def test_killing_the_denoiser_replica_mid_request_recovers(served_app, astronaut_bytes):
-    (before,) = _replica_actors("Denoiser")
+def test_killing_the_denoiser_replicas_mid_request_recovers(served_app, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 40, "width": 256, "height": 256}
+    victims = replica_actors("Denoiser")
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(httpx.post, f"{served_app.url}/v1/generate", json=body, timeout=120)
-        time.sleep(1.0)
-        ray.kill(ray.get_actor(before, namespace="serve"), no_restart=True)
+        # Mid-request: once it has reached a Denoiser replica (its ongoing count, as Serve's router sees it).
+        wait_until(lambda: in_flight.done() or any(ongoing_requests(name) for name in victims), 60,
+                   "the request reached a Denoiser replica", 0.05)
+        for victim in victims:  # every one: nothing else could take the request over
+            kill_replica(victim)
         answer = in_flight.result()
     # In flight at the kill: either it finished first, or it gets a 503 that says to retry. Never a hang or a 500.
     assert answer.status_code in (200, 503), answer.text
     if answer.status_code == 503:
         assert "retry" in answer.json()["error"]["message"] and answer.headers["Retry-After"]
 
-    deadline = time.monotonic() + 90
-    readiness = []
-    while time.monotonic() < deadline:
-        ready = httpx.get(f"{served_app.url}/readyz", timeout=30)
-        readiness.append(ready.status_code)
-        replicas = _replica_actors("Denoiser")
-        if ready.status_code == 200 and replicas and replicas != [before]:
-            break
-        time.sleep(0.5)
-    assert _replica_actors("Denoiser") not in ([], [before])
-    assert readiness and readiness[-1] == 200, f"/readyz never reported the new replica ready: {readiness}"
+    wait_replaced("Denoiser", victims)
+    wait_until(lambda: httpx.get(f"{served_app.url}/readyz", timeout=30).status_code == 200, 90,
+               "/readyz reports the new replicas ready", 0.5)
     assert httpx.post(f"{served_app.url}/v1/generate", json={**body, **FAST}, timeout=120).status_code == 200
 
 

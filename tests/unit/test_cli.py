@@ -1,4 +1,5 @@
-"""The `instantid` console command, run as a user runs it: a subprocess of the installed entry point.
+"""The `instantid` command: `main(argv)` in this process (its exit code and what it prints), and as a user runs it,
+the installed console script in a subprocess (a fresh interpreter: imports, warnings and exit codes as they are).
 
 Expected failures must end with exit code 2 and one `error:` line that names the problem, never a traceback.
 Sizes and steps are the smallest the parameters allow (64x64, 2 steps), so a model-loading run takes seconds.
@@ -9,39 +10,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from PIL import Image
 
-from tests.fixtures_tiny import ASTRONAUT
+from testkit.api import FACE as ASTRONAUT
+from testkit.cli import run_cli, run_cli_subprocess, uri_path
+from testkit.tiny import write_tiny_lcm_lora
 
-INSTANTID = Path(sys.executable).parent / "instantid"  # the console script `pip install -e .` puts next to python
 SMALL = ["--steps", "2", "--width", "64", "--height", "64"]
 WARNING_LINE = re.compile(r"\b\w+Warning: ")
-
-
-def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    assert INSTANTID.exists(), f"{INSTANTID} missing: install the project (`make setup` or `pip install -e .`)"
-    return subprocess.run([str(INSTANTID), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    """The single `error:` line of a failed run; asserts exit code 2 and no traceback."""
-    assert result.returncode == 2, f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
-
-
-def uri_path(uri: str) -> Path:
-    parsed = urlparse(uri)
-    assert parsed.scheme == "file", uri
-    return Path(parsed.path)
 
 
 @pytest.fixture
@@ -53,18 +32,20 @@ def blank_png(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_weights_tiny_check_and_generate_write_a_png_and_sidecar(tmp_path: Path) -> None:
+    """As a user runs it: the console script, three fresh processes."""
     weights, out = tmp_path / "weights", tmp_path / "out"
 
-    tiny = run_cli("weights", "tiny", weights, cwd=tmp_path)
+    tiny = run_cli_subprocess("weights", "tiny", weights, cwd=tmp_path)
     assert tiny.returncode == 0, tiny.stderr
     assert f"wrote the tiny preset to {weights}" in tiny.stdout
 
-    check = run_cli("weights", "check", weights, cwd=tmp_path)
+    check = run_cli_subprocess("weights", "check", weights, cwd=tmp_path)
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith("ok: ") and str(weights / "sdxl") in check.stdout
 
-    gen = run_cli("generate", "--weights", weights, "--face", ASTRONAUT, "--prompt", "an astronaut, watercolor",
-                  "--style", "Watercolor", "--seed", "7", *SMALL, "--out", out, cwd=tmp_path)
+    gen = run_cli_subprocess("generate", "--weights", weights, "--face", ASTRONAUT, "--prompt",
+                             "an astronaut, watercolor", "--style", "Watercolor", "--seed", "7", *SMALL, "--out", out,
+                             cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
     image_uri, meta_uri = gen.stdout.split()
     assert image_uri.endswith("/0.png") and meta_uri.endswith("/meta.json")
@@ -89,8 +70,8 @@ def test_weights_tiny_check_and_generate_write_a_png_and_sidecar(tmp_path: Path)
 @pytest.mark.slow
 def test_generate_on_a_blank_image_exits_2_naming_the_file(tiny_root: Path, tmp_path: Path, blank_png: Path) -> None:
     result = run_cli("generate", "--weights", tiny_root, "--face", blank_png, "--prompt", "x", *SMALL,
-                     "--out", tmp_path / "out", cwd=tmp_path)
-    line = error_line(result)
+                     "--out", tmp_path / "out")
+    line = result.error_line()
     assert str(blank_png) in line and "no face found" in line
     assert not (tmp_path / "out").exists()
 
@@ -98,15 +79,15 @@ def test_generate_on_a_blank_image_exits_2_naming_the_file(tiny_root: Path, tmp_
 def test_generate_with_a_text_file_as_face_exits_2_naming_the_file(tiny_root: Path, tmp_path: Path) -> None:
     note = tmp_path / "face.txt"
     note.write_text("not a photo\n")
-    line = error_line(run_cli("generate", "--weights", tiny_root, "--face", note, "--prompt", "x", *SMALL,
-                              "--out", tmp_path / "out", cwd=tmp_path))
+    line = run_cli("generate", "--weights", tiny_root, "--face", note, "--prompt", "x", *SMALL,
+                   "--out", tmp_path / "out").error_line()
     assert str(note) in line and "is not an image" in line
 
 
 def test_generate_with_a_missing_face_file_exits_2(tiny_root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.jpg"
-    line = error_line(run_cli("generate", "--weights", tiny_root, "--face", missing, "--prompt", "x", *SMALL,
-                              "--out", tmp_path / "out", cwd=tmp_path))
+    line = run_cli("generate", "--weights", tiny_root, "--face", missing, "--prompt", "x", *SMALL,
+                   "--out", tmp_path / "out").error_line()
     assert f"cannot read {missing}" in line
 
 
@@ -119,20 +100,20 @@ def test_generate_with_a_missing_face_file_exits_2(tiny_root: Path, tmp_path: Pa
 def test_generate_with_a_bad_parameter_exits_2_naming_the_field(
         tiny_root: Path, tmp_path: Path, flags: list[str], field: str, detail: str) -> None:
     result = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", *flags,
-                     "--out", tmp_path / "out", cwd=tmp_path)
-    line = error_line(result)
+                     "--out", tmp_path / "out")
+    line = result.error_line()
     assert line.startswith(f"error: {field}: ") and detail in line, line
 
 
 def test_generate_with_a_missing_weights_folder_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "no-weights"
-    line = error_line(run_cli("generate", "--weights", missing, "--face", ASTRONAUT, "--prompt", "x", *SMALL,
-                              "--out", tmp_path / "out", cwd=tmp_path))
+    line = run_cli("generate", "--weights", missing, "--face", ASTRONAUT, "--prompt", "x", *SMALL,
+                   "--out", tmp_path / "out").error_line()
     assert f"weights folder {missing} does not exist" in line and "instantid weights tiny" in line
 
 
 def test_weights_check_names_the_missing_folder(tmp_path: Path) -> None:
-    line = error_line(run_cli("weights", "check", tmp_path / "no-weights", cwd=tmp_path))
+    line = run_cli("weights", "check", tmp_path / "no-weights").error_line()
     assert "does not exist" in line
 
 
@@ -146,32 +127,28 @@ def test_weights_check_on_a_broken_folder_names_the_deleted_file(
     broken = Path(shutil.copytree(tiny_root, tmp_path / "broken"))
     for path in broken.glob(relative):
         path.unlink()
-    line = error_line(run_cli("weights", "check", broken, cwd=tmp_path))
+    line = run_cli("weights", "check", broken).error_line()
     assert line.startswith(f"error: {part}: ") and Path(relative).name.replace("*", "") in line, line
 
 
 def test_weights_tiny_into_a_file_exits_2(tmp_path: Path) -> None:
     target = tmp_path / "a-file"
     target.write_text("")
-    line = error_line(run_cli("weights", "tiny", target, cwd=tmp_path))
+    line = run_cli("weights", "tiny", target).error_line()
     assert str(target) in line and "not a folder" in line
 
 
 @pytest.mark.slow
 def test_generate_with_an_lcm_lora_folder_runs_the_lcm_scheduler(tiny_root: Path, tmp_path: Path) -> None:
-    from tests.test_denoise import write_tiny_lcm_lora
-
     write_tiny_lcm_lora(tiny_root, tmp_path / "lcm")
     gen = run_cli("generate", "--weights", tiny_root, "--lcm-lora", tmp_path / "lcm", "--scheduler", "lcm",
-                  "--guidance", "1", "--face", ASTRONAUT, "--prompt", "x", *SMALL, "--out", tmp_path / "out",
-                  cwd=tmp_path)
+                  "--guidance", "1", "--face", ASTRONAUT, "--prompt", "x", *SMALL, "--out", tmp_path / "out")
     assert gen.returncode == 0, gen.stderr
     meta = json.loads(uri_path(gen.stdout.split()[1]).read_text())
     assert meta["params"]["scheduler"] == "lcm"
     # Without the LoRA the same request is refused up front, naming what is missing.
-    assert "LCM-LoRA" in error_line(run_cli("generate", "--weights", tiny_root, "--scheduler", "lcm", "--face",
-                                            ASTRONAUT, "--prompt", "x", *SMALL, "--out", tmp_path / "o2",
-                                            cwd=tmp_path))
+    assert "LCM-LoRA" in run_cli("generate", "--weights", tiny_root, "--scheduler", "lcm", "--face", ASTRONAUT,
+                                 "--prompt", "x", *SMALL, "--out", tmp_path / "o2").error_line()
 
 
 @pytest.mark.parametrize(("flags", "detail"), [
@@ -180,7 +157,13 @@ def test_generate_with_an_lcm_lora_folder_runs_the_lcm_scheduler(tiny_root: Path
     (["--steps", "ten"], "invalid int value"),
 ])
 def test_a_malformed_flag_is_one_error_line_with_the_choices(tmp_path: Path, flags: list[str], detail: str) -> None:
-    result = run_cli("generate", "--face", ASTRONAUT, "--prompt", "x", *flags, "--out", tmp_path / "o", cwd=tmp_path)
-    line = error_line(result)
+    result = run_cli("generate", "--face", ASTRONAUT, "--prompt", "x", *flags, "--out", tmp_path / "o")
+    line = result.error_line()
     assert detail in line, line
     assert "usage:" not in result.stderr
+
+
+def test_the_console_script_ends_a_usage_mistake_with_exit_2_and_one_error_line(tmp_path: Path) -> None:
+    """As a user runs it: the installed script's exit code is main()'s (here argparse's, through our parser)."""
+    result = run_cli_subprocess("generate", "--face", ASTRONAUT, "--prompt", "x", "--steps", "ten", cwd=tmp_path)
+    assert "invalid int value" in result.error_line() and "usage:" not in result.stderr

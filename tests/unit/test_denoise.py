@@ -10,6 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 from instantid_core.config import Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.errors import InvalidParameter
+from testkit.tiny import write_tiny_lcm_lora
 
 WIDTH, HEIGHT = 128, 96
 KEY = BatchKey(WIDTH, HEIGHT, steps=3, scheduler=Scheduler.euler)
@@ -115,21 +116,6 @@ def test_bad_inputs_are_invalid_parameters(denoiser, prompt_encoder):
 
 def test_probe_is_a_forward_pass_on_the_denoisers_device(denoiser):
     denoiser.probe()  # the Denoiser replica's health check: the Resampler on one zero embedding, synchronised
-
-
-def write_tiny_lcm_lora(tiny_root, folder) -> None:
-    """A random (non-zero) LoRA on the tiny UNet's attention projections, saved as diffusers saves LoRAs."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_root / "sdxl" / "unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=layers)
 
 
 def test_lcm_lora_from_a_folder_is_used_by_the_lcm_scheduler_only(denoiser, prompt_encoder, tiny_root, settings,

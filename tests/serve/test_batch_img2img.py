@@ -10,12 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from batch.job import BatchSettings, load_prompts, run_batch
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
-from batch.job import BatchSettings, load_prompts, run_batch
 
 
-def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronaut_bytes, serve_tiny_dir,
+def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronaut_bytes, tiny_root,
                                                               ray_instance):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -23,7 +23,7 @@ def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronau
     photo.save(inputs / "a.png")
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump([{"id": "p", "prompt": "a portrait", "style": "(No style)"}]))
-    settings = BatchSettings(ModelSources.from_root(str(serve_tiny_dir)), None, PipelineSettings())
+    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings())
     summary = run_batch(str(inputs), load_prompts(prompts), str(out), settings,
                         {"init_image": "$input", "inpaint_face": True, "steps": 2}, progress=False)
     assert summary["status"] == {"ok": 1}, summary
@@ -37,10 +37,10 @@ def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronau
     assert 0.3 < same.mean() < 0.98 and same[-8:].all()  # the face changed; the suit at the bottom did not
 
 
-def test_batch_init_image_that_cannot_be_read_is_one_error_that_writes_nothing(tmp_path, serve_tiny_dir):
+def test_batch_init_image_that_cannot_be_read_is_one_error_that_writes_nothing(tmp_path, tiny_root):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"x")
-    settings = BatchSettings(ModelSources.from_root(str(serve_tiny_dir)), None, PipelineSettings())
+    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings())
     with pytest.raises(InvalidParameter, match="init_image") as err:
         run_batch(str(tmp_path / "in"), load_prompts_inline(tmp_path), str(tmp_path / "out"), settings,
                   {"init_image": str(tmp_path / "missing.png")}, progress=False)

@@ -38,24 +38,40 @@ def test_sides_are_multiples_of_8_within_the_limits(width: int, height: int) -> 
     assert GenerateParams(prompt="x", width=64, height=2048).height == 2048
 
 
-def _imported_by(package: str, watched: set[str]) -> list[str]:
-    """Which of `watched` (top-level names) a fresh interpreter holds after importing every module of `package`."""
-    code = (f"import importlib, json, pkgutil, sys, {package}\n"
-            f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
-            "    importlib.import_module(m.name)\n"
-            f"print(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & set({sorted(watched)!r}))))")
+# Layer by layer, each importing every module of its package into one fresh interpreter, and which of the names it
+# must never import (top-level) are loaded after it. A name one layer must not import was absent after every layer
+# before it (each set below is within the earlier ones), so what appears after a layer came from that layer.
+LAYERS = {
+    "instantid_core": {"ray", "fastapi", "starlette", "instantid_app", "instantid_cli", "deployments", "batch", "bench",
+                       "cluster", "testkit"},
+    "instantid_app": {"deployments", "batch", "instantid_cli", "bench", "testkit", "ray", "fastapi"},
+    "batch": {"deployments", "instantid_cli", "bench", "testkit"},
+}
+
+
+@pytest.fixture(scope="module")
+def imported_by_layer() -> dict[str, list[str]]:
+    """package -> the names of its LAYERS entry that a fresh interpreter holds after importing it (and the layers
+    before it)."""
+    code = ("import importlib, json, pkgutil, sys\n"
+            f"layers, found = {LAYERS!r}, {{}}\n"
+            "for package, watched in layers.items():\n"
+            "    root = importlib.import_module(package)\n"
+            "    for m in pkgutil.walk_packages(root.__path__, package + '.'):\n"
+            "        importlib.import_module(m.name)\n"
+            "    found[package] = sorted({n.split('.')[0] for n in sys.modules} & watched)\n"
+            "print(json.dumps(found))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_instantid_core_imports_no_framework_and_no_layer_above_it() -> None:
-    layers_above = {"instantid_app", "instantid_cli", "deployments", "jobs", "bench", "cluster"}
-    assert _imported_by("instantid_core", {"ray", "fastapi", "starlette", *layers_above}) == []
+def test_instantid_core_imports_no_framework_and_no_layer_above_it(imported_by_layer) -> None:
+    assert imported_by_layer["instantid_core"] == []
 
 
-def test_the_batch_job_and_the_shared_app_layer_import_nothing_of_the_serving_app() -> None:
-    assert _imported_by("jobs", {"deployments", "instantid_cli", "bench"}) == []
-    assert _imported_by("instantid_app", {"deployments", "jobs", "instantid_cli", "ray", "fastapi"}) == []
+def test_the_batch_job_and_the_shared_app_layer_import_nothing_of_the_serving_app(imported_by_layer) -> None:
+    assert imported_by_layer["instantid_app"] == []
+    assert imported_by_layer["batch"] == []
 
 
 def test_core_errors_carry_no_http_status_and_the_serving_table_maps_each_one() -> None:

@@ -2,10 +2,10 @@
 in for the node types of cluster/aws.yaml and the KubeRay worker groups (`cpu_node`, `gpu_node`). Nodes are asked
 for 127.0.0.1; Ray maps that to the machine's own address, which is what `ray.nodes()` then reports.
 
-    python -m cluster.local up                   # head + 1 CPU node + 1 "GPU" node; Ctrl-C stops them
-    python -m cluster.local up --cpu-nodes 2 --gpu-nodes 1 --dashboard
+    python -m testkit.cluster up                 # head + 1 CPU node + 1 "GPU" node; Ctrl-C stops them
+    python -m testkit.cluster up --cpu-nodes 2 --gpu-nodes 1 --dashboard
 
-    from cluster.local import start_local_cluster
+    from testkit.cluster import start_local_cluster
     with start_local_cluster() as cluster:       # head, cpu, gpu
         cluster.connect()                        # ray.init(address=...) with the cluster's auth settings
         ...                                      # serve.run(...), ray.nodes(), ...
@@ -27,20 +27,19 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from typing_extensions import Self
+from testkit.net import free_port
 
 # The custom resources each node type advertises; the same numbers as cluster/aws.yaml's node types and the KubeRay
-# worker groups' rayStartParams (tests/test_cluster_config.py checks both). gpu_node = GPUs on the node (a Denoiser
-# asks for 1); cpu_node is a marker large enough never to limit (num_cpus limits).
+# worker groups' rayStartParams (tests/cluster/test_cluster_config.py checks both). gpu_node = GPUs on the node (a
+# Denoiser asks for 1); cpu_node is a marker large enough never to limit (num_cpus limits).
 NODE_TYPE_RESOURCES: dict[str, dict[str, float]] = {
     "head": {},
     "cpu": {"cpu_node": 1000},
@@ -96,12 +95,6 @@ class LocalCluster:
         self._connected = True
         return context
 
-    def add_node(self, spec: NodeSpec, timeout_s: float = 60) -> None:
-        """Start one more worker node and wait until it has joined."""
-        self._processes.append(_start_node(spec, self, head=False))
-        self.nodes.append(spec)
-        _wait_for_nodes(self, len(self.nodes), timeout_s)
-
     def stop(self, timeout_s: float = 30) -> None:
         """Stop every node this cluster started (workers first), by pid; remove the temp dir it created."""
         stop_processes(self._processes, timeout_s)
@@ -150,10 +143,10 @@ def start_local_cluster(
     owns_root = root is None
     root = Path(tempfile.mkdtemp(prefix="rl-")) if root is None else Path(root)  # short: unix socket paths
     env = _auth_env(auth)
-    port = _free_port()
+    port = free_port()
     cluster = LocalCluster(address=f"127.0.0.1:{port}", root=root, env=env, nodes=[], _owns_root=owns_root)
     if dashboard:
-        cluster.dashboard_url = f"http://127.0.0.1:{_free_port()}"
+        cluster.dashboard_url = f"http://127.0.0.1:{free_port()}"
     try:
         cluster._processes.append(_start_node(nodes[0], cluster, head=True, dashboard=dashboard))
         cluster.nodes.append(nodes[0])
@@ -196,9 +189,9 @@ def _start_node(spec: NodeSpec, cluster: LocalCluster, *, head: bool, dashboard:
         f"--resources={json.dumps(spec.resources)}",
         f"--object-store-memory={OBJECT_STORE_BYTES}",
         f"--temp-dir={temp_dir}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
     ]
     if head:
         args += ["--head", f"--port={port}", f"--include-dashboard={str(dashboard).lower()}"]
@@ -289,14 +282,8 @@ def _ray_cli() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m testkit.cluster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start a cluster and keep it up until Ctrl-C / SIGTERM")
     up.add_argument("--cpu-nodes", type=int, default=1)

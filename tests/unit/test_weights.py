@@ -22,7 +22,7 @@ from instantid_core.config import ModelSources
 from instantid_core.errors import WeightsError
 from instantid_core.weights import check_weights, download_all, resolve_weights
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _safetensors(path: Path, seed: int = 0) -> None:

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import ray
 
-from tests.hostile_inputs import FAST, b64, body_cases, check, image_cases, send
+from testkit.api import FAST, b64
+from testkit.hostile import body_cases, check, image_cases, send
+from testkit.serve import replica_actors
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def replica_actors() -> set[str]:
-    """Names of the instantid app's live replica actors: a restarted replica comes back under a new name."""
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::instantid#")}
 
 
 def test_every_hostile_request_gets_its_documented_4xx_and_nothing_restarts(served_app, astronaut_bytes):

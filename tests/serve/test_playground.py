@@ -9,28 +9,22 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import secrets
 import shutil
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import httpx
 import pytest
-import yaml
 from PIL import Image
 from starlette.exceptions import HTTPException
 
-from tests.fixtures_serve import ServedApp, deploy
+from testkit.serve import ServedApp
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-KEY = f"play-{secrets.token_hex(16)}"
-BURST = 30  # requests a key may send at once: one generation's submit, polls and downloads fit
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_MS = 120_000
 
 
@@ -211,24 +205,9 @@ def test_cancel_stops_waiting_and_the_page_is_ready_again(page, served_app, astr
     assert not page.js_errors
 
 
-@pytest.fixture(scope="module")
-def keyed_app(ray_instance, s3_server, serve_tiny_dir, tmp_path_factory) -> Iterator[ServedApp]:
-    """The app under a route prefix with API keys required."""
-    keys = tmp_path_factory.mktemp("play-keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"keys": [{"name": "play", "key": KEY}]}))
-    bucket = f"play-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    access = {"api_keys_file": str(keys), "rate_limit_per_minute": 6, "rate_limit_burst": BURST}
-    app = deploy(ray_instance, "playground-keys", "/keyed", {}, bucket, serve_tiny_dir,
-                 user_config={"Ingress": {"access": access}})
-    yield app
-    from ray import serve
-
-    serve.delete("playground-keys")
-
-
 @pytest.mark.slow
-def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed_app, astronaut_bytes):
+def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed_app, api_keys, astronaut_bytes):
+    """The session's keyed app (/keyed), with its `play` key."""
     page = browser.new_page(viewport={"width": 375, "height": 800})
     page.set_default_timeout(TIMEOUT_MS)
     errors = []
@@ -238,7 +217,7 @@ def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed
     fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes})
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => document.querySelector('[role=alert]').textContent.includes('API key')")
-    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("API key").fill(api_keys["play"])
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => { const i = document.querySelector('#results img'); "
                            "return i && i.complete && i.naturalWidth > 0; }")
@@ -246,8 +225,8 @@ def test_under_a_route_prefix_with_keys_the_page_asks_for_the_key(browser, keyed
 
     # Over the key's rate limit the page says the service is busy and when to retry (the 429's Retry-After).
     # Drained until the server answers 429 (serial requests on a loaded machine also refill the bucket).
-    for _ in range(10 * BURST):
-        if httpx.get(f"{keyed_app.url}/v1/jobs/{'0' * 32}", headers={"X-API-Key": KEY}).status_code == 429:
+    for _ in range(10 * keyed_app.config.ingress.access.rate_limit_burst):
+        if httpx.get(f"{keyed_app.url}/v1/jobs/{'0' * 32}", headers={"X-API-Key": api_keys["play"]}).status_code == 429:
             break
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function("() => /service is busy: retry in \\d+ s/.test("

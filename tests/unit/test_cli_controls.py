@@ -1,5 +1,5 @@
-"""`instantid generate` with issue 12's flags, run as a user runs it: swap a face into a photo, and the flags'
-mistakes as one error line (exit 2) before any model loads."""
+"""`instantid generate` with issue 12's flags (`main(argv)` in this process): swap a face into a photo, and the
+flags' mistakes as one error line (exit 2) before any model loads."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from instantid_core.img2img import seam_alpha
-from tests.fixtures_tiny import ASTRONAUT
-from tests.test_cli import error_line, run_cli, uri_path
+from testkit.api import FACE as ASTRONAUT
+from testkit.cli import run_cli, uri_path
 
 
 @pytest.mark.slow
@@ -20,8 +20,7 @@ def test_inpaint_face_swaps_the_face_into_the_photo_and_leaves_the_rest(tiny_roo
     photo = tmp_path / "photo.png"
     Image.open(ASTRONAUT).convert("RGB").resize((160, 160)).save(photo)
     result = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--init-image", photo, "--inpaint-face",
-                     "--prompt", "a (portrait:1.3)", "--steps", "2", "--seed", "3", "--out", tmp_path / "out",
-                     cwd=tmp_path)
+                     "--prompt", "a (portrait:1.3)", "--steps", "2", "--seed", "3", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     image_uri, meta_uri = result.stdout.split()
     out = np.asarray(Image.open(uri_path(image_uri)).convert("RGB"))
@@ -47,6 +46,6 @@ def test_inpaint_face_swaps_the_face_into_the_photo_and_leaves_the_rest(tiny_roo
 ])
 def test_control_flag_mistakes_are_one_error_line(tmp_path: Path, flags: list[str], detail: str) -> None:
     args = [flag.replace("{face}", str(ASTRONAUT)) for flag in flags]
-    line = error_line(run_cli("generate", "--weights", tmp_path, "--face", ASTRONAUT, "--prompt", "x",
-                              "--out", tmp_path / "out", *args, cwd=tmp_path))
+    line = run_cli("generate", "--weights", tmp_path, "--face", ASTRONAUT, "--prompt", "x", "--out", tmp_path / "out",
+                   *args).error_line()
     assert detail in line

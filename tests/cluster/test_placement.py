@@ -2,9 +2,9 @@
 and the CPU stages only on CPU nodes, a burst of requests scales the Denoiser, not the other stages, and when the
 GPU node running the Denoiser is lost, its replicas are rescheduled on the other one and the app serves again.
 
-The cluster is cluster/local.py's (one `ray start` process per node, custom resources standing in for node types;
+The cluster is testkit.cluster's (one `ray start` process per node, custom resources standing in for node types;
 the "gpu" node advertises `gpu_node` and no GPU, so the tiny preset runs on CPU). The Serve app is driven from a
-separate process (tests/apps/placement_driver.py), since this session may hold its own in-process Ray instance.
+separate process (testkit/placement.py), a Ray driver of that cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from k8s import render
-from tests.apps.placement_driver import cluster_nodes, run_on_local_cluster
+from testkit.placement import cluster_nodes, run_on_local_cluster
 
 NODES = cluster_nodes()
 
@@ -31,8 +31,8 @@ def expected_node_types() -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="module")
-def placement_facts(serve_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    returncode, facts, stderr = run_on_local_cluster(serve_tiny_dir, tmp_path_factory.mktemp("placement-out"))
+def placement_facts(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    returncode, facts, stderr = run_on_local_cluster(tiny_root, tmp_path_factory.mktemp("placement-out"))
     assert returncode == 0 and "burst" in facts, f"driver rc={returncode}; facts={facts}; stderr tail:\n{stderr}"
     print("placement facts:", json.dumps(facts))  # shown with -s, and by pytest when a test fails
     return facts

@@ -10,36 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
 from instantid_core.config import GenerateParams
-from instantid_core.pipeline import InstantIDPipeline
+from testkit.api import b64, png_pixels, post, s3_read
 
 FAST = {"steps": 3, "width": 128, "height": 128}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def s3_read(uri: str) -> bytes:
-    bucket, key = uri.removeprefix("s3://").split("/", 1)
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def png_pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def library(served_app) -> InstantIDPipeline:
-    """The same weights through the plain library: what every served result must equal."""
-    return InstantIDPipeline.from_root(served_app.tiny_dir)
-
-
-def post(app, body: dict, **kwargs) -> httpx.Response:
-    return httpx.post(f"{app.url}/v1/generate", json=body, timeout=120, **kwargs)
 
 
 def test_generate_writes_images_and_sidecar_that_replays_in_the_library(served_app, astronaut_bytes, library):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve_overhead.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serve_overhead.py"
 
 
 @pytest.fixture(scope="module")

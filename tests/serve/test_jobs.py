@@ -3,7 +3,6 @@ in the S3 test server, webhooks to a receiver on loopback."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -16,17 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import boto3
 import httpx
 import pytest
-import ray
 import redis
 
-from tests.fixtures_serve import WEBHOOK_SECRET, free_port
+from testkit.api import FAST, b64
+from testkit.net import free_port
+from testkit.serve import kill_replica, replica_actors
 
 SLOW = {"steps": 60, "width": 256, "height": 256}  # long enough to watch it run and stop it
-FAST = {"steps": 2, "width": 64, "height": 64}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def submit(app, body: dict, **kwargs) -> httpx.Response:
@@ -156,7 +151,8 @@ def receiver() -> Iterator[Receiver]:
     server.close()
 
 
-def test_webhook_reaches_an_allowed_receiver_signed_and_retried(served_app, astronaut_bytes, receiver):
+def test_webhook_reaches_an_allowed_receiver_signed_and_retried(served_app, astronaut_bytes, receiver,
+                                                                 webhook_secret):
     job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "hook", "webhook_url": receiver.url,
                                  **FAST}).json()["job_id"]
     assert wait_for(served_app, job_id)["status"] == "done"
@@ -167,7 +163,7 @@ def test_webhook_reaches_an_allowed_receiver_signed_and_retried(served_app, astr
     headers, body = receiver.calls[-1]
     sent = json.loads(body)
     assert sent["job_id"] == job_id and sent["status"] == "done" and sent["result"]["images"]
-    expected = hmac.new(WEBHOOK_SECRET.encode(), headers["x-instantid-timestamp"].encode() + b"." + body,
+    expected = hmac.new(webhook_secret.encode(), headers["x-instantid-timestamp"].encode() + b"." + body,
                         hashlib.sha256).hexdigest()
     assert headers["x-instantid-signature"] == f"sha256={expected}"
     deadline = time.monotonic() + 10
@@ -253,18 +249,13 @@ def test_twenty_jobs_on_one_consumer_all_end_done_as_the_queue_rises_and_falls(s
     assert all(len(objects_of(served_app, job_id)) == 2 for job_id in ids)
 
 
-def replicas_of(deployment: str) -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::instantid#{deployment}#")]
-
-
 @pytest.mark.slow
 def test_a_job_whose_consumer_is_killed_mid_run_ends_done_once_without_duplicates(served_app, astronaut_bytes):
     job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "survive", "num_images": 2,
                                  **SLOW}).json()["job_id"]
     wait_running_with_progress(served_app, job_id)
-    (replica,) = replicas_of("JobConsumer")
-    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    (replica,) = replica_actors("JobConsumer")
+    kill_replica(replica)
     final = wait_for(served_app, job_id, timeout_s=240)
     assert final["status"] == "done", final
     assert final["attempts"] >= 2, "the job finished without a second delivery: the kill came too late"

@@ -1,0 +1,139 @@
+"""The serve package's fixtures: one Ray on loopback (Serve's HTTP proxy on a free 127.0.0.1 port) and two apps on
+it, both on the session's tiny preset, writing to the S3 test server:
+
+- `served_app` ("instantid" at /): the app as a user runs it, with every extension the suite exercises (LoRAs incl.
+  a preset and files that are not LoRAs, the pose ControlNet beside the preset's canny and depth, async jobs and
+  webhooks) and two Denoiser replicas (LoRA sets are routed to the replica that holds them);
+- `keyed_app` ("keyed" at /keyed): API keys with per-key rate limits, a short stage timeout, a Denoiser that takes
+  one request at a time with a queue of one, and URL inputs from 127.0.0.1.
+
+Package-scoped: both apps are deleted and Ray is shut down when the last serve test has run, before any cluster
+test starts a Ray of its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from testkit.net import free_port
+from testkit.serve import ServedApp, deploy, small_stage_options
+
+WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer environment
+# Logical CPUs for the session's Ray: the two apps' 12 replicas ask 0.1 each, a batch job's tasks and actors 3.5
+# (prompt encoding 1, face 1, denoise 1, writer 0.5), the caller app 0.1; the rest is headroom, not parallelism.
+RAY_CPUS = 6
+
+
+@pytest.fixture(scope="package")
+def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
+    """Ray on loopback with Serve's HTTP proxy on a free 127.0.0.1 port (yielded); after Redis and the S3 server
+    start and before they stop, so no job consumer outlives its broker."""
+    import os
+
+    import ray
+    from ray import serve
+
+    # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
+    # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
+    assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _new_bucket(prefix: str) -> str:
+    bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(scope="package")
+def webhook_secret() -> str:
+    return WEBHOOK_SECRET
+
+
+@pytest.fixture(scope="package")
+def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app with batching that waits long enough for concurrent clients to meet; async jobs on the session's
+    Redis (short visibility timeout and lease: a consumer killed in a test is replaced in seconds; webhooks to a
+    receiver on loopback, signed); LoRAs: the preset's tiny-style, `fast-style` (tiny-style with steps and guidance
+    of its own) and two files that are not LoRAs for this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the
+    preset's canny and depth, and pose."""
+    from ray import serve
+
+    bad = tmp_path_factory.mktemp("bad-loras")
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(bad / "not-a-lora.safetensors"))
+    # A LoRA for the real SDXL UNet (1280-wide attention) does not fit the tiny one.
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.zeros(4, 1280), f"{key}.lora_B.weight": torch.zeros(1280, 4)},
+              str(bad / "sdxl-sized.safetensors"))
+    fast_style = {"source": str(tiny_root / "loras" / "tiny-style.safetensors"), "steps": 2, "guidance": 1.0}
+    jobs_options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 2,
+                    "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
+                        "env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}}
+    args = {"allowed_webhook_hosts": ["127.0.0.1"],
+            "jobs": {"broker_url": redis_url, "broker_url_env": None, "visibility_timeout_s": 8, "lease_s": 4,
+                     "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1},
+            "loras": {"broken": str(bad), "fast-style": fast_style},
+            "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")}}
+    options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),
+               "JobConsumer": jobs_options}
+    live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}
+    app = deploy(ray_instance, "instantid", "/", args, _new_bucket("serve"), tiny_root, options=options,
+                 user_config=live)
+    yield app
+    serve.delete(app.name)
+
+
+@pytest.fixture(scope="package")
+def api_keys() -> dict[str, str]:
+    """The keyed app's keys by name: `full` (generate, jobs), `poller` (jobs), `load` (generate: the overload
+    test's own rate bucket), `play` (the playground's), and `unknown` (in no file)."""
+    return {name: f"{name}-{secrets.token_hex(16)}" for name in ("full", "poller", "load", "play", "unknown")}
+
+
+@pytest.fixture(scope="package")
+def keyed_app(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+    """The app under /keyed with keys from a file, a per-key rate limit (30/min, a burst of 12), a 4 s stage
+    timeout, a Denoiser that takes one request at a time with a queue of one and batches of one, and URL inputs
+    from 127.0.0.1; no jobs API, no pose ControlNet."""
+    from ray import serve
+
+    keys_file = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
+    keys_file.write_text(yaml.safe_dump({"keys": [
+        {"name": "full", "key": api_keys["full"], "actions": ["generate", "jobs"]},
+        {"name": "poller", "key": api_keys["poller"], "actions": ["jobs"]},
+        {"name": "load", "key": api_keys["load"], "actions": ["generate"]},
+        {"name": "play", "key": api_keys["play"]},
+    ]}))
+    stages = small_stage_options(max_ongoing_requests=1, max_queued_requests=1)
+    live = {"Denoiser": {"max_batch_size": 1},
+            "Ingress": {"stage_timeout_s": 4, "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
+                                                         "rate_limit_burst": 12}}}
+    args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"]}
+    app = deploy(ray_instance, "keyed", "/keyed", args, _new_bucket("keyed"), tiny_root, options=stages,
+                 user_config=live)
+    yield app
+    serve.delete(app.name)
+
+
+@pytest.fixture(scope="package")
+def library(served_app: ServedApp):
+    """The same weights through the plain library: what every served result must equal."""
+    from instantid_core.pipeline import InstantIDPipeline
+
+    return InstantIDPipeline.from_root(served_app.tiny_dir)
