@@ -13,7 +13,6 @@ sidecars already written) and skipped.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import pickle
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from instantid_app.cache import LRUCache
+from instantid_app.config import AppConfig
 from instantid_core.config import NO_STYLE, GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
@@ -60,6 +60,7 @@ class BatchSettings:
     pipeline: PipelineSettings
     face_resources: dict[str, float] = field(default_factory=dict)  # custom resources (e.g. cpu_node) per actor
     denoise_resources: dict[str, float] = field(default_factory=dict)  # e.g. gpu_node
+    app: AppConfig | None = None  # --config's: its loras, controlnets and depth_estimator over the weights' own
 
 
 def load_prompts(path: Path) -> list[PromptSpec]:
@@ -120,7 +121,7 @@ def list_inputs(store: OutputStore, input_uri: str, limit: int | None, output_ur
 def _resolve(settings: BatchSettings):
     from instantid_app.weights import resolve_sources
 
-    return resolve_sources(settings.sources, settings.tiny_preset_dir, dtype=settings.pipeline.dtype)
+    return resolve_sources(settings.sources, settings.tiny_preset_dir, settings.app, dtype=settings.pipeline.dtype)
 
 
 class FaceStage:
@@ -179,47 +180,32 @@ class DenoiseStage:
         self.denoiser = IdentityDenoiser.from_weights(_resolve(settings), settings.pipeline)
         self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
 
-    def _denoise(self, key: Any, requests: list, on_step: Any) -> list:
-        return self.denoiser(requests, key, on_step)
-
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from collections import defaultdict
-
-        from instantid_core.memory import run_splitting
+        from instantid_core.batching import run_grouped
         from instantid_core.pipeline import denoise_request
 
         rows = len(batch["image"])
         images: list[bytes] = [b""] * rows
         status, message = list(batch["status"]), list(batch["message"])
-        groups: dict[Any, list[tuple[int, Any]]] = defaultdict(list)
+        work, rows_of_work = [], []
         for i in range(rows):
             if status[i] != "ok":
                 continue
             prompt_id, image_uri = batch["prompt_id"][i], batch["image"][i]
             seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
-            request, key = denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
-                                           self.denoiser.loras.with_presets(self.params[prompt_id]), seed,
-                                           self.settings.pipeline.default_scheduler)
-            groups[key].append((i, request))
-        for key, members in groups.items():  # rows sharing size/steps/scheduler/LoRA set run as one GPU batch
-            try:
-                # Out of device memory: the rows are retried in halves; a row that does not fit alone is an error.
-                outputs = run_splitting(functools.partial(self._denoise, key), [request for _, request in members],
-                                        functools.partial(_size, key), self.denoiser.device)
-                for (i, _), output in zip(members, outputs, strict=True):
-                    if isinstance(output, Exception):
-                        status[i], message[i] = "error", f"{type(output).__name__}: {output}"
-                    else:
-                        images[i] = pickle.dumps(output)
-            except Exception as exc:  # recorded per row; the job goes on
-                for i, _ in members:
-                    status[i], message[i] = "error", f"{type(exc).__name__}: {exc}"
+            work.append(denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
+                                        self.denoiser.loras.with_presets(self.params[prompt_id]), seed,
+                                        self.settings.pipeline.default_scheduler))
+            rows_of_work.append(i)
+        # Rows sharing size/steps/scheduler/LoRA set run as one GPU batch (split when out of device memory); an
+        # error is recorded on its rows (retried next run) and the job goes on.
+        for i, output in zip(rows_of_work, run_grouped(self.denoiser, work, catch=(Exception,)), strict=True):
+            if isinstance(output, Exception):
+                status[i], message[i] = "error", f"{type(output).__name__}: {output}"
+            else:
+                images[i] = pickle.dumps(output)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
                 "images": images}
-
-
-def _size(key: Any, request: Any) -> str:
-    return f"{key.width}x{key.height} with {request.num_images} image(s)"
 
 
 class WriteStage:
@@ -456,9 +442,9 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
     placement = {"face_resources": spec.options("FaceAnalysis")["ray_actor_options"].get("resources", {}),
                  "denoise_resources": spec.options("Denoiser")["ray_actor_options"].get("resources", {})}
     if args.weights:
-        return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline, **placement)
+        return BatchSettings(ModelSources.from_root(args.weights), None, app.pipeline, **placement, app=app)
     tiny = app.weights.tiny_dir if app.weights.preset == "tiny" else None
-    return BatchSettings(app.weights.sources or ModelSources(), tiny, app.pipeline, **placement)
+    return BatchSettings(app.weights.sources or ModelSources(), tiny, app.pipeline, **placement, app=app)
 
 
 def run_from_args(args: argparse.Namespace) -> None:

@@ -21,6 +21,7 @@ from .denoiser import Denoiser
 from .face import FaceAnalysis
 from .ingress import Ingress
 from .jobs.consumer import job_consumer_class
+from .jobs.task_queue import consumer_autoscaling_config
 from .prompt import PromptEncoderDeployment
 from .writer import OutputWriter
 
@@ -40,7 +41,9 @@ def build_app_from_spec(spec: AppSpec) -> Application:
 
     def deployment(cls: type, name: str) -> serve.Deployment:
         chosen = spec.options(name)
-        if name != JOB_CONSUMER:  # the consumer takes its work from the broker: no request of it waits in a queue
+        if name == JOB_CONSUMER:  # it takes its work from the broker: it scales on the queue, no request waits on it
+            chosen["autoscaling_config"] = consumer_autoscaling_config(spec.args.jobs)
+        else:
             # A request refused at a full queue gets Retry-After, also where Serve's proxy answers it (the Ingress's
             # own queue); between stages the Ingress turns the same refusal into its JSON 503.
             chosen.setdefault("backpressure_config", {"retry_after_s": retry_after_s})
@@ -53,7 +56,6 @@ def build_app_from_spec(spec: AppSpec) -> Application:
     writer = deployment(OutputWriter, "OutputWriter").bind(plain)
     consumer = None
     if spec.args.jobs is not None:
-        # Scales on the broker's queue length (spec.options gives it JobsConfig.autoscaling_policy()).
         consumer = deployment(job_consumer_class(spec.args), JOB_CONSUMER).bind(plain)
         logger.info("deployment JobConsumer on queue %s", spec.args.jobs.queue_name)
     return deployment(Ingress, "Ingress").bind(face, prompt, denoiser, writer, plain, consumer)

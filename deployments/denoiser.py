@@ -22,7 +22,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +30,15 @@ from ray import serve
 
 from instantid_app.config import AppConfig, DenoiserSettings
 from instantid_app.weights import resolve_app_weights
+from instantid_core.batching import describe_size, run_grouped
 from instantid_core.config import GenerateParams
-from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
-from instantid_core.errors import InstantIDError
+from instantid_core.denoise import IdentityDenoiser
+from instantid_core.denoise_types import BatchKey, DenoiseRequest
 from instantid_core.loras import lora_set_id
-from instantid_core.memory import run_splitting
 from instantid_core.pipeline import denoise_request
 
 from .errors import JobCancelled
+from .jobs.progress import JobProgressRelay, TrackedJob
 from .jobs.store import JobStore
 from .metrics import DenoiserMetrics, StageMetrics
 from .schemas import DenoiseResult, FaceResult, PromptResult
@@ -53,11 +53,13 @@ class _Item:
     enqueued: float
     abandoned: threading.Event = field(default_factory=threading.Event)  # set when the caller goes away
     job_id: str | None = None  # an async job: progress reported and cancel honoured at every step
+    job: TrackedJob | None = None  # its in-memory progress and cancel flag (JobProgressRelay)
 
 
 # Serve's multiplexed cache size is fixed when the class is defined; it only steers routing (which replica holds
 # which set): the memory bound is the core's adapter LRU, `pipeline.max_loaded_loras`.
 MAX_LORA_SETS_PER_REPLICA = 8
+_DEFAULT_SETTINGS = DenoiserSettings()
 
 
 def _replica_id() -> str | None:
@@ -72,15 +74,17 @@ def _images_in(items: list[_Item]) -> int:
 
 
 def _size(item: _Item) -> str:
-    return f"{item.key.width}x{item.key.height} with {item.request.num_images} image(s)"
+    return describe_size(item.key, item.request)
 
 
 class Denoiser:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = AppConfig.model_validate(config)
-        self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config), self.config.pipeline)
+        self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config, stage="Denoiser"),
+                                                      self.config.pipeline)
         self.replica_id = _replica_id()
-        self.jobs = JobStore(self.config.jobs.resolved_broker_url(), self.config.jobs.status_ttl_s) \
+        # Jobs' progress and cancel flags cross to Redis off the forward thread (JobProgressRelay).
+        self.jobs = JobProgressRelay(JobStore(self.config.jobs.resolved_broker_url(), self.config.jobs.status_ttl_s)) \
             if self.config.jobs else None
         self.metrics, self.gpu_metrics = StageMetrics(), DenoiserMetrics(self.config.pipeline.device)
         self.reconfigure({})
@@ -97,8 +101,8 @@ class Denoiser:
         import os
 
         return {"settings": self.settings.model_dump(), "pid": os.getpid(), "replica": self.replica_id,
-                "max_batch_size": self._run_batch._get_max_batch_size(),
-                "batch_wait_timeout_s": self._run_batch._get_batch_wait_timeout_s()}
+                "max_batch_size": self._run_batch.get_max_batch_size(),
+                "batch_wait_timeout_s": self._run_batch.get_batch_wait_timeout_s()}
 
     async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
                        control_images: list[bytes | None] | None = None,
@@ -125,13 +129,12 @@ class Denoiser:
         if key.loras:
             # Also what tells Serve this replica holds the set; a file that is no LoRA raises InvalidLora here.
             await self.load_lora_set(lora_set_id(key.loras))
-        if job_id and self.jobs and await asyncio.to_thread(self.jobs.cancel_requested, job_id):
-            raise JobCancelled(f"job {job_id} was cancelled")
-        item = _Item(request, key, time.perf_counter(), job_id=job_id if self.jobs else None)
+        job = self.jobs.track(job_id) if job_id and self.jobs else None
+        item = _Item(request, key, time.perf_counter(), job_id=job_id if job else None, job=job)
         try:
             if request.num_images > self.settings.max_batch_size:
                 # More images than a batch holds (Serve's batcher would refuse it): it is a batch of its own.
-                (result,) = await self._run_group([item])
+                (result,) = await self._run_items([item])
             else:
                 result = await self._run_batch(item)
         except asyncio.CancelledError:
@@ -139,6 +142,9 @@ class Denoiser:
             # the running batch drops this request's samples at its next step.
             item.abandoned.set()
             raise
+        finally:
+            if job is not None:
+                await self.jobs.untrack(job_id)
         if result is None and item.job_id:
             raise JobCancelled(f"job {item.job_id} was cancelled")
         if isinstance(result, Exception):
@@ -160,56 +166,51 @@ class Denoiser:
         await asyncio.to_thread(self.denoiser.preload_loras, list(names))
         return names
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_images_in)
+    # The batcher starts from DenoiserSettings' defaults; reconfigure() retunes it to the replica's user_config.
+    @serve.batch(max_batch_size=_DEFAULT_SETTINGS.max_batch_size,
+                 batch_wait_timeout_s=_DEFAULT_SETTINGS.batch_wait_timeout_s, batch_size_fn=_images_in)
     async def _run_batch(self, items: list[_Item]) -> list[Any]:
-        results: list[Any] = [None] * len(items)
-        groups: dict[BatchKey, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[item.key].append(index)
-        for indices in groups.values():
-            for i, result in zip(indices, await self._run_group([items[i] for i in indices]), strict=True):
-                results[i] = result
+        return await self._run_items(items)
+
+    async def _run_items(self, items: list[_Item]) -> list[Any]:
+        """One IdentityDenoiser call per BatchKey among `items` (split when out of memory): per item, (images, batch
+        images, queue s, denoise s), the typed error that item gets, or None when it left its batch."""
+        started_at: dict[int, tuple[float, float, int]] = {}  # item index -> (group start, seconds, group images)
+
+        def still_wanted(indices: list[int]):
+            wanted = [True] * len(indices)
+
+            def on_step(step: int, steps: int) -> list[bool]:
+                # In memory only: the relay carries job progress and cancel flags to and from Redis.
+                for n, i in enumerate(indices):
+                    item = items[i]
+                    if wanted[n] and (item.abandoned.is_set() or (
+                            item.job is not None and not self.jobs.report(item.job_id, step, steps))):
+                        wanted[n] = False
+                return wanted
+
+            return on_step
+
+        def ended(key: BatchKey, indices: list[int], started: float, seconds: float) -> None:
+            group = [items[i] for i in indices]
+            images = _images_in(group)
+            started_at.update({i: (started, seconds, images) for i in indices})
+            self.gpu_metrics.batch(images, [started - item.enqueued for item in group], seconds, key.steps)
+            if dropped := sum(item.abandoned.is_set() or (item.job is not None and item.job.cancelled.is_set())
+                              for item in group):
+                logger.info("%d of %d requests left their batch (%s)", dropped, len(group), _size(group[0]))
+
+        # The forward pass blocks; a thread keeps the replica's event loop (health, new requests, the relay) alive.
+        outcomes = await asyncio.to_thread(run_grouped, self.denoiser, [(item.request, item.key) for item in items],
+                                           on_step=still_wanted, on_group=ended)
+        results: list[Any] = []
+        for i, (item, outcome) in enumerate(zip(items, outcomes, strict=True)):
+            if outcome is None or isinstance(outcome, Exception):
+                results.append(outcome)
+            else:
+                started, seconds, images = started_at[i]
+                results.append((np.ascontiguousarray(outcome), images, started - item.enqueued, seconds))
         return results
-
-    async def _run_group(self, items: list[_Item]) -> list[Any]:
-        """IdentityDenoiser calls for items that share a BatchKey (one, or more when out of memory splits it): per
-        item, (images, batch images, queue s, denoise s) or the typed error that item gets."""
-        started = time.perf_counter()
-        key = items[0].key
-        by_request = {id(item.request): item for item in items}
-
-        def run(requests: list[DenoiseRequest], on_step) -> list[Any]:
-            return self.denoiser(requests, key, on_step)
-
-        wanted = [True] * len(items)
-
-        def still_wanted(step: int, steps: int) -> list[bool]:
-            for i, item in enumerate(items):
-                if wanted[i] and item.abandoned.is_set():
-                    wanted[i] = False
-                elif wanted[i] and item.job_id and self.jobs is not None:  # progress; False once cancelled
-                    wanted[i] = self.jobs.report_step(item.job_id, step, steps)
-            return wanted
-
-        def attempt() -> list[Any]:
-            return run_splitting(run, [item.request for item in items],
-                                 lambda request: _size(by_request[id(request)]), self.denoiser.device,
-                                 on_step=still_wanted)
-
-        try:
-            # The forward pass blocks; a thread keeps the replica's event loop (health, new requests) alive.
-            outputs = await asyncio.to_thread(attempt)
-        except InstantIDError as exc:
-            outputs = [exc] * len(items)
-        elapsed = time.perf_counter() - started
-        if any(output is None for output in outputs):
-            logger.info("%d of %d requests left their batch (%s): their callers went away",
-                        sum(output is None for output in outputs), len(items), _size(items[0]))
-        batch_images = sum(item.request.num_images for item in items)
-        self.gpu_metrics.batch(batch_images, [started - item.enqueued for item in items], elapsed, key.steps)
-        return [output if output is None or isinstance(output, Exception) else (
-            np.ascontiguousarray(output), batch_images, started - item.enqueued, elapsed)
-            for item, output in zip(items, outputs, strict=True)]
 
     async def check_health(self) -> None:
         """A tiny forward pass on the replica's device (Serve restarts the replica when it raises)."""

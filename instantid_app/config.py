@@ -103,18 +103,30 @@ SETTINGS: dict[str, type[BaseModel] | None] = {  # deployment name -> its user_c
 DEPLOYMENT_NAMES = tuple(SETTINGS)
 JOB_CONSUMER = "JobConsumer"
 
-# The options each deployment is bound with (a Python caller's, or `serve run` of a file without a `deployments`
-# entry for it); the file's `applications[].deployments[]` entries override them key by key, as Serve does.
+# Every deployment's Serve options, bound by build_app: the one home of these defaults. A Serve file's
+# `applications[].deployments[]` entries override them key by key, as Serve does, and hold only what differs (tests
+# hold serve_config.yaml and the KubeRay serve configs to that). The CPU shares fit the tiny preset's six replicas on
+# a 2-core machine; the GPU overlay (k8s/overlays/gpu/serve-patch.yaml) gives the GPU stages their GPUs.
+def _scaling(max_replicas: int, target: float) -> dict[str, Any]:
+    return {"min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": target}
+
+
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "Ingress": {"max_ongoing_requests": 32, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
-    "FaceAnalysis": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.5}},
-    "PromptEncoder": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.5}},
-    "Denoiser": {"max_ongoing_requests": 16, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 1}},
-    "OutputWriter": {"max_ongoing_requests": 8, "max_queued_requests": 64, "ray_actor_options": {"num_cpus": 0.25}},
-    # max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads); it scales on the
-    # broker's queue length (the policy JobsConfig.autoscaling_policy() names).
-    "JobConsumer": {"max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 0.25},
-                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}},
+    "Ingress": {"max_ongoing_requests": 32, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 8),
+                "ray_actor_options": {"num_cpus": 0.25}},
+    "FaceAnalysis": {"max_ongoing_requests": 8, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 4),
+                     "ray_actor_options": {"num_cpus": 0.5}},
+    "PromptEncoder": {"max_ongoing_requests": 8, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 4),
+                      "ray_actor_options": {"num_cpus": 0.25}},
+    # A replica's max_ongoing_requests must reach DenoiserSettings.max_batch_size or its batches never fill.
+    "Denoiser": {"max_ongoing_requests": 16, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 8),
+                 "ray_actor_options": {"num_cpus": 0.5}, "graceful_shutdown_timeout_s": 60},
+    "OutputWriter": {"max_ongoing_requests": 16, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 8),
+                     "ray_actor_options": {"num_cpus": 0.25}},
+    # max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads). Its
+    # autoscaling_config is not here: build_app makes it from args.jobs.consumer_autoscaling and the queue-length
+    # policy (deployments.jobs.task_queue), so the queue is named once, in `jobs`.
+    "JobConsumer": {"max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.25}},
 }
 
 
@@ -215,6 +227,10 @@ class JobsConfig(BaseModel):
                                  "the Ingress, which answers its own stage_timeout_s (a live Ingress setting) "
                                  "first; past it the run counts as failed and the job goes back to the queue. "
                                  "Must exceed the Ingress's stage_timeout_s.")
+    consumer_autoscaling: AutoscalingConfig = Field(
+        default_factory=lambda: AutoscalingConfig(max_replicas=2, target_ongoing_requests=2),
+        description="The JobConsumer's replica bounds; build_app adds the policy that scales them on queued plus "
+        "running jobs (a JobConsumer entry in a Serve file takes no autoscaling_config).")
 
     def resolved_broker_url(self) -> str:
         # Read here, in the deployments' process, never in the core: the URL may carry a password.
@@ -223,14 +239,6 @@ class JobsConfig(BaseModel):
     def webhook_secret(self) -> bytes | None:
         value = os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None
         return value.encode() if value else None
-
-    def autoscaling_policy(self) -> dict[str, Any]:
-        """The JobConsumer's `autoscaling_config.policy`: replicas from queued plus running jobs. It names the
-        environment variable, never the resolved URL, so no Redis password lands in Serve's stored config."""
-        return {"policy_function": "deployments.jobs.task_queue:JobQueuePolicy",
-                "policy_kwargs": {"queue_name": self.queue_name, "broker_url": self.broker_url,
-                                  "broker_url_env": self.broker_url_env,
-                                  "poll_interval_s": self.queue_poll_interval_s}}
 
 
 class AppConfig(BaseModel):
@@ -324,11 +332,10 @@ class AppSpec(BaseModel):
         if consumer is not None and jobs is None:
             raise ValueError("deployments: JobConsumer runs the async jobs: set `jobs` in args or remove its entry "
                              "(Serve refuses options for a deployment the app does not have)")
-        scaling = consumer.autoscaling_config if consumer else None
-        policy = (scaling.model_extra or {}).get("policy") if scaling else None
-        if policy is not None and policy != self.args.jobs.autoscaling_policy():
-            raise ValueError(f"JobConsumer: autoscaling_config.policy must be {self.args.jobs.autoscaling_policy()} "
-                             "(the queue-length policy of args.jobs), or left out")
+        if consumer is not None and consumer.autoscaling_config is not None:
+            # Serve replaces a bound autoscaling_config with a file's whole, which would drop the queue-length policy.
+            raise ValueError("JobConsumer: its autoscaling comes from args.jobs.consumer_autoscaling (build_app adds "
+                             "the queue-length policy); remove autoscaling_config from its deployments entry")
         return self
 
     def entry(self, name: str) -> DeploymentEntry | None:
@@ -337,7 +344,7 @@ class AppSpec(BaseModel):
     def options(self, name: str) -> dict[str, Any]:
         """The Serve options `name` is bound with: DEFAULT_OPTIONS, the entry's keys over them, and `user_config`
         always set (its model's defaults filled in), so reconfigure() runs on every replica start. The JobConsumer
-        has no user_config; its autoscaling_config always carries the queue-length policy."""
+        has no user_config; its autoscaling_config is args.jobs.consumer_autoscaling (build_app adds the policy)."""
         entry = self.entry(name)
         given = entry.model_dump(mode="json", exclude_none=True, exclude={"name"}) if entry else {}
         chosen = {**DEFAULT_OPTIONS[name], **given}
@@ -345,8 +352,7 @@ class AppSpec(BaseModel):
         if settings is not None:
             chosen["user_config"] = settings.model_dump(mode="json")
         if name == JOB_CONSUMER and self.args.jobs is not None:
-            chosen["autoscaling_config"] = {**chosen["autoscaling_config"],
-                                            "policy": self.args.jobs.autoscaling_policy()}
+            chosen["autoscaling_config"] = self.args.jobs.consumer_autoscaling.model_dump(mode="json")
         return chosen
 
     def settings(self, name: str) -> Any:
@@ -382,15 +388,7 @@ def app_spec(serve_config: dict[str, Any]) -> AppSpec:
     """The `instantid` application of a loaded Serve config, validated: args, every deployments[] entry and
     its user_config."""
     app = app_entry(serve_config)
-    spec = AppSpec.model_validate({"args": app.get("args", {}), "deployments": app.get("deployments", [])})
-    consumer = spec.entry(JOB_CONSUMER)
-    if consumer is not None and consumer.autoscaling_config is not None and spec.args.jobs is not None:
-        if "policy" not in (consumer.autoscaling_config.model_extra or {}):
-            # Serve replaces the bound autoscaling_config with a file's whole: without its policy the consumers
-            # would scale on HTTP requests they never get, not on the queue.
-            raise ValueError("JobConsumer: an autoscaling_config in a Serve file replaces the bound one whole; "
-                             f"give its policy too: {spec.args.jobs.autoscaling_policy()}")
-    return spec
+    return AppSpec.model_validate({"args": app.get("args", {}), "deployments": app.get("deployments", [])})
 
 
 def validate_serve_config(serve_config: dict[str, Any]) -> AppSpec:
@@ -405,3 +403,19 @@ def validate_serve_config(serve_config: dict[str, Any]) -> AppSpec:
 def app_config_from_serve_config(path: Path = SERVE_CONFIG_PATH) -> AppConfig:
     """The AppConfig (args) carried by the `instantid` application of a Serve config file."""
     return app_spec(load_serve_config(path)).args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m instantid_app.config [FILE]`: every deployment's options as they are bound for a Serve config
+    file (defaults filled in), so an operator sees what a short file runs with."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    spec = app_spec(load_serve_config(Path(args[0]) if args else SERVE_CONFIG_PATH))
+    print(yaml.safe_dump({"args": spec.args.model_dump(mode="json", exclude_none=True),
+                          "deployments": [{"name": name, **options} for name, options in spec.stages()]},
+                         sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -231,9 +231,6 @@ class PipelineSettings(BaseModel):
     vae_tile_above_pixels: int | None = Field(
         1536 * 1536, ge=64 * 64, description="Decode images larger than this in overlapping tiles (VAE memory "
         "grows with the image); batches always decode one image at a time. Unset: never tile.")
-    oom_above_samples: int | None = Field(
-        None, ge=0, description="TEST ONLY: raise torch.OutOfMemoryError in the forward pass of a batch of more "
-        "samples than this (proves out-of-memory handling without a GPU).")
     styles_file: str | None = Field(None, description="A YAML file of extra prompt styles (name: {prompt, negative}, "
                                     "the shape of instantid_core/styles.yaml); same names replace built-ins.")
     styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "

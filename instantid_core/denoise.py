@@ -14,7 +14,7 @@ import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -42,11 +42,11 @@ from . import accel as acc
 from . import identity, img2img
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
-from .controls import ControlMap, ExtraControlNets
+from .controls import ExtraControlNets
+from .denoise_types import BatchKey, Conditioning, DenoiseRequest, StepCallback
 from .errors import InvalidParameter, WeightsError
 from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
-from .text import PromptEmbeds
 from .weights import ResolvedWeights, load_variant
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
@@ -61,47 +61,9 @@ SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
 LCM_ADAPTER = "lcm"
 log = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, int], Sequence[bool]]
-"""`on_step(step, steps)`: called after each denoising step (step = steps done, 1..steps); returns, per request of
-the call (in the call's order), whether that request is still wanted."""
 # Scheduler attributes that hold per-sample state between steps (multistep solvers keep earlier model outputs):
 # sliced with the latents when a request leaves the batch.
 _SCHEDULER_SAMPLE_STATE = ("model_outputs", "last_sample", "sample", "prev_derivative")
-
-
-@dataclass(frozen=True)
-class DenoiseRequest:
-    """One request's conditioning; all arrays are plain numpy so it can cross a process boundary."""
-
-    prompt: PromptEmbeds
-    face_embedding: np.ndarray  # (512,) raw ArcFace embedding
-    kps_image: np.ndarray  # (H, W, 3) uint8 keypoint image at the output size
-    seed: int
-    num_images: int = 1
-    guidance: float = 5.0
-    identitynet_strength: float = 0.8
-    adapter_strength: float = 0.8
-    face_box: tuple[float, float, float, float] | None = None  # output pixels; region control (`regions`) when set
-    controls: tuple[ControlMap, ...] = ()  # extra ControlNets (canny/depth/pose), maps at the output size
-    # issue 12 (`identity`, `img2img`): when IdentityNet and the face tokens act, the negative face, the photo
-    identity_start: float = 0.0  # fraction of the steps run before they start acting
-    identity_end: float = 1.0  # fraction of the steps after which they stop
-    negative_face_noise: float = 0.0  # uniform noise in [0, this) as the negative branch's face embedding
-    init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img / inpainting starts from this photo
-    mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (inpainting); needs init_image
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What requests must share to run in one batch."""
-
-    width: int
-    height: int
-    steps: int
-    scheduler: Scheduler
-    text_tokens: int = 77  # prompt length: 77 per chunk of a long prompt (longer prompts attend over more tokens)
-    loras: LoraSet = ()  # sorted (name, scale): one forward activates one LoRA set
-    strength: float = 1.0  # img2img strength (the steps skipped are shared); 1: from noise, any mode may join
 
 
 @dataclass
@@ -110,30 +72,6 @@ class _Samples:
 
     seeds: list[int] = field(default_factory=list)
     owner: list[int] = field(default_factory=list)  # index of the request each sample belongs to
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """Per-sample tensors of one call, laid out [uncond samples..., cond samples...] as diffusers' pipelines do
-    (`guidance` has one row per sample). Every tensor's first dimension is per sample, so `select_samples` can
-    drop a request's rows from all of them."""
-
-    text: torch.Tensor  # (2B, 77, C) negative then positive prompt embeddings
-    face_tokens: torch.Tensor  # (2B, 16, C) Resampler of a zero embedding (uncond) then of the face
-    unet_states: torch.Tensor  # (2B, 77 + 16, C) what the UNet's cross-attention sees
-    added: dict[str, torch.Tensor]  # SDXL's added conditioning: text_embeds (2B, P), time_ids (2B, 6)
-    control: torch.Tensor  # (2B, 3, H, W) keypoint images in [0, 1]
-    identitynet_scale: torch.Tensor  # (2B, 1, 1, 1) IdentityNet strength
-    adapter_scale: torch.Tensor  # (2B,) face-token attention strength
-    guidance: torch.Tensor  # (B, 1, 1, 1) CFG scale
-    region_masks: torch.Tensor | None = None  # (2B, 1, H, W) face-box masks (region control), None: no box
-    attention_masks: dict[int, torch.Tensor] | None = None  # the same masks per cross-attention token count
-    # extra ControlNets in use: type -> (maps (2B, 3, H, W), strengths (2B, 1, 1, 1)); empty: none
-    extra_controls: dict = field(default_factory=dict)
-    identity_window: torch.Tensor | None = None  # (B, 2) CPU (start, end) fractions; None: every step
-    init_latents: torch.Tensor | None = None  # (B, 4, h, w) VAE latents of the init photos (zeros without one)
-    inpaint_mask: torch.Tensor | None = None  # (B, 1, h, w) 1 = generate, 0 = follow the init photo's latents
-    noise: torch.Tensor | None = None  # (B, 4, h, w) the initial noise, re-added to the init latents every step
 
 
 class IdentityDenoiser:
@@ -436,10 +374,6 @@ class IdentityDenoiser:
         if self._mark_step:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         # Both CFG halves go through IdentityNet: running it on the conditional half only would change the image.
-        limit = self.settings.oom_above_samples
-        if limit is not None and latents.shape[0] > limit:  # test only: the real exception type, at the forward
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {latents.shape[0]} samples in the batch, "
-                                         f"oom_above_samples={limit})")
         noise = self._step(model_input, t, cond, use_cfg)
         if use_cfg:
             uncond, text = noise.chunk(2)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .denoise import Conditioning
+    from .denoise_types import Conditioning
 
 _NOISE_SEED_OFFSET = 0x1D_F4CE  # the negative face's generator is not the latents' (same seed, other stream)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-    from .denoise import BatchKey, Conditioning, DenoiseRequest
+    from .denoise_types import BatchKey, Conditioning, DenoiseRequest
 
 SEAM_PX = 16  # the feathered seam outside the mask (the bound: at most 16 px)
 FACE_MASK_DILATION = 0.25  # inpaint_face: the face box grown by this fraction of its larger side on every side

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from .denoise import StepCallback
+from .denoise_types import StepCallback
 from .errors import GPUMemoryError
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import draw_seed
 
 from ..errors import JobNotFound, JobsDisabled
-from .task_queue import TASK_NAME, task_processor_config
-from .store import JobStore
 from ..schemas import JobRequest, JobStatus
+from .store import JobStore
+from .task_queue import TASK_NAME, task_processor_config
 from .webhooks import check_webhook_url
 
 

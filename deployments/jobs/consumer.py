@@ -21,11 +21,11 @@ from ray.serve.task_consumer import task_consumer, task_handler
 from instantid_app.config import AppConfig
 from instantid_core.errors import InstantIDError
 
-from . import webhooks
 from ..errors import JobCancelled, http_status
-from .task_queue import TASK_NAME, task_processor_config
-from .store import TERMINAL, Change, JobStore
 from ..schemas import ErrorDetail, GenerateRequest, JobStatus
+from . import webhooks
+from .store import TERMINAL, Change, JobStore
+from .task_queue import TASK_NAME, task_processor_config
 
 logger = logging.getLogger("ray.serve")
 INGRESS_DEPLOYMENT = "Ingress"

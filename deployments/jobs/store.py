@@ -49,10 +49,6 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.hexists(job_key(job_id), "cancel"))
 
-    def lease_age_s(self, job_id: str) -> float | None:
-        value = self.redis.hget(job_key(job_id), "lease")
-        return None if value is None else time.time() - float(value)
-
     # --- writes -------------------------------------------------------------------------------------------------
     def create(self, status: JobStatus) -> None:
         key = job_key(status.job_id)

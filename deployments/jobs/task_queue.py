@@ -4,6 +4,7 @@ the Ingress, consumer in JobConsumer) and the queue-length autoscaling policy of
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ray.serve.async_inference_autoscaling_policy import AsyncInferenceAutoscalingPolicy
 from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
@@ -45,10 +46,19 @@ def task_processor_config(jobs: JobsConfig) -> TaskProcessorConfig:
 class JobQueuePolicy(AsyncInferenceAutoscalingPolicy):
     """Serve's queue-length policy (replicas from queued plus running jobs) with the broker URL taken from
     `broker_url_env` where the Serve controller's environment sets it (a Kubernetes Secret), else `broker_url`:
-    the file and Serve's stored config name the variable, never a password. Named by
-    `JobsConfig.autoscaling_policy()`."""
+    the file and Serve's stored config name the variable, never a password. Named by `consumer_autoscaling_config`."""
 
     def __init__(self, queue_name: str, broker_url: str, broker_url_env: str | None = None,
                  poll_interval_s: float = 5.0) -> None:
         url = (os.environ.get(broker_url_env) if broker_url_env else None) or broker_url
         super().__init__(broker_url=url, queue_name=queue_name, poll_interval_s=poll_interval_s)
+
+
+def consumer_autoscaling_config(jobs: JobsConfig) -> dict[str, Any]:
+    """The JobConsumer's `autoscaling_config`: `jobs.consumer_autoscaling` and the queue-length policy on
+    `jobs`' own queue and broker (the environment variable's name, never the resolved URL, so no Redis password
+    lands in Serve's stored config)."""
+    policy = {"policy_function": f"{JobQueuePolicy.__module__}:{JobQueuePolicy.__qualname__}",
+              "policy_kwargs": {"queue_name": jobs.queue_name, "broker_url": jobs.broker_url,
+                                "broker_url_env": jobs.broker_url_env, "poll_interval_s": jobs.queue_poll_interval_s}}
+    return {**jobs.consumer_autoscaling.model_dump(mode="json"), "policy": policy}

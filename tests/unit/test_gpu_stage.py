@@ -26,14 +26,25 @@ def _request(prompt_encoder, identity: int, num_images: int = 1) -> DenoiseReque
                           kps_image=np.zeros((HEIGHT, WIDTH, 3), np.uint8), seed=identity, num_images=num_images)
 
 
-@pytest.fixture(scope="module")
-def tight(tiny_root) -> IdentityDenoiser:
-    """A denoiser whose forward pass raises torch.OutOfMemoryError for batches of more than one sample."""
-    return IdentityDenoiser(tiny_root / "sdxl", tiny_root / "InstantID" / "ControlNetModel",
-                            tiny_root / "InstantID" / "ip-adapter.bin", PipelineSettings(oom_above_samples=1))
+@pytest.fixture
+def tight(tiny_root, monkeypatch) -> IdentityDenoiser:
+    """A denoiser whose forward pass raises torch.OutOfMemoryError for batches of more than one sample, as a full
+    GPU raises it (patched in here: product code has no fault switch)."""
+    tight = IdentityDenoiser(tiny_root / "sdxl", tiny_root / "InstantID" / "ControlNetModel",
+                             tiny_root / "InstantID" / "ip-adapter.bin", PipelineSettings())
+    real_step = tight._step
+
+    def step(model_input, t, cond, use_cfg):
+        samples = model_input.shape[0] // (2 if use_cfg else 1)
+        if samples > 1:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected: {samples} samples in the batch)")
+        return real_step(model_input, t, cond, use_cfg)
+
+    monkeypatch.setattr(tight, "_step", step)
+    return tight
 
 
-def test_the_test_setting_raises_the_real_out_of_memory_type_at_the_forward_pass(tight, prompt_encoder):
+def test_the_injected_fault_raises_the_real_out_of_memory_type_at_the_forward_pass(tight, prompt_encoder):
     requests = [_request(prompt_encoder, 1), _request(prompt_encoder, 2)]
     with pytest.raises(torch.OutOfMemoryError, match="2 samples"):
         tight(requests, KEY)

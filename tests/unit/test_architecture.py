@@ -1,0 +1,109 @@
+"""The layers and the import graph, read statically from the source: every import counts, at module level, inside a
+function (lazy) or under TYPE_CHECKING, since each is a dependency someone must understand.
+
+instantid_core <- instantid_app <- (deployments | batch: neither imports the other) <- instantid_cli, bench, tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT = ("instantid_core", "instantid_app", "deployments", "batch", "instantid_cli")
+ABOVE = {  # package -> top-level names it must never import
+    "instantid_core": {"instantid_app", "deployments", "batch", "instantid_cli", "bench", "tests", "testkit",
+                       "cluster", "ray", "fastapi", "starlette"},
+    "instantid_app": {"deployments", "batch", "instantid_cli", "bench", "tests", "testkit", "fastapi"},
+    "deployments": {"batch", "instantid_cli", "bench", "tests", "testkit"},
+    "batch": {"deployments", "instantid_cli", "bench", "tests", "testkit"},
+    "instantid_cli": {"deployments", "bench", "tests", "testkit"},
+    "bench": {"tests"},
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> Iterator[str]:
+    """Absolute names of every module `path` imports (relative imports resolved), wherever the import stands."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from pkg import name` may import the submodule pkg.name: count both, the graph keeps those that exist
+            yield base
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def sources(*packages: str) -> list[Path]:
+    return sorted(p for package in packages for p in (REPO / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", sorted(ABOVE))
+def test_each_layer_imports_nothing_above_it(package: str) -> None:
+    wrong = sorted({f"{module_name(path)} imports {name}" for path in sources(package)
+                    for name in imports_of(path) if name.split(".")[0] in ABOVE[package]})
+    assert wrong == []
+
+
+def product_graph() -> dict[str, set[str]]:
+    modules = {module_name(path): path for path in sources(*PRODUCT)}
+    return {name: {imported for imported in imports_of(path) if imported in modules and imported != name}
+            for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (a list of modules that leads back to its first), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle_and_accepts_a_tree() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_product_code_has_no_import_cycle() -> None:
+    # A package's __init__ importing its own submodules is no cycle of dependencies between modules.
+    graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in product_graph().items()}
+    assert find_cycle(graph) is None
+
+
+def test_the_lower_layers_name_no_module_above_them_in_a_string() -> None:
+    # An import path in a string ("deployments.x:Y", what Serve's policy_function takes) is a dependency the
+    # import graph cannot see.
+    pattern = re.compile(r"^(deployments|batch|instantid_cli)(\.\w+)+(:\w+)?$")
+    named = [f"{module_name(path)}: {node.value}" for path in sources("instantid_core", "instantid_app")
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
+             and isinstance(node.value, str) and pattern.match(node.value)]
+    assert named == []
