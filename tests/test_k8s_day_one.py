@@ -331,3 +331,28 @@ def test_the_tracing_component_turns_serve_tracing_on_in_every_ray_container(
         env = one(rendered(overlay), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
             "containers"][0]["env"]
         assert not [e for e in env if e["name"].startswith("RAY_SERVE_TRACING")]
+
+
+# --- what Prometheus and Grafana get ----------------------------------------------------------------------------------
+
+def test_the_heads_autoscaler_and_dashboard_metrics_are_scraped_and_rays_serve_dashboards_ship() -> None:
+    docs = rendered("gpu")
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
+    assert ports["as-metrics"] == 44217 and ports["dash-metrics"] == 44227  # Ray's defaults
+    (monitor,) = [d for d in docs if d["kind"] == "PodMonitor" and d["metadata"]["name"] == "instantid-ray-head"]
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"as-metrics", "dash-metrics"}
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= head["metadata"]["labels"].items()
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    for worker in cluster["workerGroupSpecs"]:  # only the head: workers have no such ports
+        assert not selector <= worker["template"]["metadata"]["labels"].items()
+    dashboards = {d["metadata"]["name"]: d for d in docs
+                  if d["kind"] == "ConfigMap" and d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"}
+    for name in render.RAY_DASHBOARDS:
+        (configmap,) = [c for c in dashboards.values() if name in c["data"]]
+        # exactly what the image's Ray generates, and filtered by the label the PodMonitors add
+        assert configmap["data"][name] == render.ray_dashboard_text(name)
+        assert "ray_io_cluster" in configmap["data"][name]
+    relabel = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]
+    assert relabel["targetLabel"] == "ray_io_cluster"
