@@ -30,11 +30,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
 def test_tiny_quick_run_reports_every_configuration(tmp_path):
     # Batch 1 only: a CPU runner is shared, and the batch loop is the same code for every size.
     report, stdout = _run_bench(tmp_path, "--tiny", "--models-dir", str(tmp_path / "tiny"), "--batches", "1")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu
-    finally:
-        sys.path.remove(str(BENCH))
+    from bench import gpu
 
     assert report["schema"] == gpu.SCHEMA and report["plan"]["models"] == "tiny"
     batches = report["plan"]["batches"]
@@ -73,9 +69,8 @@ def test_isolated_run_on_the_shrunk_published_layout(tmp_path):
         p.name for p in (tmp_path / "shrunk" / "sdxl").iterdir()}
 
 
-def test_published_configs_build_the_published_architectures(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    import sdxl_configs as published
+def test_published_configs_build_the_published_architectures():
+    from bench import sdxl_configs as published
 
     with torch.device("meta"):
         unet = published.build_unet()
