@@ -7,7 +7,7 @@ OUT ?= outputs
 REDIS_PORT ?= 6379
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup services redis-server demo demo-cli test lint bench clean
+.PHONY: setup services redis-server promtool demo demo-cli test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ $(TINY)/.done: | setup
 redis-server:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
+
+# Debian's promtool (package `prometheus`) for tests/test_alerts.py (`promtool test rules`), installed when missing.
+promtool:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # A Redis on loopback for `make demo` and `serve run serve_config.yaml` (idempotent: reuses one already listening).
 services: redis-server
@@ -53,7 +58,7 @@ demo-cli: setup $(TINY)/.done
 		--seed 42 --out $(OUT)
 
 # tests/unit, then tests/serve (one Ray, two apps), then tests/cluster (clusters of their own): see tests/conftest.py.
-test: setup redis-server
+test: setup redis-server promtool
 	$(PY) -m pytest -q --durations=25
 
 lint: setup

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from instantid_app.cache import LRUCache
 from instantid_app.config import AppConfig
-from instantid_core.config import NO_STYLE, GenerateParams, ModelSources, PipelineSettings
+from instantid_core.config import NO_STYLE, GenerateParams, ModelSources, PipelineSettings, Scheduler
 from instantid_core.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected
 from instantid_core.storage import OutputStore
 
@@ -210,12 +210,14 @@ class DenoiseStage:
 
 class WriteStage:
     def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
-                 base_seed: dict[str, int | None]) -> None:
+                 base_seed: dict[str, int | None], default_scheduler: Scheduler) -> None:
         self.store = OutputStore(output_uri)
         self.fmt, self.params, self.base_seed = fmt, params, base_seed
+        self.default_scheduler = default_scheduler
         self.now = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.sidecar import build_sidecar
         from instantid_core.storage import encode_image
 
         records = []
@@ -226,8 +228,11 @@ class WriteStage:
             if record["status"] == "ok":
                 try:
                     arrays = pickle.loads(batch["images"][i])
-                    meta = {"params": self.params[prompt_id].model_dump(mode="json"), "input": image_uri,
-                            "prompt_id": prompt_id, "seed": pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])}
+                    height, width = arrays.shape[1:3]
+                    meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
+                                                                                self.base_seed[prompt_id]),
+                                         width=width, height=height, inputs={"face": [image_uri]},
+                                         default_scheduler=self.default_scheduler, prompt_id=prompt_id)
                     stored = self.store.write_request(record["request_id"],
                                                       [encode_image(a, self.fmt) for a in arrays], self.fmt, meta,
                                                       now=self.now)
@@ -377,7 +382,8 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
             batch_size=4, concurrency=denoise_actors, num_gpus=1 if on_gpu else 0, num_cpus=0 if on_gpu else 1,
             resources=settings.denoise_resources or None)
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
-            "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed},
+            "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed,
+            "default_scheduler": settings.pipeline.default_scheduler},
             batch_size=8, concurrency=1, num_cpus=0.5)
         with tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress, file=sys.stderr) as bar:
             for row in dataset.iter_rows():

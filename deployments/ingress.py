@@ -9,7 +9,6 @@ awaits once, at the end. The same `generate` method serves HTTP and Python `Depl
 
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -43,7 +42,7 @@ from .errors import (
     install_error_handlers,
     internal_error_response,
 )
-from .inputs import InputReader
+from .inputs import InputReader, RequestInputs
 from .jobs.api import JobsAPI
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
 
@@ -131,15 +130,6 @@ async def _none() -> None:
     return None
 
 
-def _control_digests(params: GenerateParams, images: list[bytes | None]) -> dict[str, Any]:
-    """The sidecar's `controls`: type and strength, and the sha256 of each control's own image (never the image)."""
-    if not params.controls:
-        return {}
-    return {"controls": [{**control.model_dump(mode="json", exclude={"image"}),
-                          "image_sha256": hashlib.sha256(data).hexdigest() if data else None}
-                         for control, data in zip(params.controls, images, strict=True)]}
-
-
 app.include_router(playground.router)  # the page at / and /v1/options, /v1/outputs (deployments/playground)
 
 
@@ -180,13 +170,23 @@ class Ingress(playground.PlaygroundRoutes):
         started = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
         if new_id:
-            existing = self.outputs.request_meta_uri(request_id, prefix=request.output.prefix)
-            if await asyncio.to_thread(self.outputs.exists, existing):
-                raise RequestIdInUse(f"x-request-id {request_id!r} is taken: its outputs exist ({existing}); send a "
-                                     "new id", field="x-request-id")
+            await self._refuse_taken_id(request_id, request.output.prefix)
         params = request.params()
         seed = params.seed if params.seed is not None else draw_seed()
-        default_scheduler = self.config.pipeline.default_scheduler
+        inputs = await self._read_inputs(request, params)
+        response = await self._run_stages(inputs, request, request_id, seed, inline, job_id)
+        response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
+        return response
+
+    async def _refuse_taken_id(self, request_id: str, prefix: str | None) -> None:
+        existing = self.outputs.request_meta_uri(request_id, prefix=prefix)
+        if await asyncio.to_thread(self.outputs.exists, existing):
+            raise RequestIdInUse(f"x-request-id {request_id!r} is taken: its outputs exist ({existing}); send a new "
+                                 "id", field="x-request-id")
+
+    async def _read_inputs(self, request: GenerateRequest, params: GenerateParams) -> RequestInputs:
+        """Every image the request names, read and checked (sizes, formats, allowed sources) before any stage runs,
+        and what its sidecar records of them (digests, hashed in a worker thread, never on the event loop)."""
         face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
         if not 1 <= len(face_sources) <= 8:
             raise InvalidParameter("face_image: give 1 to 8 images", field="face_image")
@@ -197,31 +197,26 @@ class Ingress(playground.PlaygroundRoutes):
         init = await self.inputs.read_image(request.init_image, "init_image") if request.init_image else None
         mask = await self.inputs.read_image(request.mask_image, "mask_image") if request.mask_image else None
         control_images, params = await self._read_control_images(params)
-        # Up to 8 images of max_image_bytes each (and control, init and mask images): hashed in a worker thread,
-        # never on the event loop.
-        face_digests, pose_digest, control_digests, init_digest, mask_digest = await asyncio.to_thread(lambda: (
-            [hashlib.sha256(f).hexdigest() for f in faces], hashlib.sha256(pose).hexdigest() if pose else None,
-            _control_digests(params, control_images), hashlib.sha256(init).hexdigest() if init else None,
-            hashlib.sha256(mask).hexdigest() if mask else None))
-        meta = {
-            # The scheduler that runs, not "the default": a replay of the sidecar needs no server settings.
-            "request_id": request_id, "params": {**params.model_dump(mode="json"),
-                                                 "scheduler": (params.scheduler or default_scheduler).value,
-                                                 **control_digests},
-            "inputs": {"face_image_sha256": face_digests, "pose_image_sha256": pose_digest,
-                       "init_image_sha256": init_digest, "mask_image_sha256": mask_digest},
-        }
+        inputs = RequestInputs(params, list(faces), pose, init, mask, control_images)
+        inputs.recorded = await asyncio.to_thread(inputs.sidecar_record)
+        return inputs
+
+    async def _run_stages(self, inputs: RequestInputs, request: GenerateRequest, request_id: str, seed: int,
+                          inline: bool, job_id: str | None) -> GenerateResponse:
+        """Face and prompt concurrently, then the Denoiser, then the writer; every failure mapped to a typed error,
+        and every stage still running cancelled when the caller goes away or the request times out."""
+        params = inputs.params
         try:
-            face = self.face.analyze.remote(faces, pose, params, init, mask)
+            face = self.face.analyze.remote(inputs.faces, inputs.pose, params, inputs.init, inputs.mask)
             prompt = self.prompt.encode.remote(params.prompt, params.negative_prompt, params.style)
             # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
             denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)
                         else self.denoiser)
-            images = denoiser.generate.remote(face, prompt, params, seed, control_images, pose or faces[0],
-                                             job_id=job_id)
-            written = self.writer.write.remote(images, request_id, seed, meta, request.output.format,
-                                               request.output.prefix, inline)
-            response: GenerateResponse = await asyncio.wait_for(written, timeout=self.settings.stage_timeout_s)
+            images = denoiser.generate.remote(face, prompt, params, seed, inputs.control_images,
+                                             inputs.pose or inputs.faces[0], job_id=job_id)
+            written = self.writer.write.remote(images, request_id, seed, params, inputs.recorded,
+                                               request.output.format, request.output.prefix, inline)
+            return await asyncio.wait_for(written, timeout=self.settings.stage_timeout_s)
         except InstantIDError:
             raise
         except asyncio.CancelledError:
@@ -243,8 +238,6 @@ class Ingress(playground.PlaygroundRoutes):
         except RayTaskError as exc:  # a bug in a stage: a 500 that names the request, never the internals
             logger.error("request %s: stage error: %s", request_id, exc)
             raise InternalError(f"internal error in request {request_id}; it has been logged") from exc
-        response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
-        return response
 
     async def _read_control_images(self, params: GenerateParams) -> tuple[list[bytes | None], GenerateParams]:
         """Each control's own image as bytes (base64, s3:// or URL, like face_image), and the params without them:

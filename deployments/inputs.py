@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
 
 from instantid_app.config import AppConfig, IngressSettings
+from instantid_core.config import GenerateParams
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.storage import fetch_url, make_s3_client, read_uri
 
@@ -116,3 +119,28 @@ class InputReader:
             return model.model_validate({**params, **encoded})
         except ValidationError as exc:
             raise validation_error(exc) from exc
+
+
+@dataclass
+class RequestInputs:
+    """A request's images as bytes (control images apart from the params, which carry none), read once."""
+
+    params: GenerateParams
+    faces: list[bytes]
+    pose: bytes | None
+    init: bytes | None
+    mask: bytes | None
+    control_images: list[bytes | None]
+    recorded: dict[str, Any] = field(default_factory=dict)  # sidecar_record(): what the writer records
+
+    def sidecar_record(self) -> dict[str, Any]:
+        """Digests of every input image (never the images) for the sidecar, and each control's type, strength and
+        image digest in place of the request's controls."""
+        def digest(data: bytes | None) -> str | None:
+            return hashlib.sha256(data).hexdigest() if data else None
+
+        controls = [{**control.model_dump(mode="json", exclude={"image"}), "image_sha256": digest(data)}
+                    for control, data in zip(self.params.controls, self.control_images, strict=True)]
+        return {"inputs": {"face_image_sha256": [digest(f) for f in self.faces], "pose_image_sha256": digest(self.pose),
+                           "init_image_sha256": digest(self.init), "mask_image_sha256": digest(self.mask)},
+                "params_extra": {"controls": controls} if controls else {}}

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from instantid_app.config import AppConfig, WriterSettings
+from instantid_core.config import GenerateParams
+from instantid_core.sidecar import build_sidecar
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
 from .metrics import StageMetrics
@@ -28,20 +30,22 @@ class OutputWriter:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.settings = WriterSettings.model_validate(user_config)
 
-    async def write(self, result: DenoiseResult, request_id: str, seed: int, meta: dict[str, Any], fmt: str,
-                    prefix: str | None, inline: bool) -> GenerateResponse:
+    async def write(self, result: DenoiseResult, request_id: str, seed: int, params: GenerateParams,
+                    recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool) -> GenerateResponse:
+        """`recorded`: what the Ingress read of the request for its sidecar (`inputs` digests, `params_extra`)."""
         with self.metrics.track():
-            return await self._write(result, request_id, seed, meta, fmt, prefix, inline)
+            return await self._write(result, request_id, seed, params, recorded, fmt, prefix, inline)
 
-    async def _write(self, result: DenoiseResult, request_id: str, seed: int, meta: dict[str, Any], fmt: str,
-                     prefix: str | None, inline: bool) -> GenerateResponse:
+    async def _write(self, result: DenoiseResult, request_id: str, seed: int, params: GenerateParams,
+                     recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool) -> GenerateResponse:
         start = time.perf_counter()
         encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in result.images])
         timings = {**result.timings, "encode": time.perf_counter() - start}
-        if result.as_run:  # what ran (a LoRA's preset may have chosen it), so the sidecar replays exactly
-            meta = {**meta, "params": {**meta.get("params", {}), **result.as_run}}
-        meta = {**meta, "seed": seed, "width": result.width, "height": result.height,
-                "batch_size": result.batch_size, "timings_s": timings}
+        # as_run: what ran (a LoRA's preset may have chosen it), so the sidecar replays exactly.
+        meta = build_sidecar(params, seed=seed, width=result.width, height=result.height, inputs=recorded["inputs"],
+                             default_scheduler=self.config.pipeline.default_scheduler, as_run=result.as_run,
+                             params_extra=recorded.get("params_extra"), batch_size=result.batch_size,
+                             timings_s=timings)
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]

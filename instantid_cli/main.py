@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from instantid_core.config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
+from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import InstantIDError, WeightsError
+from instantid_core.quiet import silence_known_noise
 
 EXIT_USAGE = 2
 
@@ -57,14 +59,7 @@ def _weights_check(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     # Everything cheap is checked before torch and diffusers are imported: a typo costs no model load.
-    params = GenerateParams(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, style=args.style, seed=args.seed, steps=args.steps,
-        guidance=args.guidance, identitynet_strength=args.identitynet_strength,
-        adapter_strength=args.adapter_strength, width=args.width, height=args.height, num_images=args.num_images,
-        scheduler=args.scheduler, enhance_face_region=not args.no_enhance_face_region, face_index=args.face_index,
-        pose_face_index=args.pose_face_index, identity_start=args.identity_start, identity_end=args.identity_end,
-        negative_face_noise=args.negative_face_noise, strength=args.strength, inpaint_face=args.inpaint_face,
-    )
+    params = params_from_args(args)
     settings = PipelineSettings(device=args.device, dtype=args.dtype, styles_file=args.styles_file)
     faces = [_read_image(path, settings) for path in args.face]
     pose = _read_image(args.pose, settings) if args.pose else None
@@ -79,6 +74,7 @@ def _generate(args: argparse.Namespace) -> None:
     sources = _sources(args)
 
     from instantid_core.pipeline import InstantIDPipeline
+    from instantid_core.sidecar import build_sidecar
     from instantid_core.storage import OutputStore, encode_image
 
     pipeline = InstantIDPipeline(sources, settings)
@@ -86,13 +82,11 @@ def _generate(args: argparse.Namespace) -> None:
                                init_image=init, mask_image=mask, init_name=args.init_image or "init_image",
                                mask_name=args.mask or "mask_image")
     request_id = uuid.uuid4().hex
-    meta = {
-        "request_id": request_id, "params": (result.params or params).model_dump(mode="json"), "seed": result.seed,
-        "width": result.width, "height": result.height, "weights": pipeline.weights.revisions,
-        "timings_s": result.timings,
-        "inputs": {"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None,
-                   "init_image": args.init_image, "mask": args.mask},
-    }
+    meta = build_sidecar(result.params or params, seed=result.seed, width=result.width, height=result.height,
+                         inputs={"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None,
+                                 "init_image": args.init_image, "mask": args.mask},
+                         default_scheduler=settings.default_scheduler, weights=pipeline.weights.revisions,
+                         timings_s=result.timings)
     stored = OutputStore(args.out).write_request(
         request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
     for uri in stored.image_uris:
@@ -181,32 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_flags(gen)
     gen.add_argument("--face", action="append", required=True, help="face photo; repeat to average identities")
     gen.add_argument("--pose", help="take the face keypoints (pose) from this photo")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--style", default="No style", metavar="STYLE",
-                     help=f"one of: {', '.join(s.value for s in Style)} (or one of --styles-file)")
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--steps", type=int, help="default 30, or 5 with --scheduler lcm (the demo's LCM preset)")
-    gen.add_argument("--guidance", type=float, help="default 5.0, or 1.5 with --scheduler lcm")
-    gen.add_argument("--identitynet-strength", type=float, default=0.8)
-    gen.add_argument("--adapter-strength", type=float, default=0.8)
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--scheduler", type=_one_of(Scheduler), metavar="SCHEDULER",
-                     help=f"one of: {', '.join(s.value for s in Scheduler)}")
-    gen.add_argument("--face-index", type=int)
-    gen.add_argument("--no-enhance-face-region", action="store_true")
-    gen.add_argument("--pose-face-index", type=int, help="which face of the pose (or init) photo gives the "
-                     "keypoints; default the largest")
-    gen.add_argument("--identity-start", type=float, default=0.0, help="fraction of the steps before IdentityNet "
-                     "and the face tokens act")
-    gen.add_argument("--identity-end", type=float, default=1.0, help="fraction of the steps after which they stop")
-    gen.add_argument("--negative-face-noise", type=float, default=0.0, help="noise as the negative branch's face")
+    for name in PARAM_FLAGS:
+        _param_flag(gen, name)
+    gen.add_argument("--no-enhance-face-region", action="store_true",
+                     help=_field_help("enhance_face_region") + " (on unless this flag is given)")
     gen.add_argument("--init-image", help="img2img / inpainting: start from this photo (output takes its size)")
-    gen.add_argument("--strength", type=float, help="with --init-image: 0 < s <= 1 (default 0.8, inpainting 1.0)")
     gen.add_argument("--mask", help="with --init-image: white = regenerate (resized to the init image)")
-    gen.add_argument("--inpaint-face", action="store_true", help="with --init-image: regenerate only its face")
+    gen.add_argument("--inpaint-face", action="store_true", help=_field_help("inpaint_face"))
     gen.add_argument("--styles-file", help="a YAML file of extra styles (the shape of instantid_core/styles.yaml)")
     gen.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     gen.add_argument("--device", default="cpu")
@@ -222,6 +197,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# GenerateParams fields that are `generate` flags of the same name (--negative-prompt for negative_prompt): their
+# defaults, limits and help are the model's, so the CLI cannot drift from HTTP and the library.
+PARAM_FLAGS = ("prompt", "negative_prompt", "style", "seed", "steps", "guidance", "identitynet_strength",
+               "adapter_strength", "width", "height", "num_images", "scheduler", "face_index", "pose_face_index",
+               "identity_start", "identity_end", "negative_face_noise", "strength")
+
+
+def params_from_args(args: argparse.Namespace) -> GenerateParams:
+    """A flag left out is left out of the params too: GenerateParams' own default applies (one home)."""
+    given = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
+    return GenerateParams(**given, enhance_face_region=not args.no_enhance_face_region,
+                          inpaint_face=args.inpaint_face)
+
+
+def _field_help(name: str) -> str:
+    info = GenerateParams.model_fields[name]
+    text = (info.description or name.replace("_", " ")).rstrip(".")
+    default = info.get_default(call_default_factory=True)
+    if info.is_required():
+        return text
+    shown = default.value if isinstance(default, Enum) else default
+    return text if default in (None, "") else f"{text} (default {shown})"
+
+
+def _param_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    """`--name` for GenerateParams.name: typed from the model, default None so the model's default applies."""
+    info = GenerateParams.model_fields[name]
+    kind = info.annotation if isinstance(info.annotation, type) else None
+    if kind is None:  # `int | None` and the like: the non-None member
+        kind = next(arg for arg in typing.get_args(info.annotation) if arg is not type(None))
+    kwargs: dict[str, Any] = {"help": _field_help(name), "required": info.is_required()}
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        kwargs.update(type=_one_of(kind), metavar=name.upper(),
+                      help=f"{kwargs['help']}; one of: {', '.join(str(m.value) for m in kind)}")
+    elif name == "style":
+        kwargs.update(metavar="STYLE", help=f"{kwargs['help']}; extra ones with --styles-file")
+    else:
+        kwargs["type"] = kind
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+
+
 def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     for dest in SOURCE_FLAGS:
         name = dest.replace("_", "-")
@@ -230,6 +246,7 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    silence_known_noise()
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._quiet import silence_known_noise
 from .config import GenerateParams, ModelSources, PipelineSettings, Scheduler, Style
 from .errors import (
     ImageTooLarge,
@@ -18,8 +17,6 @@ from .errors import (
     StorageError,
     WeightsError,
 )
-
-silence_known_noise()  # before any submodule imports diffusers / insightface; see _quiet.py
 
 _LAZY = {
     "InstantIDPipeline": "pipeline", "FaceAnalyzer": "face", "PromptEncoder": "text",

@@ -148,8 +148,6 @@ class IdentityDenoiser:
         if accel.fuse_qkv:
             acc.fuse_qkv(self.unet)
             acc.fuse_qkv(self.identitynet)
-        if accel.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True  # process-wide; only ever switched on
         if accel.any_compile:
             shapes = 2 * max(len(self.settings.warmup_sizes), 1) * max(len(self.settings.warmup_batch_sizes), 1)
             acc.configure_compile(accel, shapes)
@@ -189,7 +187,10 @@ class IdentityDenoiser:
              on_step: StepCallback | None = None) -> list[np.ndarray | None]:
         self.check_inputs(requests, key)
         samples = self.expand_samples(requests)
-        with self._lock, self.lora_scope(key.scheduler, key.loras):
+        # cuDNN's autotuner is a process-wide flag: switched on for our forward only, and restored after it.
+        benchmark = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=True) \
+            if self.accel.cudnn_benchmark else contextlib.nullcontext()
+        with self._lock, benchmark, self.lora_scope(key.scheduler, key.loras):
             cond = self.prepare_conditioning(requests, samples, key)
             scheduler = self.make_scheduler(key.scheduler)
             scheduler.set_timesteps(key.steps, device=self.device)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from .config import MAX_LORAS_PER_REQUEST, GenerateParams, LoraEntry, LoraWeight
+from .config import MAX_LORAS_PER_REQUEST, GenerateParams, LoraWeight
 from .errors import InstantIDError, InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -31,12 +31,6 @@ class InvalidLora(InstantIDError):
     request is refused and the UNet is left as it was."""
 
     code = "invalid_lora"
-
-
-def as_entry(value: str | LoraEntry | dict) -> LoraEntry:
-    if isinstance(value, LoraEntry):
-        return value
-    return LoraEntry(source=value) if isinstance(value, str) else LoraEntry.model_validate(value)
 
 
 LoraSet = tuple[tuple[str, float], ...]  # sorted (name, scale) pairs; () is no LoRA
@@ -181,17 +175,3 @@ def _load_adapter(unet, path: Path, adapter: str, name: str) -> None:
     finally:
         if getattr(unet, "peft_config", None):
             unet.disable_lora()  # a freshly injected layer starts enabled; activation is per forward only
-
-
-def registry_from_files(entries: Mapping[str, Path]) -> dict[str, Path]:
-    """Expand resolved registry entries: a file is its name; a folder gives one name per .safetensors file (its
-    stem). Raises ValueError when two entries give the same name."""
-    out: dict[str, Path] = {}
-    for name, path in entries.items():
-        files = {name: path} if path.is_file() else {f.stem: f for f in sorted(path.glob("*.safetensors"))}
-        for key, file in files.items():
-            if key in out and out[key] != file:
-                raise ValueError(f"LoRA name {key!r} comes from both {out[key]} and {file}")
-            out[key] = file
-    return out
-

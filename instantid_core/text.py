@@ -23,15 +23,9 @@ from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import NO_STYLE, PipelineSettings
-from .styles import apply_style as styles_apply
-from .styles import builtin_styles, load_styles
+from .styles import apply_style, load_styles
 from .weighting import is_weighted, parse_weighted_prompt, plain_text
 from .weights import load_variant
-
-
-def apply_style(style: str, prompt: str, negative_prompt: str) -> tuple[str, str]:
-    """A built-in style's template around the prompt, its negative words before the user's (see `styles`)."""
-    return styles_apply(builtin_styles(), style, prompt, negative_prompt)
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ class PromptEncoder:
     def encode(self, prompt: str, negative_prompt: str = "", style: str = NO_STYLE) -> PromptEmbeds:
         """Encode one prompt pair after applying the style template; both may carry `(word:1.3)` weights and be
         longer than 77 tokens (then both come back as the same number of 77-token chunks)."""
-        prompt, negative_prompt = styles_apply(self.styles, style, prompt, negative_prompt)
+        prompt, negative_prompt = apply_style(self.styles, style, prompt, negative_prompt)
         positive, negative_parts = parse_weighted_prompt(prompt), parse_weighted_prompt(negative_prompt)
         plain, plain_negative = plain_text(positive), plain_text(negative_parts)
         with self._lock:

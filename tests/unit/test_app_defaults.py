@@ -23,6 +23,7 @@ from instantid_app.config import (
     app_spec,
     load_serve_config,
 )
+from instantid_core.config import GenerateParams
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_FILES = [SERVE_CONFIG_PATH, *sorted((REPO / "k8s").rglob("serve_config.yaml"))]
@@ -116,3 +117,17 @@ def test_the_batch_job_reads_the_loras_controlnets_and_depth_model_its_config_re
     resolved = _resolve(settings)
     assert "from-config" in resolved.loras and "tiny-style" in resolved.loras
     assert "canny" not in resolved.controlnets and "depth" in resolved.controlnets
+
+
+def test_cli_flags_take_their_defaults_and_help_from_generate_params() -> None:
+    from instantid_cli.main import PARAM_FLAGS, build_parser, params_from_args
+
+    argv = ["generate", "--face", "f.jpg", "--out", "o", "--prompt", "a cat"]
+    args = build_parser().parse_args(argv)
+    assert params_from_args(args) == GenerateParams(prompt="a cat")  # every unset flag: the model's default
+    changed = params_from_args(build_parser().parse_args([*argv, "--adapter-strength", "0.5", "--scheduler", "lcm"]))
+    assert (changed.adapter_strength, changed.scheduler.value) == (0.5, "lcm")
+    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                    if a.dest == "identitynet_strength")
+    assert "default 0.8" in generate.help and str(GenerateParams.model_fields["identitynet_strength"].default) == "0.8"
+    assert set(PARAM_FLAGS) <= set(GenerateParams.model_fields)

@@ -61,7 +61,7 @@ def test_weights_tiny_check_and_generate_write_a_png_and_sidecar(tmp_path: Path)
     assert meta["inputs"]["face"] == [str(ASTRONAUT)]
     assert set(meta["timings_s"]) >= {"face", "prompt", "denoise"}
 
-    # What a user sees on stderr: the timings line, no third-party warnings (see instantid_core/_quiet.py).
+    # What a user sees on stderr: the timings line, no third-party warnings (see instantid_core/quiet.py).
     assert "timings: face=" in gen.stderr
     assert "requires torchvision" not in gen.stderr
     assert not WARNING_LINE.search(gen.stderr), gen.stderr

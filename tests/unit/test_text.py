@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from instantid_core.config import Style
-from instantid_core.text import apply_style
+from instantid_core.styles import apply_style, builtin_styles
 
 
 def test_embeddings_have_sdxl_shapes_and_depend_on_the_prompt(prompt_encoder):
@@ -22,10 +22,10 @@ def test_empty_negative_prompt_is_zeros_as_sdxl_config_asks(prompt_encoder):
 
 
 def test_style_template_wraps_prompt_and_extends_negative():
-    prompt, negative = apply_style(Style.watercolor, "a cat", "blurry")
+    prompt, negative = apply_style(builtin_styles(), Style.watercolor, "a cat", "blurry")
     assert "a cat" in prompt and prompt != "a cat"
     assert negative.endswith("blurry") and len(negative) > len("blurry")
-    assert apply_style(Style.none, "a cat", "") == ("a cat", "")
+    assert apply_style(builtin_styles(), Style.none, "a cat", "") == ("a cat", "")
 
 
 def test_style_changes_the_encoding(prompt_encoder):

@@ -1,7 +1,8 @@
 """Narrow filters for third-party messages that every run printed and that tell our users nothing they can act on.
 
-Each filter matches one known message from one module; every other warning and log record still shows. Installed
-once by `instantid_core/__init__.py`, before any submodule imports diffusers, transformers or insightface.
+Each filter matches one known message from one module; every other warning and log record still shows. A library
+leaves a process's logging alone, so importing instantid_core installs nothing: the applications call
+`silence_known_noise()` (the CLI's main, and the `deployments` and `batch` packages, whose processes are ours).
 """
 
 from __future__ import annotations
