@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TINY := .cache/tiny
+TINY := /tmp/instantid-tiny  # the app config's default tiny preset folder (instantid_app.config.DEFAULT_TINY_DIR; tested)
 OUT ?= outputs
 
 REDIS_PORT ?= 6379

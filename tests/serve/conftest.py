@@ -81,12 +81,13 @@ def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
     save_file({f"{key}.lora_A.weight": torch.zeros(4, 1280), f"{key}.lora_B.weight": torch.zeros(1280, 4)},
               str(bad / "sdxl-sized.safetensors"))
     fast_style = {"source": str(tiny_root / "loras" / "tiny-style.safetensors"), "steps": 2, "guidance": 1.0}
-    jobs_options = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 2,
+    jobs_options = {"max_ongoing_requests": 2,
                     "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
                         "env_vars": {"INSTANTID_WEBHOOK_SECRET": WEBHOOK_SECRET}}}}
     args = {"allowed_webhook_hosts": ["127.0.0.1"],
             "jobs": {"broker_url": redis_url, "broker_url_env": None, "visibility_timeout_s": 8, "lease_s": 4,
-                     "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1},
+                     "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1,
+                     "consumer_autoscaling": {"min_replicas": 1, "max_replicas": 1}},
             "loras": {"broken": str(bad), "fast-style": fast_style},
             "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")}}
     options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),

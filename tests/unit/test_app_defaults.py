@@ -131,3 +131,10 @@ def test_cli_flags_take_their_defaults_and_help_from_generate_params() -> None:
                     if a.dest == "identitynet_strength")
     assert "default 0.8" in generate.help and str(GenerateParams.model_fields["identitynet_strength"].default) == "0.8"
     assert set(PARAM_FLAGS) <= set(GenerateParams.model_fields)
+
+
+def test_the_makefile_writes_the_tiny_preset_where_the_app_reads_it() -> None:
+    from instantid_app.config import DEFAULT_TINY_DIR
+
+    (line,) = [line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("TINY :=")]
+    assert line.split(":=")[1].split("#")[0].strip() == DEFAULT_TINY_DIR
