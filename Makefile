@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TINY := /tmp/instantid-tiny  # the app config's default tiny preset folder (instantid_app.config.DEFAULT_TINY_DIR; tested)
+# The app config's default tiny preset folder (instantid_app.config.DEFAULT_TINY_DIR; a test holds them equal).
+TINY := /tmp/instantid-tiny
 OUT ?= outputs
 
 REDIS_PORT ?= 6379
