@@ -269,6 +269,7 @@ def timed_denoiser_class():
     """IdentityDenoiser that also times its denoising loop and its VAE decode (measurement only)."""
     from instantid_core.accel import apply_model_switches
     from instantid_core.denoise import IdentityDenoiser
+    from instantid_core.fp8 import Float8Linear
 
     class TimedDenoiser(IdentityDenoiser):
         clock = Clock("cpu")  # replaced per run; this one serves calls made inside the constructor (warm-up)
@@ -277,8 +278,13 @@ def timed_denoiser_class():
 
         def apply_accel(self) -> None:
             super().apply_accel()
-            # FP8 and regional compile; a no-op where the product's apply_accel already made this call.
-            self.switches = apply_model_switches(self.unet, self.identitynet, self.accel, self.device)
+            # FP8 and regional compile; a no-op where the product's apply_accel already made this call, so the
+            # row's counts are read off the models.
+            apply_model_switches(self.unet, self.identitynet, self.accel, self.device)
+            modules = [m for model in (self.unet, self.identitynet) for m in model.modules()]
+            self.switches = dict(fp8_linears=sum(isinstance(m, Float8Linear) for m in modules),
+                                 compiled_blocks=sum(getattr(m, "_compiled_call_impl", None) is not None
+                                                     for m in modules))
 
         def denoise(self, latents, cond, scheduler, generators, *args, **kwargs):
             with self.clock.span("loop"):

@@ -90,8 +90,8 @@ class Seen:
 def estimate(item: LeaseItem, plan: gpu.Plan, seen: Seen) -> float:
     """Seconds this item should take: process + load, its calls at the seen speed, compiles on CUDA."""
     compiling = plan.compile_backend == "inductor" and gpu.is_cuda(plan.device)
-    if item.cold_from:
-        return seen.overhead_s + seen.call(1) * item.relative_cost + (item.compile_s if compiling else 0.0)
+    if item.cold_from:  # text encoders and the prompt too, then the warm-up call and the first image
+        return 1.5 * seen.overhead_s + 2 * seen.call(1) * item.relative_cost + (item.compile_s if compiling else 0.0)
     calls = 1 + plan.warm_calls + plan.repeats
     seconds = seen.overhead_s + seen.call(1) * plan.check_steps / plan.steps
     for batch in item.batches:

@@ -12,7 +12,8 @@ if [ -n "${PYTHON:-}" ]; then :
 elif [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python  # a checkout with its venv (CPU)
 else PYTHON=python3  # the device machine: its image's python holds torch
 fi
-if compgen -G ".whl/*.whl" >/dev/null; then
+# The checkout's own venv has the pinned packages already (and another Python than the wheels' cp312).
+if [ "$PYTHON" != .venv/bin/python ] && compgen -G ".whl/*.whl" >/dev/null; then
   # --no-deps: the wheel list is complete by test (tests/test_gpu_lease.py); the machine has the rest.
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl 2>&1 | tee "$OUT/lease.log" || exit 1
