@@ -134,7 +134,7 @@ app.include_router(playground.router)  # the page at / and /v1/options, /v1/outp
 
 
 @serve.ingress(app)
-class Ingress(playground.PlaygroundRoutes):
+class Ingress:
     def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
                  writer: DeploymentHandle, config: dict[str, Any], jobs: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.model_validate(config)
@@ -144,6 +144,7 @@ class Ingress(playground.PlaygroundRoutes):
         self.outputs = OutputStore(self.config.output_uri)  # a caller's request id is refused where outputs exist
         self.metrics, self.http_metrics = metrics.StageMetrics(), metrics.IngressMetrics()
         self.reconfigure({})
+        app.state.playground_host = self  # the playground's routes reach this replica through it (Depends)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live settings (user_config: limits, timeouts, API keys and rate limits), applied by Serve without a

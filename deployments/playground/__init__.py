@@ -7,18 +7,21 @@ needs and any other client may use.
 - `GET /v1/outputs?uri=...`: the bytes of one output image or sidecar written under the configured output URI, so
   a browser can show and download `file://` and `s3://` results and refill the form from the sidecar.
 
-The Ingress inherits `PlaygroundRoutes` and includes `router`; the routes use its `config`, `access` and `_http`.
+`router` holds plain route functions; what they need of the serving replica (`PlaygroundHost`: the app config, the
+live settings and access control, the output store, the writer's handle, the shared HTTP wrapper) reaches them
+through FastAPI's dependency injection from `app.state.playground_host`, which the Ingress sets to itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from functools import cache, cached_property
+from collections.abc import Awaitable, Callable
+from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,81 +66,97 @@ def request_schema() -> dict[str, Any]:
     return GenerateRequest.model_json_schema()
 
 
-class PlaygroundRoutes:
-    """Routes of the playground, mixed into the Ingress (Serve binds inherited route methods to the replica)."""
+class PlaygroundHost(Protocol):
+    """What the playground's routes use of the replica that serves them (the Ingress)."""
 
     config: Any  # AppConfig
-    settings: Any  # IngressSettings (the Ingress's live settings)
-    access: Any  # AccessControl
+    settings: Any  # IngressSettings (live)
+    access: Any  # AccessControl (live)
     outputs: Any  # OutputStore of config.output_uri
     writer: Any  # the OutputWriter's DeploymentHandle
 
-    @cached_property
-    def _style_names(self) -> list[str]:
-        # The operator's styles file is read by the prompt stage; where this replica cannot read it, the built-ins.
-        try:
-            return list(load_styles(self.config.pipeline))
-        except (OSError, ValueError, InstantIDError):
-            return list(builtin_styles())
+    async def _http(self, request: Request, route: str, run: Callable[[], Awaitable[Response]],
+                    action: str) -> Response: ...
 
-    @router.get("/", include_in_schema=False)
-    async def playground_page(self, request: Request) -> Response:
-        if not self.config.playground:
-            raise StarletteHTTPException(404)
-        # <base> makes every relative URL in the page (its files, the API) resolve under the app's route prefix.
-        root = request.scope.get("root_path", "").rstrip("/")
-        page = static_file("index.html").replace(b"<head>", f'<head><base href="{root}/">'.encode(), 1)
-        return Response(page, media_type="text/html; charset=utf-8", headers=HEADERS)
 
-    @router.get("/playground/{name}", include_in_schema=False)
-    async def playground_file(self, name: str) -> Response:
-        if not self.config.playground or name not in STATIC or name == "index.html":
-            raise StarletteHTTPException(404)
-        return Response(static_file(name), media_type=f"{STATIC[name]}; charset=utf-8", headers=HEADERS)
+def serving_host(request: Request) -> PlaygroundHost:
+    return request.app.state.playground_host
 
-    @router.get("/v1/options")
-    async def http_options(self) -> dict[str, Any]:
-        """What this server offers: the request schema, size presets, limits, and whether API keys are required."""
-        config, settings = self.config, self.settings
-        writer = await self.writer.live_settings.remote()  # its user_config: a live setting of another deployment
-        return {
-            "request_schema": request_schema(),
-            "default_scheduler": config.pipeline.default_scheduler.value,
-            # Where a field's default depends on others (steps, guidance: the scheduler's preset), what the page
-            # shows for "auto"; `choices`: the values a free-text field accepts on this server.
-            "param_defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
-            "choices": {"style": self._style_names},
-            "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
-            "limits": {"max_image_bytes": settings.max_image_bytes, "max_body_bytes": settings.max_body_bytes,
-                       "inline_max_pixels": writer["inline_max_pixels"]},
-            "api_key_required": bool(self.access.enabled),
-            # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
-            "jobs": config.jobs is not None,
-            "playground": config.playground,
-        }
 
-    @router.get("/v1/outputs", responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/json": {}}},
-        **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 503)}})
-    async def http_output(self, request: Request, uri: str) -> Response:
-        """One output image or `meta.json` sidecar, by the URI a generate response or job result named.
+Host = Depends(serving_host)
 
-        Only objects under this server's output URI named like outputs are served; with API keys on, a key is
-        needed (request ids are random, but a URI may have been shared in logs)."""
-        async def read() -> Response:
-            key = self._output_key(uri)
-            data = await asyncio.to_thread(self.outputs.read_bytes, key)
-            return Response(data, media_type=OUTPUT_TYPES[key.rsplit(".", 1)[1]],
-                            headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
-        # "jobs": the page reads results of jobs; a key for /v1/generate alone has the URIs in its answers.
-        return await self._http(request, "outputs", read, action="jobs")
+def style_names(config: Any) -> list[str]:
+    # The operator's styles file is read by the prompt stage; where this replica cannot read it, the built-ins.
+    try:
+        return list(load_styles(config.pipeline))
+    except (OSError, ValueError, InstantIDError):
+        return list(builtin_styles())
 
-    def _output_key(self, uri: str) -> str:
-        base = self.outputs.base_uri + "/"
-        key = uri[len(base):] if uri.startswith(base) else ""
-        parts = key.split("/")
-        if not key or len(parts) < 3 or not OUTPUT_NAME.match(parts[-1]) or any(p in ("", ".", "..") for p in parts):
-            raise InvalidParameter("uri: not an output of this server (use a URI from a response's `images` or "
-                                   "`metadata`)", field="uri")
-        return key
+
+@router.get("/", include_in_schema=False)
+async def playground_page(request: Request, host: PlaygroundHost = Host) -> Response:
+    if not host.config.playground:
+        raise StarletteHTTPException(404)
+    # <base> makes every relative URL in the page (its files, the API) resolve under the app's route prefix.
+    root = request.scope.get("root_path", "").rstrip("/")
+    page = static_file("index.html").replace(b"<head>", f'<head><base href="{root}/">'.encode(), 1)
+    return Response(page, media_type="text/html; charset=utf-8", headers=HEADERS)
+
+
+@router.get("/playground/{name}", include_in_schema=False)
+async def playground_file(name: str, host: PlaygroundHost = Host) -> Response:
+    if not host.config.playground or name not in STATIC or name == "index.html":
+        raise StarletteHTTPException(404)
+    return Response(static_file(name), media_type=f"{STATIC[name]}; charset=utf-8", headers=HEADERS)
+
+
+@router.get("/v1/options")
+async def http_options(host: PlaygroundHost = Host) -> dict[str, Any]:
+    """What this server offers: the request schema, size presets, limits, and whether API keys are required."""
+    config, settings = host.config, host.settings
+    writer = await host.writer.live_settings.remote()  # its user_config: a live setting of another deployment
+    return {
+        "request_schema": request_schema(),
+        "default_scheduler": config.pipeline.default_scheduler.value,
+        # Where a field's default depends on others (steps, guidance: the scheduler's preset), what the page
+        # shows for "auto"; `choices`: the values a free-text field accepts on this server.
+        "param_defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
+        "choices": {"style": style_names(config)},
+        "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
+        "limits": {"max_image_bytes": settings.max_image_bytes, "max_body_bytes": settings.max_body_bytes,
+                   "inline_max_pixels": writer["inline_max_pixels"]},
+        "api_key_required": bool(host.access.enabled),
+        # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
+        "jobs": config.jobs is not None,
+        "playground": config.playground,
+    }
+
+
+@router.get("/v1/outputs", responses={
+    200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/json": {}}},
+    **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 503)}})
+async def http_output(request: Request, uri: str, host: PlaygroundHost = Host) -> Response:
+    """One output image or `meta.json` sidecar, by the URI a generate response or job result named.
+
+    Only objects under this server's output URI named like outputs are served; with API keys on, a key is
+    needed (request ids are random, but a URI may have been shared in logs)."""
+    async def read() -> Response:
+        key = output_key(host.outputs.base_uri, uri)
+        data = await asyncio.to_thread(host.outputs.read_bytes, key)
+        return Response(data, media_type=OUTPUT_TYPES[key.rsplit(".", 1)[1]],
+                        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    # "jobs": the page reads results of jobs; a key for /v1/generate alone has the URIs in its answers.
+    return await host._http(request, "outputs", read, action="jobs")
+
+
+def output_key(base_uri: str, uri: str) -> str:
+    """The store key of an output `uri` under `base_uri`; InvalidParameter for anything else."""
+    base = base_uri + "/"
+    key = uri[len(base):] if uri.startswith(base) else ""
+    parts = key.split("/")
+    if not key or len(parts) < 3 or not OUTPUT_NAME.match(parts[-1]) or any(p in ("", ".", "..") for p in parts):
+        raise InvalidParameter("uri: not an output of this server (use a URI from a response's `images` or "
+                               "`metadata`)", field="uri")
+    return key

@@ -6,18 +6,15 @@ Screenshots land in `test-artifacts/` (desktop and 375 px wide) for a person to 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from starlette.exceptions import HTTPException
 
 from testkit.serve import ServedApp
 
@@ -257,13 +254,21 @@ def test_outputs_route_serves_only_this_servers_outputs(served_app, astronaut_by
 
 
 def test_playground_false_turns_the_page_off():
-    from deployments.playground import PlaygroundRoutes
+    # The router on an app of its own, with a host that has the playground off: what it receives is all it uses.
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.playground import router
     from instantid_app.config import AppConfig
 
-    routes = PlaygroundRoutes()
-    routes.config = AppConfig.model_validate({"weights": {"preset": "tiny"}, "playground": False})
-    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API keeps an event loop running in this thread
-        for call in (routes.playground_page(request=None), routes.playground_file("app.js")):
-            with pytest.raises(HTTPException) as raised:
-                pool.submit(asyncio.run, call).result()
-            assert raised.value.status_code == 404
+    app = FastAPI()
+    app.include_router(router)
+    app.state.playground_host = SimpleNamespace(
+        config=AppConfig.model_validate({"weights": {"preset": "tiny"}, "playground": False}))
+    with TestClient(app) as client:
+        for path in ("/", "/playground/app.js"):
+            assert client.get(path).status_code == 404, path
+        app.state.playground_host.config = AppConfig.model_validate({"weights": {"preset": "tiny"}})
+        assert client.get("/playground/app.js").status_code == 200
