@@ -252,9 +252,14 @@ def make_plan(args: argparse.Namespace, workdir: Path) -> gpu.Plan:
 
 
 def environment(device: str) -> dict:
+    import huggingface_hub
+    import transformers
+
     env = gpu.environment(device)
     keep = ("torch", "diffusers", "python", "gpu", "cuda", "cudnn", "driver", "cpu", "cpu_count")
-    return {key: env.get(key) for key in keep}
+    # The machine's transformers and huggingface-hub are not our pins: the rows say which ran.
+    return {key: env.get(key) for key in keep} | dict(transformers=transformers.__version__,
+                                                      huggingface_hub=huggingface_hub.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

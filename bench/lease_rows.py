@@ -154,7 +154,7 @@ def table(rows: list[dict]) -> list[str]:
 def describe_run(rows: list[dict]) -> str:
     first = rows[0]
     where = first.get("gpu") or f"CPU ({first.get('cpu', '?')})"
-    versions = f"torch {first.get('torch')}"
+    versions = f"torch {first.get('torch')}, transformers {first.get('transformers')}"
     if first.get("cuda"):
         versions += f", CUDA {first.get('cuda')}, driver {first.get('driver')}"
     return (f"### {str(first.get('run', '?'))[:19]}Z, {where}, models {first.get('models')}\n\n- {versions}; "
