@@ -137,7 +137,7 @@ class FaceStage:
         self.cache = LRUCache(64 * 2**20)  # pickled FaceConditions (keypoint image included), by bytes
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from instantid_core.pipeline import face_condition
+        from instantid_core.pipeline import RequestPhotos, face_condition
 
         out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
         cache = self.cache  # one analysis per (image, output size, face index), across batches
@@ -150,9 +150,9 @@ class FaceStage:
                 face = cache.get(key) if not self.photos else None  # img2img rows carry the photo: not cached
                 if face is None:
                     data = self.store.read_bytes(image_uri)
-                    face = pickle.dumps(face_condition(
-                        self.analyzer, [data], params, self.settings.pipeline, names=[image_uri],
-                        init_image=self._photo("init_image", data), mask_image=self._photo("mask_image", data)))
+                    photos = RequestPhotos([data], init=self._photo("init_image", data),
+                                           mask=self._photo("mask_image", data), face_names=[image_uri])
+                    face = pickle.dumps(face_condition(self.analyzer, photos, params, self.settings.pipeline))
                     if not self.photos:
                         cache.put(key, face)
             except NoFaceDetected as exc:

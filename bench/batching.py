@@ -59,14 +59,14 @@ def padded(photo: Image.Image, ratio: tuple[int, int]) -> bytes:
 
 def run_mode(buckets: bool, photos: list[bytes], args: argparse.Namespace, parts: dict) -> dict:
     from instantid_core.face import FaceAnalyzer
-    from instantid_core.pipeline import denoise_request, face_condition
+    from instantid_core.pipeline import RequestPhotos, denoise_request, face_condition
 
     settings = PipelineSettings(size_buckets=buckets)
     analyzer = FaceAnalyzer(parts["weights"].face_pack, settings)
     params = GenerateParams(prompt="a portrait", steps=args.steps)
     queued = []
     for i, photo in enumerate(photos):
-        condition = face_condition(analyzer, [photo], params, settings)
+        condition = face_condition(analyzer, RequestPhotos([photo]), params, settings)
         queued.append(denoise_request(condition, parts["prompt"], params, 1000 + i, settings.default_scheduler))
     calls, seconds, images = [], 0.0, 0
     for start in range(0, len(queued), args.max_batch_size):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from instantid_core.config import ControlParams, GenerateParams, ModelSources, PipelineSettings
-from instantid_core.pipeline import InstantIDPipeline, denoise_request, face_condition
+from instantid_core.pipeline import InstantIDPipeline, RequestPhotos, denoise_request, face_condition
 from instantid_core.tiny import ensure_tiny_preset
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -63,7 +63,7 @@ def run(weights: Path, size: int, steps_low: int, steps_high: int, repeats: int)
     pipe = InstantIDPipeline(sources, PipelineSettings())
     face_bytes = FACE_PHOTO.read_bytes()
     base = GenerateParams(prompt="a portrait", width=size, height=size, steps=steps_low)
-    face = face_condition(pipe.face, [face_bytes], base, pipe.settings)
+    face = face_condition(pipe.face, RequestPhotos([face_bytes]), base, pipe.settings)
     prompt = pipe.text.encode(base.prompt, base.negative_prompt, base.style)
     denoiser = pipe.denoiser
     pose_map = face.kps_image  # a supplied pose map: the keypoint drawing stands in for an OpenPose image

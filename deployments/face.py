@@ -17,7 +17,7 @@ from instantid_app.config import AppConfig, FaceSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.face import FaceAnalyzer, FaceInfo
-from instantid_core.pipeline import face_condition
+from instantid_core.pipeline import RequestPhotos, face_condition
 
 from .metrics import CacheMetrics, StageMetrics
 from .schemas import FaceResult
@@ -78,8 +78,8 @@ class FaceAnalysis:
         start = time.perf_counter()
         lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.
-        condition = await asyncio.to_thread(face_condition, self.analyzer, face_images, params, self.settings,
-                                            pose_image, cache=lookups, init_image=init_image, mask_image=mask_image)
+        photos = RequestPhotos(face_images, pose_image, init_image, mask_image)
+        condition = await asyncio.to_thread(face_condition, self.analyzer, photos, params, self.settings, lookups)
         return FaceResult(condition, time.perf_counter() - start, cache_hit=lookups.misses == 0)
 
     async def check_health(self) -> None:

@@ -9,14 +9,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import Scheduler
+from .config import DEFAULT_GUIDANCE, GenerateParams, Scheduler
 from .controls import ControlMap
 from .loras import LoraSet
 from .text import PromptEmbeds
 
+_PARAMS = GenerateParams.model_fields
+
 StepCallback = Callable[[int, int], Sequence[bool]]
 """`on_step(step, steps)`: called after each denoising step (step = steps done, 1..steps); returns, per request of
 the call (in the call's order), whether that request is still wanted."""
+
+
 @dataclass(frozen=True)
 class DenoiseRequest:
     """One request's conditioning; all arrays are plain numpy so it can cross a process boundary."""
@@ -26,15 +30,18 @@ class DenoiseRequest:
     kps_image: np.ndarray  # (H, W, 3) uint8 keypoint image at the output size
     seed: int
     num_images: int = 1
-    guidance: float = 5.0
-    identitynet_strength: float = 0.8
-    adapter_strength: float = 0.8
+    # Defaults for callers that build requests by hand (tests, benchmarks); requests from GenerateParams get every
+    # value from it (pipeline.denoise_request), so these are its defaults, read from the model.
+    guidance: float = DEFAULT_GUIDANCE
+    identitynet_strength: float = _PARAMS["identitynet_strength"].default
+    adapter_strength: float = _PARAMS["adapter_strength"].default
     face_box: tuple[float, float, float, float] | None = None  # output pixels; region control (`regions`) when set
     controls: tuple[ControlMap, ...] = ()  # extra ControlNets (canny/depth/pose), maps at the output size
     # issue 12 (`identity`, `img2img`): when IdentityNet and the face tokens act, the negative face, the photo
-    identity_start: float = 0.0  # fraction of the steps run before they start acting
-    identity_end: float = 1.0  # fraction of the steps after which they stop
-    negative_face_noise: float = 0.0  # uniform noise in [0, this) as the negative branch's face embedding
+    identity_start: float = _PARAMS["identity_start"].default  # fraction of the steps run before they start acting
+    identity_end: float = _PARAMS["identity_end"].default  # fraction of the steps after which they stop
+    # uniform noise in [0, this) as the negative branch's face embedding
+    negative_face_noise: float = _PARAMS["negative_face_noise"].default
     init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img / inpainting starts from this photo
     mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (inpainting); needs init_image
 

@@ -116,11 +116,23 @@ def check_init_inputs(params: GenerateParams, has_init: bool, has_mask: bool, in
             raise InvalidParameter(f"{name} needs an init image ({init_name})", field=name)
 
 
-def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: GenerateParams,
-                   settings: PipelineSettings, pose_image: bytes | None = None, *, names: list[str] | None = None,
-                   pose_name: str = "pose_image",
-                   cache: FaceCache | None = None, init_image: bytes | None = None, mask_image: bytes | None = None,
-                   init_name: str = "init_image", mask_name: str = "mask_image") -> FaceCondition:
+@dataclass(frozen=True)
+class RequestPhotos:
+    """One request's photos as bytes, and the names its error messages give them (the API's field names by
+    default; the CLI passes file paths)."""
+
+    faces: list[bytes]
+    pose: bytes | None = None
+    init: bytes | None = None  # img2img / inpainting
+    mask: bytes | None = None
+    face_names: list[str] | None = None  # default face_image[i]
+    pose_name: str = "pose_image"
+    init_name: str = "init_image"
+    mask_name: str = "mask_image"
+
+
+def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: GenerateParams, settings: PipelineSettings,
+                   cache: FaceCache | None = None) -> FaceCondition:
     """Photo bytes -> FaceCondition: each photo decoded within the settings' limits and analysed (or its analysis
     taken from `cache`, keyed by the bytes' sha256 and the face index), then `condition_from_faces`. The one path
     from uploaded photos to the denoiser's face input (pipeline, FaceAnalysis deployment, batch job).
@@ -130,29 +142,30 @@ def face_condition(analyzer: FaceAnalyzer, face_images: list[bytes], params: Gen
     With `init_image` (img2img / inpainting, see `with_init_photo`) the keypoints come from the pose photo, else
     from the init photo's face when it has one, else from the first face photo; `params.pose_face_index` picks
     the pose (or init) photo's face."""
-    if not face_images:
+    if not photos.faces:
         raise InvalidParameter("at least one face image is required", field="face_image")
-    names = names or [f"face_image[{i}]" for i in range(len(face_images))]
+    names = photos.face_names or [f"face_image[{i}]" for i in range(len(photos.faces))]
+    init_image, mask_image, init_name, mask_name = photos.init, photos.mask, photos.init_name, photos.mask_name
     check_init_inputs(params, init_image is not None, mask_image is not None, init_name, mask_name)
 
     wanted = [(data, name, params.face_index if i == 0 else None)
-              for i, (data, name) in enumerate(zip(face_images, names, strict=True))]
-    if pose_image is not None:
-        wanted.append((pose_image, pose_name, params.pose_face_index))
+              for i, (data, name) in enumerate(zip(photos.faces, names, strict=True))]
+    if photos.pose is not None:
+        wanted.append((photos.pose, photos.pose_name, params.pose_face_index))
     keys = [(hashlib.sha256(data).hexdigest(), face_index) for data, _, face_index in wanted]
     known = {key: cache.get(key) for key in keys} if cache is not None else {}
     # Every photo not analysed before is decoded first: a broken file is reported before any analysis runs.
-    photos = {key: load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
-              for key, (data, name, _) in zip(keys, wanted, strict=True) if known.get(key) is None}
+    decoded = {key: load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+               for key, (data, name, _) in zip(keys, wanted, strict=True) if known.get(key) is None}
     analyses = []
     for key, (_, name, face_index) in zip(keys, wanted, strict=True):
         face = known.get(key)
         if face is None:
-            face = known[key] = analyzer.analyze(photos[key], face_index=face_index, name=name)
+            face = known[key] = analyzer.analyze(decoded[key], face_index=face_index, name=name)
             if cache is not None:
                 cache[key] = face
         analyses.append(face)
-    faces, pose = (analyses[:-1], analyses[-1]) if pose_image is not None else (analyses, None)
+    faces, pose = (analyses[:-1], analyses[-1]) if photos.pose is not None else (analyses, None)
     if init_image is None:
         return condition_from_faces(faces, params, pose, buckets=settings.size_buckets)
 
@@ -255,9 +268,9 @@ class InstantIDPipeline:
         params = self.denoiser.loras.with_presets(params).resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
-        face = face_condition(self.face, face_images, params, self.settings, pose_image, names=face_names,
-                              pose_name=pose_name, init_image=init_image, mask_image=mask_image,
-                              init_name=init_name, mask_name=mask_name)
+        photos = RequestPhotos(face_images, pose_image, init_image, mask_image, face_names, pose_name, init_name,
+                               mask_name)
+        face = face_condition(self.face, photos, params, self.settings)
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()

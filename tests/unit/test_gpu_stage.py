@@ -13,7 +13,7 @@ from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from instantid_core.errors import GPUMemoryError
 from instantid_core.images import bucket_size, size_buckets
 from instantid_core.memory import run_splitting
-from instantid_core.pipeline import face_condition
+from instantid_core.pipeline import RequestPhotos, face_condition
 
 WIDTH, HEIGHT = 64, 64
 KEY = BatchKey(WIDTH, HEIGHT, steps=2, scheduler=Scheduler.euler)
@@ -111,15 +111,15 @@ def test_face_condition_caches_the_analysis_not_the_keypoint_image(prompt_encode
     settings = PipelineSettings()
     analyzer = FaceAnalyzer(tiny_root / "antelopev2", settings)
     cache: LRUCache[FaceInfo] = LRUCache(1 << 20)
-    small = face_condition(analyzer, [astronaut_bytes], GenerateParams(prompt="x", width=64, height=64), settings,
-                           cache=cache)
+    small = face_condition(analyzer, RequestPhotos([astronaut_bytes]), GenerateParams(prompt="x", width=64, height=64),
+                           settings, cache=cache)
     (key,) = cache.keys()
     analysis = cache.get(key)
     assert isinstance(analysis, FaceInfo) and nbytes(analysis) < 4096  # a few KB, whatever the output size
     marked = FaceInfo(analysis.embedding + 1, analysis.kps, analysis.bbox, analysis.det_score, analysis.image_size)
     cache.put(key, marked)
-    large = face_condition(analyzer, [astronaut_bytes], GenerateParams(prompt="x", width=256, height=128), settings,
-                           cache=cache)
+    large = face_condition(analyzer, RequestPhotos([astronaut_bytes]),
+                           GenerateParams(prompt="x", width=256, height=128), settings, cache=cache)
     assert large.kps_image.shape == (128, 256, 3) and small.kps_image.shape == (64, 64, 3)
     np.testing.assert_allclose(large.embedding, marked.embedding)  # the analysis came from the cache
     assert len(cache) == 1
