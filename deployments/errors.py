@@ -80,6 +80,18 @@ class JobsDisabled(InstantIDError):
     code = "jobs_disabled"  # the app has no `jobs` (broker) configured
 
 
+class JobsUnavailable(InstantIDError):
+    """The jobs broker (Redis) did not answer in time: retry after Retry-After. /v1/generate is not affected."""
+
+    code = "jobs_unavailable"
+
+
+class JobsBacklogFull(RateLimited):
+    """`jobs.max_queued` jobs already wait: a new one is refused (429) rather than queued behind hours of work."""
+
+    code = "jobs_backlog_full"
+
+
 class WebhookNotAllowed(InstantIDError):
     code = "webhook_not_allowed"  # webhook_url's host is not in allowed_webhook_hosts
 
@@ -106,6 +118,8 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     WebhookNotAllowed: 403,
     JobCancelled: 409,
     JobsDisabled: 503,
+    JobsUnavailable: 503,
+    JobsBacklogFull: 429,
     RouteNotFound: 404,
     MethodNotAllowed: 405,
     RequestIdInUse: 409,

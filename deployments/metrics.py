@@ -38,6 +38,10 @@ EXPORTED = {
     "ray_instantid_cache_lookups_total": "face and prompt cache lookups by `result` (hit, miss)",
     "ray_instantid_gpu_memory_allocated_bytes": "GPU memory held by the replica's tensors (0 on CPU; `device`)",
     "ray_instantid_gpu_memory_reserved_bytes": "GPU memory reserved by the replica's allocator (0 on CPU)",
+    "ray_instantid_jobs_queued": "async jobs waiting in the queue (every JobConsumer replica reports the same "
+                                 "figure: aggregate with max)",
+    "ray_instantid_jobs_running": "async jobs running (from the job records; aggregate with max)",
+    "ray_instantid_jobs_oldest_queued_age_seconds": "how long the oldest queued job has waited (0: none queued)",
 }
 
 
@@ -130,3 +134,21 @@ class IngressMetrics:
     def http(self, route: str, code: int, seconds: float) -> None:
         self.http_requests.inc(tags={"route": route, "code": str(code)})
         self.request_latency.observe(seconds, tags={"route": route})
+
+
+class JobsMetrics:
+    """The job backlog as gauges, set by each JobConsumer replica from the job records (the same figure from every
+    replica, so dashboards and alerts take the max; an Ingress-side count would vanish with scale-to-zero)."""
+
+    def __init__(self) -> None:
+        self.queued = serve_metrics.Gauge("instantid_jobs_queued", description=EXPORTED["ray_instantid_jobs_queued"])
+        self.running = serve_metrics.Gauge("instantid_jobs_running",
+                                           description=EXPORTED["ray_instantid_jobs_running"])
+        self.oldest_age = serve_metrics.Gauge(
+            "instantid_jobs_oldest_queued_age_seconds",
+            description=EXPORTED["ray_instantid_jobs_oldest_queued_age_seconds"])
+
+    def backlog(self, queued: int, running: int, oldest_queued_age_s: float) -> None:
+        self.queued.set(queued)
+        self.running.set(running)
+        self.oldest_age.set(oldest_queued_age_s)

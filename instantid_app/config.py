@@ -222,7 +222,13 @@ class JobsConfig(BaseModel):
     webhook_secret_env: str | None = Field("INSTANTID_WEBHOOK_SECRET", description="Environment variable with "
                                            "the HMAC-SHA256 key for the X-InstantID-Signature header (unset: "
                                            "webhooks are not signed).")
-    queue_poll_interval_s: float = Field(5.0, gt=0, description="How often the autoscaler reads the queue length.")
+    queue_poll_interval_s: float = Field(5.0, gt=0, description="How often the autoscaler reads the queue length "
+                                         "(and the JobConsumer refreshes its backlog gauges).")
+    max_queued: int = Field(1000, ge=1, description="Jobs that may wait in the queue; past it POST /v1/jobs answers "
+                            "429 jobs_backlog_full (a bounded backlog: callers learn at once, not hours later).")
+    backlog_retry_after_s: int = Field(30, ge=1, description="Retry-After of that 429.")
+    redis_timeout_s: float = Field(3.0, gt=0, description="Longest one job-record call to Redis may take; past it "
+                                   "the job endpoints answer 503 jobs_unavailable (never a hung request).")
     run_timeout_s: float = Field(360.0, gt=0, description="Longest a consumer waits for one run of a job through "
                                  "the Ingress, which answers its own stage_timeout_s (a live Ingress setting) "
                                  "first; past it the run counts as failed and the job goes back to the queue. "

@@ -248,9 +248,9 @@ def test_monitors_scrape_ray_metrics_port_of_every_ray_pod_and_never_the_public_
 
 
 MONITORING = K8S / "components" / "monitoring"
-# Gauges the alerts query before the app exports them: the async jobs' backlog (queued jobs, age of the oldest),
-# added with the job queue metrics. Remove a name from here once deployments.metrics.EXPORTED lists it.
-PENDING_METRICS = {"ray_instantid_jobs_queued", "ray_instantid_jobs_oldest_queued_age_seconds"}
+# Names the alerts may query before the app exports them (none now: the jobs' backlog gauges are exported by the
+# JobConsumer). Remove a name from here once deployments.metrics.EXPORTED lists it.
+PENDING_METRICS: set[str] = set()
 
 
 def queried_metrics() -> set[str]:

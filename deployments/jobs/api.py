@@ -4,26 +4,38 @@
 What goes on the queue is the request (face photos included) and the webhook URL: the broker holds it until a
 consumer acknowledges the job, which it does when the job has ended, so no photo outlives its job there; the job
 record (status, progress, result URIs) holds no input and expires `status_ttl_s` after the job's last change.
+
+Redis faults answer 503 `jobs_unavailable` (with Retry-After) within `jobs.redis_timeout_s`: every Redis call runs
+in a worker thread under that bound, so the Ingress's event loop, and /v1/generate with it, never waits on Redis.
+A full backlog (`jobs.max_queued` jobs waiting) answers 429 `jobs_backlog_full`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
+from kombu.exceptions import OperationalError
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
 from instantid_app.config import AppConfig
 from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import draw_seed
 
-from ..errors import JobNotFound, JobsDisabled
+from ..errors import JobNotFound, JobsBacklogFull, JobsDisabled, JobsUnavailable
 from ..schemas import JobRequest, JobStatus
-from .store import JobStore
+from .store import REDIS_ERRORS, JobStore
 from .task_queue import TASK_NAME, task_processor_config
 from .webhooks import check_webhook_url
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+# What Celery's producer raises when it cannot publish (kombu's error once its retries are spent), besides Redis's.
+BROKER_ERRORS = (*REDIS_ERRORS, OperationalError)
 
 
 def check_job_id(job_id: str) -> None:
@@ -36,8 +48,21 @@ class JobsAPI:
         self.config = config
         self.enabled = config.jobs is not None
         if config.jobs is not None:
-            self.store = JobStore(config.jobs.resolved_broker_url(), config.jobs.status_ttl_s)
+            self.timeout_s = config.jobs.redis_timeout_s
+            self.store = JobStore(config.jobs.resolved_broker_url(), config.jobs.status_ttl_s, self.timeout_s)
+            # Connects lazily (on the first enqueue): an Ingress starts, and serves /v1/generate, with Redis down.
             self.queue = instantiate_adapter_from_config(task_processor_config(config.jobs))
+
+    async def _redis(self, call: Callable[[], T], timeout_s: float | None = None) -> T:
+        """`call` in a worker thread (the store and Celery's producer are synchronous), bounded in time; a broker
+        that fails or does not answer in time is a JobsUnavailable (503), never a 500 or a hung request. A thread
+        left running past the bound finishes (or fails) on its own; its result is not used."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call), timeout_s or self.timeout_s)
+        except (TimeoutError, *BROKER_ERRORS) as exc:
+            logger.warning("jobs: Redis unavailable (%s: %s)", type(exc).__name__, exc)
+            raise JobsUnavailable("the job queue (Redis) is unavailable; retry after Retry-After "
+                                  "(synchronous /v1/generate is not affected)") from None
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -53,10 +78,23 @@ class JobsAPI:
         job_id = uuid.uuid4().hex
         now = time.time()
         status = JobStatus(job_id=job_id, status="queued", created_at=now, updated_at=now)
-        await asyncio.to_thread(self.store.create, status)
+        jobs = self.config.jobs
+        if not await self._redis(lambda: self.store.create(status, jobs.max_queued)):
+            raise JobsBacklogFull(f"{jobs.max_queued} jobs are already queued (jobs.max_queued); retry later",
+                                  retry_after_s=jobs.backlog_retry_after_s)
         payload = {"request": generate.model_dump(mode="json"), "inline": inline, "webhook_url": request.webhook_url}
-        # The Celery adapter is synchronous: a thread keeps the replica's event loop free.
-        await asyncio.to_thread(self.queue.enqueue_task_sync, TASK_NAME, args=[job_id, payload], task_id=job_id)
+        try:
+            # Celery's producer retries a lost connection a few times (under a second): twice the bound covers it.
+            await self._redis(lambda: self.queue.enqueue_task_sync(TASK_NAME, args=[job_id, payload],
+                                                                   task_id=job_id), 2 * self.timeout_s)
+        except JobsUnavailable:
+            # Not queued (or not known to be): no record may say `queued` for ever. Were the message published
+            # after all, its consumer finds no record and skips it (run_job's "expired").
+            try:
+                await self._redis(lambda: self.store.delete(job_id))
+            except JobsUnavailable:
+                pass  # Redis is down: the record expires with status_ttl_s
+            raise
         return status
 
     async def status(self, job_id: str) -> JobStatus:
@@ -68,7 +106,7 @@ class JobsAPI:
     async def _existing(self, job_id: str, read: Callable[[], JobStatus | None]) -> JobStatus:
         """The job record `read` returns (in a thread: the store is synchronous), or JobNotFound naming job_id."""
         check_job_id(job_id)
-        status = await asyncio.to_thread(read) if self.enabled else None
+        status = await self._redis(read) if self.enabled else None
         if status is None:
             raise JobNotFound(f"no job {job_id} (unknown, or its record expired)", field="job_id")
         return status

@@ -6,6 +6,9 @@ id as request id and the seed fixed at submit time, so a redelivered job rewrite
 is at least once: the broker acknowledges a job only when its handler returns, and hands a job whose consumer
 died to another one after the visibility timeout. The job record's lease decides who runs it: a delivery that
 finds the job running under a fresh lease waits, and takes it over only once that lease goes stale.
+
+Each replica also reports the job backlog (queued, running, oldest queued age) as gauges every
+`jobs.queue_poll_interval_s`, from the job records' state index, off the Celery threads.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from instantid_app.config import AppConfig
 from instantid_core.errors import InstantIDError
 
 from ..errors import JobCancelled, http_status
+from ..metrics import JobsMetrics
 from ..schemas import ErrorDetail, GenerateRequest, JobStatus
 from . import webhooks
-from .store import TERMINAL, Change, JobStore
+from .store import REDIS_ERRORS, TERMINAL, Change, JobStore
 from .task_queue import TASK_NAME, task_processor_config
 
 logger = logging.getLogger("ray.serve")
@@ -40,10 +44,28 @@ class JobConsumer:
         self.config = AppConfig.model_validate(config)
         assert self.config.jobs is not None  # build_app adds this deployment only with jobs configured
         self.jobs = self.config.jobs
-        self.store = JobStore(self.jobs.resolved_broker_url(), self.jobs.status_ttl_s)
+        self.store = JobStore(self.jobs.resolved_broker_url(), self.jobs.status_ttl_s, self.jobs.redis_timeout_s)
         self.secret = self.jobs.webhook_secret()
         # Looked up, not bound: the Ingress is the application's root and already binds this deployment.
         self.ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
+        self.metrics = JobsMetrics()
+        self.backlog_errors = 0
+        threading.Thread(target=self._report_backlog, name="jobs-backlog", daemon=True).start()
+
+    def _report_backlog(self) -> None:
+        """Refresh the backlog gauges for as long as the replica lives; a Redis error keeps the last figures (the
+        broker's own alert fires on Redis itself) and is logged once per outage."""
+        while True:
+            try:
+                backlog = self.store.backlog()
+            except REDIS_ERRORS as exc:
+                if not self.backlog_errors:
+                    logger.warning("job backlog gauges not refreshed (Redis: %s); retrying", exc)
+                self.backlog_errors += 1
+            else:
+                self.backlog_errors = 0
+                self.metrics.backlog(backlog.queued, backlog.running, backlog.oldest_queued_age_s)
+            time.sleep(self.jobs.queue_poll_interval_s)
 
     @task_handler(name=TASK_NAME)
     def run_job(self, job_id: str, payload: dict[str, Any]) -> dict[str, str]:

@@ -5,6 +5,11 @@ Fields of `instantid:job:<id>`: `record` (the JobStatus JSON the API answers; ne
 (the Unix time a consumer last renewed the running job). Every write refreshes the hash's TTL, so a record expires
 `status_ttl_s` after its job's last change. Transitions that two parties race for (a consumer starting a job
 while a caller cancels it) run as Redis transactions (WATCH/MULTI), not read-then-write.
+
+Two sorted sets index the jobs by state, written in the same transaction as the record, so they never disagree
+with it: `instantid:jobs:queued` (score: when the job entered the queue) and `instantid:jobs:running` (score: its
+last lease). They bound the backlog at submit (`create(..., max_queued)`) and give the backlog gauges; an entry
+older than `status_ttl_s` belongs to an expired record and is trimmed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 
@@ -20,16 +26,29 @@ from ..schemas import JobProgress, JobStatus
 TERMINAL = ("done", "failed", "cancelled")
 Change = tuple[JobStatus, dict[str, str]]
 KEY_PREFIX = "instantid:job:"
+QUEUED_KEY = "instantid:jobs:queued"
+RUNNING_KEY = "instantid:jobs:running"
+# What a call to an unreachable, restarting or out-of-memory Redis raises (redis-py wraps socket errors, mostly).
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 
 def job_key(job_id: str) -> str:
     return f"{KEY_PREFIX}{job_id}"
 
 
+@dataclass(frozen=True)
+class Backlog:
+    queued: int
+    running: int
+    oldest_queued_age_s: float  # 0 with nothing queued
+
+
 class JobStore:
-    def __init__(self, url: str, status_ttl_s: float) -> None:
-        # One client per process; redis-py's connection pool makes it safe across threads.
-        self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    def __init__(self, url: str, status_ttl_s: float, timeout_s: float = 3.0) -> None:
+        # One client per process; redis-py's connection pool makes it safe across threads. The timeouts bound every
+        # call, so an unreachable Redis fails a job request in seconds (503) instead of holding it. A rediss:// URL
+        # carries its TLS settings (ssl_cert_reqs, ssl_ca_certs) in its query, which from_url reads.
+        self.redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.ttl = max(1, int(status_ttl_s))
 
     # --- reads --------------------------------------------------------------------------------------------------
@@ -49,12 +68,47 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.hexists(job_key(job_id), "cancel"))
 
+    def backlog(self) -> Backlog:
+        """Jobs queued and running now, and how long the oldest queued one has waited (one round trip)."""
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(QUEUED_KEY, "-inf", now - self.ttl)
+            pipe.zremrangebyscore(RUNNING_KEY, "-inf", now - self.ttl)
+            pipe.zcard(QUEUED_KEY)
+            pipe.zcard(RUNNING_KEY)
+            pipe.zrange(QUEUED_KEY, 0, 0, withscores=True)
+            _, _, queued, running, oldest = pipe.execute()
+        return Backlog(queued=queued, running=running,
+                       oldest_queued_age_s=max(0.0, now - oldest[0][1]) if oldest else 0.0)
+
     # --- writes -------------------------------------------------------------------------------------------------
-    def create(self, status: JobStatus) -> None:
+    def create(self, status: JobStatus, max_queued: int | None = None) -> bool:
+        """Write a new queued job's record unless `max_queued` jobs already wait; returns whether it was written.
+        The count and the write are one transaction: concurrent submits never overshoot the bound."""
         key = job_key(status.job_id)
+        self.redis.zremrangebyscore(QUEUED_KEY, "-inf", time.time() - self.ttl)  # expired records' entries
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, "record", _dump(status))
-            pipe.expire(key, self.ttl)
+            while True:
+                try:
+                    pipe.watch(QUEUED_KEY)
+                    if max_queued is not None and pipe.zcard(QUEUED_KEY) >= max_queued:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, "record", _dump(status))
+                    pipe.expire(key, self.ttl)
+                    _index(pipe, status)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job whose message never reached the queue (so no record says `queued` for ever)."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(job_key(job_id))
+            pipe.zrem(QUEUED_KEY, job_id)
+            pipe.zrem(RUNNING_KEY, job_id)
             pipe.execute()
 
     def save(self, status: JobStatus, *, clear: tuple[str, ...] = ()) -> None:
@@ -64,13 +118,16 @@ class JobStore:
             if clear:
                 pipe.hdel(key, *clear)
             pipe.expire(key, self.ttl)
+            _index(pipe, status)
             pipe.execute()
 
     def renew_lease(self, job_id: str) -> None:
         key = job_key(job_id)
+        now = time.time()
         with self.redis.pipeline() as pipe:
-            pipe.hset(key, "lease", repr(time.time()))
+            pipe.hset(key, "lease", repr(now))
             pipe.expire(key, self.ttl)
+            pipe.zadd(RUNNING_KEY, {job_id: now}, xx=True)  # only while it is indexed as running
             pipe.execute()
 
     def report_step(self, job_id: str, step: int, steps: int) -> bool:
@@ -109,6 +166,7 @@ class JobStore:
                     if clear:
                         pipe.hdel(key, *clear)
                     pipe.expire(key, self.ttl)
+                    _index(pipe, new)
                     pipe.execute()
                     return new, True
                 except redis.WatchError:
@@ -137,3 +195,17 @@ class JobStore:
 def _dump(status: JobStatus) -> str:
     # progress and cancel_requested live in their own fields; the record holds the rest.
     return json.dumps(status.model_dump(mode="json", exclude_none=True, exclude={"progress", "cancel_requested"}))
+
+
+def _index(pipe: redis.client.Pipeline, status: JobStatus) -> None:
+    """Queue the writes that keep the state index equal to the record `status` being written with them."""
+    now = time.time()
+    if status.status == "queued":
+        pipe.zadd(QUEUED_KEY, {status.job_id: now})
+        pipe.zrem(RUNNING_KEY, status.job_id)
+    elif status.status == "running":
+        pipe.zrem(QUEUED_KEY, status.job_id)
+        pipe.zadd(RUNNING_KEY, {status.job_id: now})
+    else:  # done, failed, cancelled
+        pipe.zrem(QUEUED_KEY, status.job_id)
+        pipe.zrem(RUNNING_KEY, status.job_id)

@@ -321,3 +321,85 @@ def test_handle_api_submits_polls_and_cancels_with_the_same_models(served_app, a
         time.sleep(0.1)
     assert status.status == "done" and status.result.seed == 3
     assert handle.cancel_job.remote(submitted.job_id).result().status == "done"
+
+
+def scraped(name: str) -> list[float]:
+    """The values of gauge `name` the served app's JobConsumer replicas export on Ray's metrics port."""
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{") and 'application="instantid"' in line and "JobConsumer" in line]
+
+
+def test_the_backlog_gauges_show_queued_and_running_jobs_then_drain(served_app, astronaut_bytes):
+    face = b64(astronaut_bytes)
+    # The consumer runs two jobs at a time: of five long ones, three wait in the queue at first.
+    ids = [submit(served_app, {"face_image": face, "prompt": f"gauge {i}", **SLOW}).json()["job_id"]
+           for i in range(5)]
+    peak: dict[str, float] = {}
+
+    def busy_seen() -> bool:
+        for name in ("ray_instantid_jobs_queued", "ray_instantid_jobs_running",
+                     "ray_instantid_jobs_oldest_queued_age_seconds"):
+            peak[name] = max([peak.get(name, 0.0), *scraped(name)])
+        return (peak["ray_instantid_jobs_queued"] >= 1 and peak["ray_instantid_jobs_running"] >= 1
+                and peak["ray_instantid_jobs_oldest_queued_age_seconds"] > 0)
+
+    deadline = time.monotonic() + 90
+    while not busy_seen():
+        assert time.monotonic() < deadline, f"the backlog gauges never showed the queue: {peak}"
+        time.sleep(0.5)
+    assert peak["ray_instantid_jobs_queued"] <= 5
+    for job_id in ids:
+        httpx.delete(f"{served_app.url}/v1/jobs/{job_id}", timeout=30)
+    for job_id in ids:
+        wait_for(served_app, job_id)
+
+    def drained() -> bool:
+        queued, running = scraped("ray_instantid_jobs_queued"), scraped("ray_instantid_jobs_running")
+        return bool(queued) and max(queued) == 0 and max(running) == 0
+
+    deadline = time.monotonic() + 60
+    while not drained():
+        assert time.monotonic() < deadline, "the backlog gauges did not fall back to 0"
+        time.sleep(0.5)
+
+
+def redis_pid(url: str) -> int:
+    return int(redis.Redis.from_url(url).info("server")["process_id"])
+
+
+def test_with_redis_frozen_jobs_answer_a_typed_503_and_generate_200_and_a_running_job_ends_done(
+        served_app, astronaut_bytes):
+    """Last in this module: it freezes the session's Redis (up, but silent: what a partition looks like) for a few
+    seconds under a running job."""
+    import os
+    import signal
+
+    face = b64(astronaut_bytes)
+    url = served_app.config.args.jobs.broker_url
+    job_id = submit(served_app, {"face_image": face, "prompt": "through the fault", **SLOW}).json()["job_id"]
+    wait_running_with_progress(served_app, job_id)
+    pid = redis_pid(url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            generated = pool.submit(httpx.post, f"{served_app.url}/v1/generate",
+                                    json={"face_image": face, "prompt": "sync", **FAST}, timeout=60)
+            started = time.monotonic()
+            refused = submit(served_app, {"face_image": face, "prompt": "while down", **FAST})
+            took = time.monotonic() - started
+            polled = httpx.get(f"{served_app.url}/v1/jobs/{job_id}", timeout=30)
+            assert generated.result().status_code == 200, generated.result().text
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "jobs_unavailable" and int(refused.headers["retry-after"]) >= 1
+    assert took < 3 * served_app.config.args.jobs.redis_timeout_s, took
+    assert polled.status_code == 503 and polled.json()["error"]["code"] == "jobs_unavailable"
+    final = wait_for(served_app, job_id, timeout_s=120)
+    assert final["status"] == "done", final
+    assert len(objects_of(served_app, job_id)) == 2
+    assert submit(served_app, {"face_image": face, "prompt": "after", **FAST}).status_code == 202
