@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 TINY := /tmp/instantid-tiny
 OUT ?= outputs
 
-REDIS_PORT ?= 6379
+# The jobs Redis (`make services`) on a port of its own: 6379 is Ray's GCS default (`ray start --head`), and the app
+# config's default broker_url names this one (instantid_app.config.JobsConfig; a test holds them equal).
+REDIS_PORT ?= 6380
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup services redis-server promtool demo demo-cli test lint bench clean

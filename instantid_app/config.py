@@ -203,8 +203,9 @@ class JobsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the queue and the job records "
-                            "(`make services` starts one on loopback).")
+    broker_url: str = Field("redis://127.0.0.1:6380/0", description="Redis URL of the queue and the job records "
+                            "(`make services` starts one on loopback, on 6380: 6379 is Ray's GCS default port). "
+                            "TLS: rediss://[:PASSWORD@]HOST:PORT/0?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem.")
     broker_url_env: str | None = Field("INSTANTID_BROKER_URL", description="When this environment variable is "
                                        "set (e.g. from a Kubernetes Secret), its value replaces broker_url.")
     queue_name: str = Field("instantid-jobs", min_length=1, max_length=100)
