@@ -6,7 +6,7 @@
 What is timed, each stage through the product's own code (`instantid_core`), nothing re-implemented:
 - weights load: `resolve_weights` (validation of every file), then `FaceAnalyzer`, `PromptEncoder` and
   `IdentityDenoiser` construction: what `InstantIDPipeline.__init__` does, part by part.
-- per request, at each size: photo decode + face analysis + keypoint image (`load_image`, `prepare_face`); prompt
+- per request, at each size: photo decode + face analysis + keypoint image (`face_condition`); prompt
   encoding (`PromptEncoder.encode`); the denoiser's own stages in the order `IdentityDenoiser._run` calls them:
   conditioning (Resampler on the face embedding, keypoint image preprocessing), the denoising loop (UNet +
   IdentityNet, classifier-free guidance, scheduler; also per step), VAE decode to uint8; then PNG encoding and the
@@ -114,8 +114,7 @@ def bench_load(root: Path, settings: PipelineSettings, warmup: int, repeats: int
 
 def bench_size(pipeline, size: int, steps: int, warmup: int, repeats: int, out_dir: Path) -> dict:
     """One request at `size` x `size`, stage by stage, then the denoiser's own call as a check."""
-    from instantid_core.images import load_image
-    from instantid_core.pipeline import denoise_request, prepare_face
+    from instantid_core.pipeline import RequestPhotos, denoise_request, face_condition
     from instantid_core.storage import OutputStore, encode_image
 
     params = GenerateParams(prompt=PROMPT, negative_prompt=NEGATIVE, style=Style.none, seed=SEED, steps=steps,
@@ -127,9 +126,7 @@ def bench_size(pipeline, size: int, steps: int, warmup: int, repeats: int, out_d
     staged_image = called_image = None
     for run in range(warmup + repeats):
         laps = Laps()
-        photo = load_image(photo_bytes, name="face", max_pixels=settings.max_image_pixels,
-                           max_side=settings.max_image_side)
-        face = prepare_face(pipeline.face, [photo], params)
+        face = face_condition(pipeline.face, RequestPhotos([photo_bytes]), params, settings)
         laps.lap("face: decode + analyze + keypoint image")
         prompt = pipeline.text.encode(params.prompt, params.negative_prompt, params.style)
         laps.lap("prompt encoding")

@@ -142,14 +142,13 @@ def stage_payloads(config, params: dict[str, Any]):
     from instantid_app.weights import resolve_app_weights
     from instantid_core.config import GenerateParams
     from instantid_core.face import FaceAnalyzer
-    from instantid_core.images import load_image
-    from instantid_core.pipeline import prepare_face
+    from instantid_core.pipeline import RequestPhotos, face_condition
     from instantid_core.text import PromptEncoder
 
     weights = resolve_app_weights(config.args)
     settings = config.args.pipeline
-    photo = load_image(FACE.read_bytes(), max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
-    face = prepare_face(FaceAnalyzer(weights.face_pack, settings), [photo], GenerateParams.model_validate(params))
+    face = face_condition(FaceAnalyzer(weights.face_pack, settings), RequestPhotos([FACE.read_bytes()]),
+                          GenerateParams.model_validate(params), settings)
     prompt = PromptEncoder(weights.sdxl, settings).encode(PROMPT, NEGATIVE)
     return face, prompt
 

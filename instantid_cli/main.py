@@ -51,10 +51,12 @@ def _weights_download(args: argparse.Namespace) -> None:
 
 
 def _weights_check(args: argparse.Namespace) -> None:
-    from instantid_core.weights import resolve_weights
+    from instantid_core.weights import check_weights
 
-    resolved = resolve_weights(ModelSources.from_root(_weights_root(args.dir)))
-    print(f"ok: {resolved.sdxl}, {resolved.identitynet}, {resolved.adapter}, {resolved.face_pack}")
+    root = _weights_root(args.dir)
+    check_weights(root)  # every part of the folder: missing, truncated or corrupt files, by name
+    parts = ModelSources.from_root(root)
+    print(f"ok: {parts.sdxl}, {parts.identitynet}, {parts.adapter}, {parts.face_pack}")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -67,22 +67,6 @@ def output_size(params: GenerateParams, photo_size: tuple[int, int], buckets: bo
     return bucket_size(*photo_size) if buckets else resize_like_reference(*photo_size)
 
 
-def prepare_face(analyzer: FaceAnalyzer, face_photos: list[Image.Image], params: GenerateParams,
-                 pose_photo: Image.Image | None = None, names: list[str] | None = None,
-                 pose_name: str = "pose_image", *, buckets: bool = True) -> FaceCondition:
-    """Identity from the face photo(s) (mean embedding), keypoints from the pose photo or the first face photo.
-
-    `names` and `pose_name` are what the caller calls these inputs (API fields, file paths); errors name them."""
-    if not face_photos:
-        raise InvalidParameter("at least one face image is required", field="face_image")
-    names = names or [f"face_image[{i}]" for i in range(len(face_photos))]
-    faces = [analyzer.analyze(photo, face_index=params.face_index if i == 0 else None, name=name)
-             for i, (photo, name) in enumerate(zip(face_photos, names, strict=True))]
-    pose = (analyzer.analyze(pose_photo, face_index=params.pose_face_index, name=pose_name)
-            if pose_photo is not None else None)
-    return condition_from_faces(faces, params, pose, buckets=buckets)
-
-
 def condition_from_faces(faces: list[FaceInfo], params: GenerateParams, pose: FaceInfo | None = None, *,
                          buckets: bool = True, size: tuple[int, int] | None = None,
                          place=map_kps_to_output) -> FaceCondition:

@@ -16,6 +16,13 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes (lossless: what a caller uploads of an image a test made)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
 def png_pixels(data: bytes) -> np.ndarray:
     """An encoded image's RGB pixels, (H, W, 3) uint8."""
     from PIL import Image

@@ -21,8 +21,9 @@ from instantid_core.config import GenerateParams, PipelineSettings
 from instantid_core.errors import NoFaceDetected, WeightsError
 from instantid_core.face import KPS_COLORS, FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from instantid_core.images import load_image
-from instantid_core.pipeline import prepare_face
+from instantid_core.pipeline import RequestPhotos, face_condition
 from instantid_core.tiny.face import DETECTOR_FILE, RECOGNISER_FILE, write_tiny_face_pack
+from testkit.api import png_bytes
 
 TOM_HANKS = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
 # The astronaut's eyes, nose tip and mouth corners (pixels of skimage's 512x512 image, measured by eye).
@@ -64,6 +65,13 @@ def face_count(analyzer: FaceAnalyzer, image: Image.Image) -> int:
         analyzer.analyze(image, face_index=63)
     return int(info.value.message.split(" face(s) found")[0].rsplit(" ", 1)[-1])
 
+
+
+def condition(analyzer: FaceAnalyzer, params: GenerateParams, faces: list[Image.Image],
+              pose: Image.Image | None = None):
+    """face_condition on photos as a caller uploads them (PNG bytes)."""
+    photos = RequestPhotos([png_bytes(face) for face in faces], png_bytes(pose) if pose is not None else None)
+    return face_condition(analyzer, photos, params, PipelineSettings())
 
 def test_face_pack_is_small_fast_to_write_and_routed_by_insightface(tmp_path: Path):
     start = time.perf_counter()
@@ -167,12 +175,12 @@ def test_several_photos_average_raw_embeddings_and_keep_the_first_layout(analyze
     tom = load_image(TOM_HANKS.read_bytes(), name="tom", **LIMITS)
     first, second = analyzer.analyze(astronaut), analyzer.analyze(tom)
     params = GenerateParams(prompt="x")
-    both, alone = (prepare_face(analyzer, photos, params) for photos in ([astronaut, tom], [astronaut]))
+    both, alone = (condition(analyzer, params, photos) for photos in ([astronaut, tom], [astronaut]))
     np.testing.assert_allclose(both.embedding, (first.embedding + second.embedding) / 2, rtol=1e-6)
     np.testing.assert_array_equal(both.kps_image, alone.kps_image)
     assert both.face_box == alone.face_box
     with pytest.raises(NoFaceDetected, match=r"face_image\[1\]: no face"):
-        prepare_face(analyzer, [astronaut, Image.new("RGB", (64, 64))], params)
+        condition(analyzer, params, [astronaut, Image.new("RGB", (64, 64))])
 
 
 def test_face_info_round_trips_through_pickle(analyzer: FaceAnalyzer, astronaut):
@@ -218,14 +226,11 @@ def test_probe_runs_the_detector_and_fails_when_it_cannot(tiny_face_pack: Path):
 
 
 def test_pose_photo_gives_the_keypoints_and_the_face_photo_the_identity(analyzer: FaceAnalyzer, astronaut):
-    from instantid_core.config import GenerateParams
-    from instantid_core.pipeline import prepare_face
-
     params = GenerateParams(prompt="x", width=256, height=256)
     mirrored = ImageOps.mirror(astronaut)
-    posed = prepare_face(analyzer, [astronaut], params, pose_photo=mirrored)
-    as_face = prepare_face(analyzer, [astronaut], params)
-    as_pose = prepare_face(analyzer, [mirrored], params)
+    posed = condition(analyzer, params, [astronaut], pose=mirrored)
+    as_face = condition(analyzer, params, [astronaut])
+    as_pose = condition(analyzer, params, [mirrored])
     np.testing.assert_array_equal(posed.embedding, as_face.embedding)  # who: the face photo
     np.testing.assert_array_equal(posed.kps_image, as_pose.kps_image)  # where: the pose photo
     assert posed.face_box == as_pose.face_box and not np.array_equal(posed.kps_image, as_face.kps_image)

@@ -10,7 +10,8 @@ from skimage import data as skimage_data
 from instantid_core.config import GenerateParams, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.identity import active
-from instantid_core.pipeline import prepare_face
+from instantid_core.pipeline import RequestPhotos, face_condition
+from testkit.api import png_bytes
 
 WIDTH, HEIGHT = 128, 96
 KEY = BatchKey(WIDTH, HEIGHT, 4, Scheduler.euler)
@@ -73,9 +74,10 @@ def test_pose_face_index_picks_the_pose_photos_face_largest_by_default(tiny_root
     analyzer = FaceAnalyzer(tiny_root / "antelopev2", settings)
     face = Image.fromarray(skimage_data.astronaut())
     params = dict(prompt="x", width=256, height=256)
-    default = prepare_face(analyzer, [face], GenerateParams(**params), pose_photo=two_faces)
-    largest = prepare_face(analyzer, [face], GenerateParams(**params, pose_face_index=0), pose_photo=two_faces)
-    other = prepare_face(analyzer, [face], GenerateParams(**params, pose_face_index=1), pose_photo=two_faces)
+    photos = RequestPhotos([png_bytes(face)], pose=png_bytes(two_faces))
+    default = face_condition(analyzer, photos, GenerateParams(**params), settings)
+    largest = face_condition(analyzer, photos, GenerateParams(**params, pose_face_index=0), settings)
+    other = face_condition(analyzer, photos, GenerateParams(**params, pose_face_index=1), settings)
     assert default.face_box == largest.face_box and np.array_equal(default.kps_image, largest.kps_image)
     assert other.face_box[0] > largest.face_box[2]  # the small face is right of the large one
     np.testing.assert_array_equal(other.embedding, largest.embedding)  # identity: still the face photo's
