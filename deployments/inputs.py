@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from instantid_app.config import AppConfig, IngressSettings
 from instantid_core.config import GenerateParams
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
-from instantid_core.storage import fetch_url, make_s3_client, read_uri
+from instantid_core.fetch import fetch_url, read_uri
+from instantid_core.storage import make_s3_client
 
 from .errors import validation_error
 from .schemas import GenerateRequest

@@ -1,8 +1,8 @@
-"""OutputStore: generated images plus a JSON sidecar on file:// or s3://, and reads of inputs and job state.
+"""OutputStore: generated images plus a JSON sidecar on file:// or s3://, and reads of job state.
 
 A request's sidecar (`meta.json`) is its commit marker: it is written after every image, and a failed request
-leaves neither sidecar nor images behind. User-supplied input URIs go through `read_uri`, which only reads
-`s3://` objects in an allow-listed bucket.
+leaves neither sidecar nor images behind. User-supplied inputs are read by `instantid_core.fetch` instead, which
+only reads allow-listed buckets and hosts.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ import json
 import os
 import re
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -120,11 +117,11 @@ class OutputStore:
 
     Relative keys given to the helpers are joined to the base and must not escape it (`..`, absolute paths
     are refused). Full `s3://` / `file://` URIs are used as given: the helpers are for trusted, configured
-    locations; untrusted user URIs go through `read_uri`.
+    locations; untrusted user URIs go through `instantid_core.fetch.read_uri`.
     """
 
     def __init__(self, base_uri: str, *, s3_client: Any = None) -> None:
-        base = _parse_uri(base_uri)
+        base = parse_location(base_uri)
         if base.scheme == "file":
             base = _Loc("file", "", str(Path(base.key).expanduser().resolve()))
         elif not base.bucket:
@@ -279,7 +276,7 @@ class OutputStore:
 
     def _resolve(self, key_or_uri: str, *, allow_empty: bool = False) -> _Loc:
         if "://" in key_or_uri:
-            loc = _parse_uri(key_or_uri)
+            loc = parse_location(key_or_uri)
             return _Loc("file", "", str(Path(loc.key).expanduser().resolve())) if loc.scheme == "file" else loc
         if allow_empty and not key_or_uri:
             base = self._base
@@ -306,7 +303,7 @@ class OutputStore:
 
     def _get(self, loc: _Loc) -> bytes:
         if loc.scheme == "s3":
-            return _s3_get(self._s3(), loc.bucket, loc.key)
+            return s3_get(self._s3(), loc.bucket, loc.key)
         try:
             return Path(loc.key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
@@ -330,76 +327,7 @@ class OutputStore:
                 pass
 
 
-def read_uri(
-    uri: str, *, allowed_buckets: list[str] | None, s3_client: Any = None, max_bytes: int | None = None
-) -> bytes:
-    """Read a user-supplied input URI: only `s3://` objects in an allow-listed bucket.
-
-    Args:
-        uri: `s3://bucket/key`.
-        allowed_buckets: buckets inputs may come from; None or empty allows none (deny by default).
-        s3_client: a boto3 S3 client; pass one in hot paths, creating a client costs tens of milliseconds.
-        max_bytes: refuse larger objects before reading their body.
-
-    Raises:
-        InputNotAllowed: another scheme, a bucket not in the list, or S3 denies access.
-        InputNotFound: the key (or bucket) does not exist.
-        ImageTooLarge: the object is larger than `max_bytes`.
-        StorageError: S3 could not be reached.
-    """
-    scheme = uri.split("://", 1)[0] if "://" in uri else "a local path"
-    if scheme != "s3":
-        raise InputNotAllowed(f"input URI scheme {scheme!r} is not allowed; use s3://bucket/key", field="uri")
-    loc = _parse_uri(uri)
-    if not loc.bucket or not loc.key:
-        raise InvalidParameter(f"{uri[:200]!r} is not an s3://bucket/key URI", field="uri")
-    if loc.bucket not in (allowed_buckets or []):
-        raise InputNotAllowed(
-            f"bucket {loc.bucket!r} is not an allowed input bucket (allowed: {sorted(allowed_buckets or [])})",
-            field="uri",
-        )
-    return _s3_get(s3_client or make_s3_client(), loc.bucket, loc.key, max_bytes=max_bytes)
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a redirect could lead off the allowed hosts: answered as an error instead
-
-
-def fetch_url(url: str, *, allowed_hosts: list[str], max_bytes: int, timeout_s: float = 10.0) -> bytes:
-    """Fetch a user-supplied http(s) image URL from an allow-listed host (exact host names, no redirects).
-
-    Raises:
-        InvalidParameter: not an http(s) URL, or the host could not be reached or answered an error.
-        InputNotAllowed: the host is not in `allowed_hosts`, or it answered with a redirect.
-        InputNotFound: the host answered 404 or 410.
-        ImageTooLarge: the body is larger than `max_bytes` (read no further than that).
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidParameter(f"{url[:200]!r} is not an http(s) URL", field="uri")
-    if parts.hostname.lower() not in {host.lower() for host in allowed_hosts}:
-        raise InputNotAllowed(f"host {parts.hostname!r} is not an allowed input host", field="uri")
-    opener = urllib.request.build_opener(_NoRedirects)
-    request = urllib.request.Request(url, headers={"User-Agent": "instantid-serve"})
-    try:
-        with opener.open(request, timeout=timeout_s) as response:
-            data = response.read(max_bytes + 1)
-    except urllib.error.HTTPError as err:
-        if err.code in (404, 410):
-            raise InputNotFound(f"{url[:200]} does not exist (HTTP {err.code})", field="uri") from None
-        if 300 <= err.code < 400:
-            raise InputNotAllowed(f"{url[:200]} redirects; redirects are not followed", field="uri") from None
-        raise InvalidParameter(f"{url[:200]} answered HTTP {err.code}", field="uri") from None
-    except (urllib.error.URLError, OSError) as err:  # refused, DNS, timeout
-        reason = getattr(err, "reason", err)
-        raise InvalidParameter(f"could not fetch {url[:200]}: {reason}", field="uri") from None
-    if len(data) > max_bytes:
-        raise ImageTooLarge(f"{url[:200]} is larger than {max_bytes} bytes", field="uri")
-    return data
-
-
-def _s3_get(client: Any, bucket: str, key: str, *, max_bytes: int | None = None) -> bytes:
+def s3_get(client: Any, bucket: str, key: str, *, max_bytes: int | None = None) -> bytes:
     uri = f"s3://{bucket}/{key}"
     try:
         response = client.get_object(Bucket=bucket, Key=key)
@@ -418,7 +346,7 @@ def _s3_get(client: Any, bucket: str, key: str, *, max_bytes: int | None = None)
         raise StorageError(f"could not read {uri}: {err}") from err
 
 
-def _parse_uri(uri: str) -> _Loc:
+def parse_location(uri: str) -> _Loc:
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://"):].partition("/")
         return _Loc("s3", bucket, key)

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from instantid_core.errors import InputNotAllowed, InputNotFound, InvalidParameter, StorageError
-from instantid_core.storage import OutputStore, encode_image, read_uri
+from instantid_core.fetch import read_uri
+from instantid_core.storage import OutputStore, encode_image
 
 NOW = datetime(2024, 5, 6, 12, 30, tzinfo=timezone.utc)
 
