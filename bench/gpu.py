@@ -130,7 +130,7 @@ class Plan:
     psnr_min: float
     workdir: str
     prompt_file: str
-    fp8_backend: str = "auto"  # "emulated" off CUDA: the FP8 rows then check numerics, not speed
+    fp8_backend: str = "auto"  # off CUDA (default_fp8_backend) the FP8 rows check numerics and plumbing, not speed
     check_steps: int = 0  # > 0: the output check of `run_config` (batch 1, this many steps, vs the baseline)
     check_factor: float = 16.0  # allowed latent difference: this x the unit roundoff of the lower precision
     rows_file: str | None = None  # JSON lines file each finished row is appended to (bench/lease_rows.py)
@@ -161,8 +161,21 @@ def build_plan(args: argparse.Namespace, workdir: Path) -> Plan:
         steps=args.steps or steps, batches=args.batches or ([1, 2] if args.quick else [1, 2, 4]),
         repeats=args.repeats or (2 if args.quick else 5), warm_calls=1 if args.quick else 2, compile_backend=backend,
         psnr_min=args.psnr_min, workdir=str(workdir), prompt_file=str(workdir / "prompt.npz"),
-        fp8_backend=getattr(args, "fp8_backend", None) or ("auto" if is_cuda(device) else "emulated"),
+        fp8_backend=getattr(args, "fp8_backend", None) or default_fp8_backend(device),
     )
+
+
+def default_fp8_backend(device: str) -> str:
+    """"auto" on CUDA (the FP8 kernel, or FP8Unavailable); elsewhere the same `torch._scaled_mm` where this torch
+    build has it on the CPU, else the emulated backend (same rounding, no kernel)."""
+    if is_cuda(device):
+        return "auto"
+    from instantid_core.fp8 import FP8Unavailable, resolve_backend
+
+    try:
+        return resolve_backend(torch.device(device), "scaled_mm")
+    except FP8Unavailable:
+        return "emulated"
 
 
 def published_configs():

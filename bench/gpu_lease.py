@@ -220,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check-factor", type=float, default=16.0,
                         help="refuse a candidate whose latents differ by more than this x its unit roundoff")
     parser.add_argument("--fp8-backend", choices=("auto", "scaled_mm", "emulated"),
-                        help="default: auto on CUDA (the FP8 kernel), emulated elsewhere (numerics only)")
+                        help="default: auto on CUDA (the FP8 kernel); elsewhere the CPU's torch._scaled_mm if this "
+                        "torch has one, else emulated (numerics only)")
     parser.add_argument("--compile-backend", help="inductor (default on CUDA) or eager (default elsewhere)")
     parser.add_argument("--setup-only", action="store_true", help="write the models, encode the prompt, stop")
     parser.add_argument("--workdir", help="scratch folder (prompt, plans, check outputs, compile caches, logs)")
