@@ -8,7 +8,8 @@ from pathlib import Path
 
 from instantid_core.config import ModelSources
 from instantid_core.tiny import ensure_tiny_preset
-from instantid_core.weights import ResolvedWeights, resolve_weights
+from instantid_core.weight_layout import ResolvedWeights
+from instantid_core.weights import resolve_weights
 
 from .config import AppConfig
 
@@ -24,7 +25,7 @@ def resolve_app_weights(config: AppConfig, parts: Collection[str] | None = None,
                         stage: str | None = None) -> ResolvedWeights:
     """`weights.preset: tiny` -> the tiny preset; otherwise exactly `weights.sources`, and a source that is
     missing or broken raises WeightsError naming the part and the path (the deploy fails; nothing stands in).
-    `parts`: only these (instantid_core.weights.PARTS); the rest are None. `stage`: a deployment's name, for the
+    `parts`: only these (instantid_core.weight_layout.PARTS); the rest are None. `stage`: a deployment's name, for the
     parts it loads (STAGE_PARTS), so the deployments name themselves and the mapping lives here once."""
     if stage is not None:
         parts = STAGE_PARTS[stage]

@@ -51,7 +51,7 @@ def _weights_download(args: argparse.Namespace) -> None:
 
 
 def _weights_check(args: argparse.Namespace) -> None:
-    from instantid_core.weights import check_weights
+    from instantid_core.weight_checks import check_weights
 
     root = _weights_root(args.dir)
     check_weights(root)  # every part of the folder: missing, truncated or corrupt files, by name

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from .config import ControlParams, ControlType
 from .errors import InvalidParameter
-from .weights import load_variant
+from .weight_layout import load_variant
 
 log = logging.getLogger(__name__)
 CANNY_THRESHOLDS = (100, 200)  # the thresholds diffusers' ControlNet docs and the InstantID demo use

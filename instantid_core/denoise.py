@@ -47,7 +47,7 @@ from .denoise_types import BatchKey, Conditioning, DenoiseRequest, StepCallback
 from .errors import InvalidParameter, WeightsError
 from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
-from .weights import ResolvedWeights, load_variant
+from .weight_layout import ResolvedWeights, load_variant
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
     Scheduler.euler: (EulerDiscreteScheduler, {}),

@@ -28,7 +28,8 @@ from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
 from .text import PromptEmbeds, PromptEncoder
-from .weights import ResolvedWeights, resolve_weights
+from .weight_layout import ResolvedWeights
+from .weights import resolve_weights
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .config import NO_STYLE, PipelineSettings
 from .styles import apply_style, load_styles
+from .weight_layout import load_variant
 from .weighting import is_weighted, parse_weighted_prompt, plain_text
-from .weights import load_variant
 
 
 @dataclass(frozen=True)

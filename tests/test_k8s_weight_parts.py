@@ -14,7 +14,8 @@ from instantid_app.config import AppConfig
 from instantid_app.weights import STAGE_PARTS, resolve_app_weights
 from instantid_core.config import ModelSources
 from instantid_core.errors import WeightsError
-from instantid_core.weights import PARTS, resolve_weights
+from instantid_core.weight_layout import PARTS
+from instantid_core.weights import resolve_weights
 
 
 def upload(client: object, bucket: str, root: Path, prefix: str) -> int:

@@ -16,7 +16,8 @@ from instantid_core import GenerateParams, InstantIDPipeline
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.denoise import IdentityDenoiser
 from instantid_core.text import PromptEncoder
-from instantid_core.weights import load_variant, resolve_weights
+from instantid_core.weight_layout import load_variant
+from instantid_core.weights import resolve_weights
 
 SDXL_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
                 "text_encoder_2": "model"}
@@ -119,7 +120,8 @@ def test_a_bfloat16_pipeline_generates_from_the_fp16_files(tmp_path: Path, tiny_
 
 def test_download_all_for_bfloat16_materialises_the_fp16_files_and_checks(tmp_path: Path, tiny_root: Path,
                                                                           s3_client, s3_bucket: str) -> None:
-    from instantid_core.weights import check_weights, download_all
+    from instantid_core.weight_checks import check_weights
+    from instantid_core.weights import download_all
 
     upload(s3_client, s3_bucket, tiny_root, "dl")
     resolved = download_all(tmp_path / "root", s3_sources(s3_bucket, "dl", tmp_path / "cache"),

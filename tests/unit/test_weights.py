@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from instantid_core.config import ModelSources
 from instantid_core.errors import WeightsError
-from instantid_core.weights import check_weights, download_all, resolve_weights
+from instantid_core.weight_checks import check_weights
+from instantid_core.weights import download_all, resolve_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -253,7 +254,8 @@ def test_hf_cache_resolves_offline_with_revision(tmp_path: Path) -> None:
         from pathlib import Path
         from instantid_core.config import ModelSources
         from instantid_core.errors import WeightsError
-        from instantid_core.weights import check_weights, download_all, resolve_weights
+        from instantid_core.weight_checks import check_weights
+        from instantid_core.weights import download_all, resolve_weights
         sources = ModelSources.model_validate_json(sys.argv[1])
         resolved = resolve_weights(sources)
         copied = download_all(Path(sys.argv[2]), sources)
