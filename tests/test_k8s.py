@@ -206,7 +206,8 @@ def test_every_custom_resource_a_deployment_asks_for_is_offered_by_a_worker_grou
 def test_cpu_demo_needs_no_gpu_no_secret_and_no_extra_crd() -> None:
     docs = rendered("cpu-demo")
     assert {d["kind"] for d in docs} == {"ConfigMap", "Ingress", "RayService", "ServiceAccount", "NetworkPolicy",
-                                         "Secret", "Service", "Deployment"}  # + the jobs' Redis (components/jobs-redis)
+                                         "Secret", "Service", "Deployment",  # + the jobs' Redis and its volume
+                                         "PersistentVolumeClaim"}  # (components/jobs-redis)
     assert "nvidia.com/gpu" not in json.dumps(docs)
     assert "gcsFaultToleranceOptions" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
 
@@ -587,7 +588,7 @@ def test_batch_rayjob_runs_instantid_batch_on_its_own_cluster_and_cleans_up() ->
               for m in c["volumeMounts"]}
     assert str(parsed.config).startswith("/etc/instantid/") and "/etc/instantid" in mounts
     assert yaml.safe_load(configmap["data"][Path(parsed.config).name]) == render.render_serve_config("gpu")
-    from batch.job import load_prompts
+    from batch.pairs import load_prompts
 
     prompts = Path(render.K8S_DIR / "batch" / Path(parsed.prompts).name)
     assert configmap["data"][prompts.name] == prompts.read_text() and load_prompts(prompts)
