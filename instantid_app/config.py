@@ -221,8 +221,8 @@ class JobsConfig(BaseModel):
     webhook_backoff_s: float = Field(1.0, ge=0, description="Wait before the 2nd try; doubles after each.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per try.")
     webhook_secret_env: str | None = Field("INSTANTID_WEBHOOK_SECRET", description="Environment variable with "
-                                           "the HMAC-SHA256 key for the X-InstantID-Signature header (unset: "
-                                           "webhooks are not signed).")
+                                           "the webhooks' signing secret (Standard Webhooks: `whsec_<base64>`, "
+                                           "or any other string as the key; unset: webhooks are not signed).")
     queue_poll_interval_s: float = Field(5.0, gt=0, description="How often the autoscaler reads the queue length "
                                          "(and the JobConsumer refreshes its backlog gauges).")
     max_queued: int = Field(1000, ge=1, description="Jobs that may wait in the queue; past it POST /v1/jobs answers "
@@ -243,9 +243,8 @@ class JobsConfig(BaseModel):
         # Read here, in the deployments' process, never in the core: the URL may carry a password.
         return (os.environ.get(self.broker_url_env) if self.broker_url_env else None) or self.broker_url
 
-    def webhook_secret(self) -> bytes | None:
-        value = os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None
-        return value.encode() if value else None
+    def webhook_secret(self) -> str | None:
+        return (os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None) or None
 
 
 class AppConfig(BaseModel):

@@ -45,7 +45,8 @@ class JobConsumer:
         assert self.config.jobs is not None  # build_app adds this deployment only with jobs configured
         self.jobs = self.config.jobs
         self.store = JobStore(self.jobs.resolved_broker_url(), self.jobs.status_ttl_s, self.jobs.redis_timeout_s)
-        self.secret = self.jobs.webhook_secret()
+        secret = self.jobs.webhook_secret()
+        self.secret = webhooks.signing_key(secret) if secret else None
         # Looked up, not bound: the Ingress is the application's root and already binds this deployment.
         self.ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
         self.metrics = JobsMetrics()
