@@ -1,9 +1,12 @@
 """GPU denoiser benchmark (issue 4): the product's IdentityDenoiser, baseline vs each speed switch, on one device.
 
-    python bench/gpu.py --device cuda --write-results        # the H100 run: SDXL 1024x1024, 30 steps, batch 1/2/4
-    python bench/gpu.py --device cuda --quick                # smoke run: 512x512, 2 steps, batch 1/2, 2 repeats
-    python bench/gpu.py --tiny --device cpu --quick          # harness check on the tiny preset (tests), seconds
-    python bench/gpu.py --flops-only                         # FLOPs of the published architecture, meta tensors
+    python -m bench.gpu --device cuda --write-results        # the H100 run: SDXL 1024x1024, 30 steps, batch 1/2/4
+    python -m bench.gpu --device cuda --quick                # smoke run: 512x512, 2 steps, batch 1/2, 2 repeats
+    python -m bench.gpu --tiny --device cpu --quick          # harness check on the tiny preset (tests), seconds
+    python -m bench.gpu --flops-only                         # FLOPs of the published architecture, meta tensors
+
+One lease of a lent GPU (about 15 minutes) runs `bench/gpu_lease.sh` instead: the configurations that matter, in
+priority order under a time budget, each row brought back as it ends (bench/gpu_lease.py).
 
 What runs: `instantid_core.denoise.IdentityDenoiser.__call__` end to end (Resampler, IdentityNet + UNet with the
 decoupled face attention, classifier-free guidance, Euler scheduler, VAE decode, uint8 conversion), with every

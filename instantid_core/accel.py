@@ -19,7 +19,7 @@
 - `compile_cache_dir`: inductor's on-disk cache (FX graphs, autotuning) plus a mega-cache file, so a restarted
   replica re-traces but does not recompile.
 
-Which of these a GPU replica turns on is decided by `bench/gpu.py` on a GPU (see bench/README.md).
+Which of these a GPU replica turns on is decided by the GPU lease's rows (`bench/gpu_lease.sh`, bench/README.md).
 
 Never run IdentityNet on the conditional half of the CFG batch only: InstantID feeds its residuals to both halves,
 so skipping the unconditional half changes the image. It is not offered here.
