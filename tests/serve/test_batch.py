@@ -18,7 +18,8 @@ import pytest
 import yaml
 from PIL import Image, ImageOps
 
-from batch.job import BatchSettings, list_inputs, load_prompts, pair_id, run_batch
+from batch.job import run_batch
+from batch.pairs import BatchSettings, list_inputs, load_prompts, pair_id
 from instantid_cli import main as cli_main
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from batch.job import BatchSettings, load_prompts, run_batch
+from batch.job import run_batch
+from batch.pairs import BatchSettings, load_prompts
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
 

@@ -104,7 +104,8 @@ def test_a_short_file_binds_every_default(capsys: pytest.CaptureFixture[str]) ->
 
 def test_the_batch_job_reads_the_loras_controlnets_and_depth_model_its_config_registers(
         tmp_path: Path, tiny_root: Path) -> None:
-    from batch.job import _resolve, settings_from_args
+    from batch.job import settings_from_args
+    from batch.pairs import resolve_models
 
     lora = tiny_root / "loras" / "tiny-style.safetensors"
     config = load_serve_config()
@@ -114,7 +115,7 @@ def test_the_batch_job_reads_the_loras_controlnets_and_depth_model_its_config_re
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     settings = settings_from_args(argparse.Namespace(config=path, weights=str(tiny_root)))
-    resolved = _resolve(settings)
+    resolved = resolve_models(settings)
     assert "from-config" in resolved.loras and "tiny-style" in resolved.loras
     assert "canny" not in resolved.controlnets and "depth" in resolved.controlnets
 

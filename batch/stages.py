@@ -1,0 +1,137 @@
+"""The Ray Data stages of a batch run (classes: one model per actor, loaded once): face analysis, denoising with
+the Denoiser's grouping (`instantid_core.batching.run_grouped`), writing with the one sidecar builder."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from datetime import datetime, timezone
+from typing import Any
+
+from instantid_app.cache import LRUCache
+from instantid_core.config import GenerateParams, Scheduler
+from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected
+from instantid_core.storage import OutputStore
+
+from .pairs import INPUT_PHOTO, BatchSettings, pair_id, pair_seed, resolve_models
+
+
+class FaceStage:
+    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams],
+                 photos: dict[str, bytes] | None = None) -> None:
+        from instantid_core.face import FaceAnalyzer
+
+        self.settings = settings
+        self.analyzer = FaceAnalyzer(resolve_models(settings).face_pack, settings.pipeline)
+        self.params = params
+        self.photos = photos or {}  # --params init_image / mask_image, read once by the driver
+        self.store = OutputStore("file:///")
+        self.cache = LRUCache(64 * 2**20)  # pickled FaceConditions (keypoint image included), by bytes
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.pipeline import RequestPhotos, face_condition
+
+        out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
+        cache = self.cache  # one analysis per (image, output size, face index), across batches
+        for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"], strict=False):
+            params = self.params[prompt_id]
+            status, message, face = "ok", "", b""
+            try:
+                key = (image_uri, params.width, params.height, params.face_index, params.pose_face_index,
+                       params.inpaint_face)
+                face = cache.get(key) if not self.photos else None  # img2img rows carry the photo: not cached
+                if face is None:
+                    data = self.store.read_bytes(image_uri)
+                    photos = RequestPhotos([data], init=self._photo("init_image", data),
+                                           mask=self._photo("mask_image", data), face_names=[image_uri])
+                    face = pickle.dumps(face_condition(self.analyzer, photos, params, self.settings.pipeline))
+                    if not self.photos:
+                        cache.put(key, face)
+            except NoFaceDetected as exc:
+                status, message = "no_face", exc.message
+            except (InvalidImage, ImageTooLarge) as exc:
+                status, message = "bad_image", exc.message
+            except Exception as exc:  # one bad input never stops the job: recorded, retried next run
+                status, message = "error", f"{type(exc).__name__}: {exc}"
+            for name, value in (("image", image_uri), ("prompt_id", prompt_id), ("status", status),
+                                ("message", message), ("face", face)):
+                out[name].append(value)
+        return out
+
+    def _photo(self, name: str, row_photo: bytes) -> bytes | None:
+        """`init_image: "$input"` is each row's own photo (restyle it, or swap its face: inpaint_face)."""
+        photo = self.photos.get(name)
+        return row_photo if photo == INPUT_PHOTO else photo
+
+
+class DenoiseStage:
+    def __init__(self, settings: BatchSettings, params: dict[str, GenerateParams], prompts: dict[str, Any],
+                 base_seed: dict[str, int | None]) -> None:
+        from instantid_core.denoise import IdentityDenoiser
+
+        self.denoiser = IdentityDenoiser.from_weights(resolve_models(settings), settings.pipeline)
+        self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.batching import run_grouped
+        from instantid_core.pipeline import denoise_request
+
+        rows = len(batch["image"])
+        images: list[bytes] = [b""] * rows
+        status, message = list(batch["status"]), list(batch["message"])
+        work, rows_of_work = [], []
+        for i in range(rows):
+            if status[i] != "ok":
+                continue
+            prompt_id, image_uri = batch["prompt_id"][i], batch["image"][i]
+            seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
+            work.append(denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
+                                        self.denoiser.loras.with_presets(self.params[prompt_id]), seed,
+                                        self.settings.pipeline.default_scheduler))
+            rows_of_work.append(i)
+        # Rows sharing size/steps/scheduler/LoRA set run as one GPU batch (split when out of device memory); an
+        # error is recorded on its rows (retried next run) and the job goes on.
+        for i, output in zip(rows_of_work, run_grouped(self.denoiser, work, catch=(Exception,)), strict=True):
+            if isinstance(output, Exception):
+                status[i], message[i] = "error", f"{type(output).__name__}: {output}"
+            else:
+                images[i] = pickle.dumps(output)
+        return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
+                "images": images}
+
+
+class WriteStage:
+    def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
+                 base_seed: dict[str, int | None], default_scheduler: Scheduler) -> None:
+        self.store = OutputStore(output_uri)
+        self.fmt, self.params, self.base_seed = fmt, params, base_seed
+        self.default_scheduler = default_scheduler
+        self.now = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from instantid_core.sidecar import build_sidecar
+        from instantid_core.storage import encode_image
+
+        records = []
+        for i in range(len(batch["image"])):
+            image_uri, prompt_id = batch["image"][i], batch["prompt_id"][i]
+            record = {"image": image_uri, "prompt_id": prompt_id, "status": batch["status"][i],
+                      "request_id": pair_id(image_uri, prompt_id)}
+            if record["status"] == "ok":
+                try:
+                    arrays = pickle.loads(batch["images"][i])
+                    height, width = arrays.shape[1:3]
+                    meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
+                                                                                self.base_seed[prompt_id]),
+                                         width=width, height=height, inputs={"face": [image_uri]},
+                                         default_scheduler=self.default_scheduler, prompt_id=prompt_id)
+                    stored = self.store.write_request(record["request_id"],
+                                                      [encode_image(a, self.fmt) for a in arrays], self.fmt, meta,
+                                                      now=self.now)
+                    record.update(outputs=stored.image_uris, metadata=stored.meta_uri)
+                except Exception as exc:
+                    record.update(status="error", message=f"{type(exc).__name__}: {exc}")
+            else:
+                record["message"] = batch["message"][i]
+            records.append(json.dumps(record))
+        return {"record": records}
