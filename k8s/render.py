@@ -32,12 +32,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # `python k8s/render.py` from anywhere: deployments/ is importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-# After the sys.path line above (E402).
-from instantid_app.config import (  # noqa: E402, I001
+from instantid_app.config import (
     APP_NAME,
     SERVE_CONFIG_PATH,
     AppSpec,
@@ -46,6 +41,7 @@ from instantid_app.config import (  # noqa: E402, I001
     validate_serve_config,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
 OVERLAYS = ("base", "gpu", "batch")  # folders with a serve config of their own; cpu-demo uses base's
 BATCH_OVERLAY = "gpu"  # k8s/batch (the RayJob) loads the weights and pipeline of this overlay's serve config

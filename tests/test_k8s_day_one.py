@@ -18,7 +18,7 @@ import yaml
 
 from instantid_core.config import ModelSources
 from k8s import render
-from tests.test_k8s import K8S, kustomize, one, pod_templates, ray_clusters, ray_start_resources, rendered
+from testkit.k8s import K8S, kustomize, one, pod_templates, ray_clusters, ray_start_resources, rendered
 
 OVERLAYS = ("cpu-demo", "gpu")
 

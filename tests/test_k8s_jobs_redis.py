@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from testkit.k8s import one, rendered, validate
 from testkit.net import free_port
 from testkit.redis import wait_for_redis
-from tests.test_k8s import one, rendered, validate
 
 
 def named(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:

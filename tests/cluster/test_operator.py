@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from instantid_app.config import SERVE_CONFIG_PATH, app_entry
+from instantid_app.config import DEFAULT_OPTIONS, SERVE_CONFIG_PATH, app_entry
 from testkit.api import FAST, b64
 from testkit.net import free_port
 
@@ -111,20 +111,19 @@ class Operator:
 
 
 def operator_config(tiny_dir: Path, out_dir: Path, http_port: int, broker_url: str) -> dict[str, Any]:
-    """serve_config.yaml with the test machine's changes only (the jobs' Redis is the session's own)."""
-    from instantid_app.config import JobsConfig
-
+    """serve_config.yaml with the test machine's changes only (the jobs' Redis is the session's own; one replica
+    of each stage, each with a tenth of a CPU)."""
     config = yaml.safe_load(SERVE_CONFIG_PATH.read_text())
     config["http_options"].update(host="127.0.0.1", port=http_port)
     app = app_entry(config)
     app["args"]["weights"]["preset_dir"] = str(tiny_dir)
     app["args"]["output_uri"] = out_dir.as_uri()
     app["args"]["jobs"].update(broker_url=broker_url, broker_url_env=None)
-    for entry in app["deployments"]:
-        entry["ray_actor_options"] = {**entry.get("ray_actor_options", {}), "num_cpus": 0.1}
-        entry["autoscaling_config"] = {**entry["autoscaling_config"], "min_replicas": 1, "max_replicas": 1}
-        if entry["name"] == "JobConsumer":  # the file's policy follows its jobs settings
-            entry["autoscaling_config"]["policy"] = JobsConfig.model_validate(app["args"]["jobs"]).autoscaling_policy()
+    app["args"]["jobs"]["consumer_autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
+    app["deployments"] = [{"name": name, "ray_actor_options": {**options.get("ray_actor_options", {}), "num_cpus": 0.1},
+                           **({} if name == "JobConsumer" else {"autoscaling_config": {
+                               **options["autoscaling_config"], "min_replicas": 1, "max_replicas": 1}})}
+                          for name, options in DEFAULT_OPTIONS.items()]
     return config
 
 
@@ -173,13 +172,14 @@ def test_a_redeploy_changes_max_replicas_and_max_batch_size_on_the_same_replicas
 
 def test_a_job_runs_through_the_file_deployed_job_consumer_that_scales_on_its_queue(
         operator: Operator, astronaut_bytes: bytes) -> None:
-    from instantid_app.config import JobsConfig
-
     status = operator.wait_running()
     policy = status["deployments"]["JobConsumer"]["deployment_config"]["autoscaling_config"]["policy"]
-    jobs = JobsConfig.model_validate(app_entry(operator.config)["args"]["jobs"])
-    # Serve took the file's entry whole: the queue-length policy survived it, naming the variable, not a password.
-    assert policy["policy_function"] == jobs.autoscaling_policy()["policy_function"]
+    # The file's JobConsumer entry gave no autoscaling_config: the bound one, with the queue-length policy on the
+    # file's own queue and broker.
+    assert policy["policy_function"] == "deployments.jobs.task_queue:JobQueuePolicy"
+    jobs = app_entry(operator.config)["args"]["jobs"]
+    assert policy["policy_kwargs"]["queue_name"] == "instantid-jobs"
+    assert policy["policy_kwargs"]["broker_url"] == jobs["broker_url"]
     submitted = httpx.post(f"{operator.url}/v1/jobs", json={"face_image": b64(astronaut_bytes), "prompt": "job",
                                                             **FAST}, timeout=60)
     assert submitted.status_code == 202, submitted.text
@@ -199,7 +199,7 @@ def scrape(ports: list[int]) -> str:
 
 def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics_port(
         operator: Operator, astronaut_bytes: bytes) -> None:
-    from tests.test_k8s import queried_metrics
+    from testkit.k8s import queried_metrics
 
     body = {"face_image": b64(astronaut_bytes), "prompt": "metrics", **FAST}
     for _ in range(2):  # a cache miss, then a hit
