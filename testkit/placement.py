@@ -146,7 +146,7 @@ def replica_counts() -> dict[str, dict[str, int]]:
 
 
 def app_config(tiny_dir: str, output_dir: str, broker_url: str) -> Any:
-    from instantid_app.config import JobsConfig, app_spec
+    from instantid_app.config import app_spec
     from k8s.render import app_entry, cpu_only, render_serve_config
 
     config = cpu_only(render_serve_config("gpu"))
@@ -154,11 +154,15 @@ def app_config(tiny_dir: str, output_dir: str, broker_url: str) -> Any:
     app["args"]["weights"]["preset_dir"] = tiny_dir
     app["args"]["output_uri"] = Path(output_dir).resolve().as_uri()
     # This run's own Redis, never whatever may listen on the default port (or an INSTANTID_BROKER_URL in the env).
-    app["args"]["jobs"] = {**app["args"].get("jobs", {}), "broker_url": broker_url, "broker_url_env": None}
-    (denoiser,) = [d for d in app["deployments"] if d["name"] == "Denoiser"]
-    denoiser["autoscaling_config"] = dict(DENOISER_AUTOSCALING)
-    for consumer in [d for d in app["deployments"] if d["name"] == "JobConsumer"]:  # its policy reads that Redis
-        consumer["autoscaling_config"]["policy"] = JobsConfig.model_validate(app["args"]["jobs"]).autoscaling_policy()
+    # One replica of every other stage (the overlay runs two of some, for a machine lost): the placement the test
+    # checks comes from the resources each asks for, and a 2-core machine starts a third fewer replica processes.
+    app["args"]["jobs"] = {**app["args"].get("jobs", {}), "broker_url": broker_url, "broker_url_env": None,
+                           "consumer_autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    for entry in app["deployments"]:
+        if entry["name"] == "Denoiser":
+            entry["autoscaling_config"] = dict(DENOISER_AUTOSCALING)
+        elif entry["name"] != "JobConsumer":
+            entry["autoscaling_config"] = {**entry.get("autoscaling_config", {}), "min_replicas": 1, "max_replicas": 1}
     return app_spec(config)
 
 
