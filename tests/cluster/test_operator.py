@@ -147,11 +147,11 @@ def operator(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory, redis_ur
 
 def test_a_redeploy_changes_max_replicas_and_max_batch_size_on_the_same_replicas(operator: Operator) -> None:
     before = operator.facts()
-    assert len(before["actors"]) == 1 and before["live"]["max_batch_size"] == 4  # serve_config.yaml's
+    assert len(before["actors"]) == 1 and before["live"]["max_batch_size"] == 4  # DenoiserSettings'
     edited = copy.deepcopy(operator.config)
     denoiser = denoiser_entry(edited)
     denoiser["autoscaling_config"]["max_replicas"] = 3
-    denoiser["user_config"]["max_batch_size"] = 2
+    denoiser.setdefault("user_config", {})["max_batch_size"] = 2
     operator.deploy(edited)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -275,7 +275,7 @@ def wait_deploy_failed(operator: Operator, timeout_s: float) -> dict:
 
 def test_a_bad_user_config_fails_the_deploy_naming_the_field_and_keeps_serving(operator: Operator) -> None:
     edited = copy.deepcopy(operator.config)
-    denoiser_entry(edited)["user_config"]["max_batch_size"] = 0
+    denoiser_entry(edited).setdefault("user_config", {})["max_batch_size"] = 0
     operator.deploy(edited)
     status = wait_deploy_failed(operator, 120)
     assert status.get("status") == "DEPLOY_FAILED" and "max_batch_size" in operator.failure_text(status), status
