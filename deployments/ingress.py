@@ -151,7 +151,8 @@ class Ingress:
         restart. A bad entry (or an unreadable key file) raises, so the deploy fails naming it and the replica keeps
         its previous settings."""
         settings = IngressSettings.model_validate(user_config)
-        access = AccessControl(settings.access)
+        # Rate-limit buckets live in the jobs' Redis when there is one: shared by every replica, kept across this.
+        access = AccessControl(settings.access, self.config.jobs.resolved_broker_url() if self.config.jobs else None)
         self.settings, self.access = settings, access
         self.inputs = InputReader(self.config, settings)
 
@@ -332,7 +333,7 @@ class Ingress:
         request.state.request_id = request_id = given or serve_request_id() or uuid.uuid4().hex
         request.state.new_id = given is not None
         try:
-            self.access.check(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
+            await self.access.admit(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
             response = await run()
         except InstantIDError as exc:
             if http_status(exc) >= 500 and http_status(exc) not in (503, 504):

@@ -38,6 +38,8 @@ EXPORTED = {
     "ray_instantid_cache_lookups_total": "face and prompt cache lookups by `result` (hit, miss)",
     "ray_instantid_gpu_memory_allocated_bytes": "GPU memory held by the replica's tensors (0 on CPU; `device`)",
     "ray_instantid_gpu_memory_reserved_bytes": "GPU memory reserved by the replica's allocator (0 on CPU)",
+    "ray_instantid_rate_limit_fallbacks_total": "rate-limit checks an Ingress replica made on its own buckets "
+                                                "because the shared ones (Redis) did not answer",
     "ray_instantid_jobs_queued": "async jobs waiting in the queue (every JobConsumer replica reports the same "
                                  "figure: aggregate with max)",
     "ray_instantid_jobs_running": "async jobs running (from the job records; aggregate with max)",
@@ -152,3 +154,12 @@ class JobsMetrics:
         self.queued.set(queued)
         self.running.set(running)
         self.oldest_age.set(oldest_queued_age_s)
+
+
+class AccessMetrics:
+    def __init__(self) -> None:
+        self.fallbacks = serve_metrics.Counter(
+            "instantid_rate_limit_fallbacks", description=EXPORTED["ray_instantid_rate_limit_fallbacks_total"])
+
+    def fallback(self) -> None:
+        self.fallbacks.inc()

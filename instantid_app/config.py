@@ -25,6 +25,9 @@ class AccessConfig(BaseModel):
 
     api_keys_file: str | None = Field(None, description="YAML/JSON list of {name, key, actions} (a mounted Secret).")
     api_keys_env: str | None = Field(None, description="Environment variable holding the same list as JSON.")
+    keys_reload_interval_s: float = Field(2.0, gt=0, description="How often each Ingress replica checks "
+                                          "api_keys_file for a change (a rotated Secret volume): a new key works "
+                                          "and a removed one is refused within this, with no restart.")
     rate_limit_per_minute: float | None = Field(None, gt=0, description="Per key; unset: no limit.")
     rate_limit_burst: int = Field(10, ge=1, description="Requests a key may send at once before the rate applies.")
 

@@ -197,3 +197,33 @@ def test_url_inputs_only_from_allowed_hosts_and_never_through_a_redirect(keyed_a
         "face_image[0]"
     assert "redirect" in error_of(generate(f"http://{image_host}/moved"), 403, "input_not_allowed")["message"]
     error_of(generate(f"http://{image_host}/missing.jpg"), 404, "input_not_found")
+
+
+def test_a_key_added_to_the_mounted_file_works_and_a_removed_one_is_refused_without_a_restart(keyed_app):
+    import secrets
+
+    import yaml
+
+    (ingress,) = [d for d in keyed_app.config.deployments if d.name == "Ingress"]
+    path = Path(ingress.user_config["access"]["api_keys_file"])
+    original = path.read_text()
+    replicas = replica_actors("Ingress", app=keyed_app.name)
+    rotated = f"rotated-{secrets.token_hex(16)}"
+
+    def accepted() -> bool:
+        # A cheap keyed route: past the key check the keyed app (no jobs API) answers 404 job_not_found (or 429 once
+        # this key's burst is spent); a key it does not know answers 401.
+        answer = httpx.get(f"{keyed_app.url}/v1/jobs/0123abcd", headers=auth(rotated), timeout=30)
+        assert answer.status_code in (401, 404, 429), answer.text
+        return answer.status_code != 401
+
+    assert not accepted()
+    try:
+        entries = yaml.safe_load(original)["keys"]
+        path.write_text(yaml.safe_dump({"keys": [*entries, {"name": "rotated", "key": rotated}]}))
+        wait_until(accepted, 15, "the added key is accepted", 0.5)
+        path.write_text(original)
+        wait_until(lambda: not accepted(), 15, "the removed key is refused", 0.5)
+    finally:
+        path.write_text(original)
+    assert replica_actors("Ingress", app=keyed_app.name) == replicas  # no replica restarted
