@@ -30,6 +30,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -159,6 +160,8 @@ class SharedRateLimiter:
         self.redis = redis.Redis.from_url(url, socket_timeout=SHARED_LIMIT_TIMEOUT_S,
                                           socket_connect_timeout=SHARED_LIMIT_TIMEOUT_S)
         self.script = self.redis.register_script(TAKE_SCRIPT)
+        # Its own threads: a call stuck on a frozen Redis never holds one of the loop's default executor.
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="rate-limit-redis")
         self.local = RateLimiter(per_minute, burst)
         self.metrics = AccessMetrics()
         self.fallbacks = 0
@@ -168,9 +171,9 @@ class SharedRateLimiter:
         now = time.monotonic()
         if now >= self._redis_after:
             try:
-                taken, wait_s = await asyncio.wait_for(asyncio.to_thread(
-                    self.script, keys=[BUCKET_KEY_PREFIX + name], args=[self.per_minute / 60.0, self.burst]),
-                    SHARED_LIMIT_TIMEOUT_S * 2)
+                work = asyncio.get_running_loop().run_in_executor(self.pool, lambda: self.script(
+                    keys=[BUCKET_KEY_PREFIX + name], args=[self.per_minute / 60.0, self.burst]))
+                taken, wait_s = await asyncio.wait_for(work, SHARED_LIMIT_TIMEOUT_S * 2)
             except (TimeoutError, redis.RedisError, OSError) as exc:
                 if self._redis_after == 0.0 or now - self._redis_after > SHARED_LIMIT_RETRY_S:
                     logger.warning("rate limits: Redis unavailable (%s); this replica limits on its own until it "

@@ -7,6 +7,8 @@ record (status, progress, result URIs) holds no input and expires `status_ttl_s`
 
 Redis faults answer 503 `jobs_unavailable` (with Retry-After) within `jobs.redis_timeout_s`: every Redis call runs
 in a worker thread under that bound, so the Ingress's event loop, and /v1/generate with it, never waits on Redis.
+Those threads are the jobs API's own pool, not the event loop's default executor: a call stuck on a frozen Redis
+(Celery's producer has no bound of its own) must not hold a thread /v1/generate needs for its file and S3 work.
 A full backlog (`jobs.max_queued` jobs waiting) answers 429 `jobs_backlog_full`.
 """
 
@@ -17,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from kombu.exceptions import OperationalError
@@ -52,13 +55,15 @@ class JobsAPI:
             self.store = JobStore(config.jobs.resolved_broker_url(), config.jobs.status_ttl_s, self.timeout_s)
             # Connects lazily (on the first enqueue): an Ingress starts, and serves /v1/generate, with Redis down.
             self.queue = instantiate_adapter_from_config(task_processor_config(config.jobs))
+            self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="jobs-redis")
 
     async def _redis(self, call: Callable[[], T], timeout_s: float | None = None) -> T:
         """`call` in a worker thread (the store and Celery's producer are synchronous), bounded in time; a broker
         that fails or does not answer in time is a JobsUnavailable (503), never a 500 or a hung request. A thread
         left running past the bound finishes (or fails) on its own; its result is not used."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call), timeout_s or self.timeout_s)
+            work = asyncio.get_running_loop().run_in_executor(self.pool, call)
+            return await asyncio.wait_for(work, timeout_s or self.timeout_s)
         except (TimeoutError, *BROKER_ERRORS) as exc:
             logger.warning("jobs: Redis unavailable (%s: %s)", type(exc).__name__, exc)
             raise JobsUnavailable("the job queue (Redis) is unavailable; retry after Retry-After "

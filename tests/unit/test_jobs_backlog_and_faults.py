@@ -205,3 +205,26 @@ def test_a_full_redis_refuses_the_job_as_unavailable_not_a_500(redis_server: Red
         asyncio.run(jobs_api(redis_server.url).submit(REQUEST))
     store.redis.config_set("maxmemory", "0")
     assert not list(store.redis.scan_iter("instantid:job:*"))
+
+
+def test_job_calls_stuck_on_a_frozen_redis_leave_the_default_executor_free(redis_server: Redis) -> None:
+    """/v1/generate's file and S3 work runs on the event loop's default executor: job calls stuck on Redis must not
+    take its threads (there are only min(32, CPUs + 4))."""
+    api = jobs_api(redis_server.url)
+    asyncio.run(api.submit(REQUEST))
+
+    async def many_stuck_submits_and_one_generate_step() -> float:
+        submits = [asyncio.create_task(api.submit(REQUEST)) for _ in range(24)]
+        await asyncio.sleep(0.2)  # every submit is now waiting on the frozen Redis
+        started = time.monotonic()
+        await asyncio.to_thread(lambda: None)  # what the Ingress does for each /v1/generate (outputs, sidecar)
+        took = time.monotonic() - started
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        assert all(isinstance(result, JobsUnavailable) for result in results), results
+        return took
+
+    redis_server.freeze()
+    try:
+        assert asyncio.run(many_stuck_submits_and_one_generate_step()) < 0.5
+    finally:
+        redis_server.thaw()
