@@ -100,8 +100,8 @@ def check_outputs_match_manifest(bucket: str, expected: dict[str, str]) -> None:
     assert set(output_objects(bucket)) == listed  # nothing lost, nothing extra (no orphans, no duplicates)
 
 
-def test_batch_job_writes_every_pair_and_an_exact_manifest(s3_bucket, astronaut_bytes, batch_settings,
-                                                           prompts_file, ray_instance):
+def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again(
+        s3_bucket, astronaut_bytes, batch_settings, prompts_file, ray_instance):
     expected = upload_image_set(s3_bucket, astronaut_bytes)
     summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
                         batch_settings, PARAMS, progress=False)
@@ -123,16 +123,14 @@ def test_batch_job_writes_every_pair_and_an_exact_manifest(s3_bucket, astronaut_
     assert again["this_run"] == {} and again["skipped"] == 42
     assert output_objects(s3_bucket) == before
 
-
-def test_batch_seeds_are_deterministic_per_image_and_prompt(s3_bucket, astronaut_bytes, batch_settings,
-                                                             prompts_file, ray_instance):
+    # Seeds are per image and prompt: the first photos run again into another prefix give the same pixels.
+    request = pair_id(f"s3://{s3_bucket}/faces/face-00.png", "oil")
+    rerun = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out2/",
+                      batch_settings, PARAMS, limit=3, progress=False)  # blank-0, blank-1, face-00
+    assert rerun["status"] == {"no_face": 4, "ok": 2}, rerun
     s3 = boto3.client("s3")
-    s3.put_object(Bucket=s3_bucket, Key="faces/a.jpg", Body=astronaut_bytes)
-    for out in ("out", "out2"):
-        run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/{out}/",
-                  batch_settings, PARAMS, progress=False)
-    request = pair_id(f"s3://{s3_bucket}/faces/a.jpg", "oil")
     keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=s3_bucket)["Contents"] if f"{request}/0.png" in obj["Key"]]
+    assert len(keys) == 2 and {k.split("/")[0] for k in keys} == {"out", "out2"}, keys
     first, second = (np.asarray(Image.open(io.BytesIO(s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read())))
                      for k in sorted(keys))
     assert np.array_equal(first, second)
