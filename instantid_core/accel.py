@@ -30,13 +30,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 from torch import nn
@@ -45,7 +43,6 @@ from . import fp8 as fp8_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import PipelineSettings
-    from .denoise import IdentityDenoiser
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +186,19 @@ def apply_model_switches(unet: nn.Module, identitynet: nn.Module, accel: AccelSe
                          device: torch.device) -> dict[str, int]:
     """FP8 layers and regional compile on the loaded, placed UNet and IdentityNet; returns what changed per switch.
 
-    Once per model: a second call (e.g. a subclass that also calls it) changes nothing. FP8 first, so the compiled
+    Once per switch and model: a switch already applied to a model (by the denoiser's constructor, then again by
+    a benchmark) changes nothing; a switch that was off then may still be applied later. FP8 first, so the compiled
     blocks trace the FP8 layers (their quantisation then fuses into the surrounding kernels).
     """
     done = {"fp8_linears": 0, "compiled_blocks": 0}
     for model in (unet, identitynet):
-        if getattr(model, "_instantid_switches", False):
-            continue
-        if accel.fp8:
+        if accel.fp8 and not getattr(model, "_instantid_fp8", False):
             done["fp8_linears"] += fp8_layers.convert_linears(model, fp8_layers.resolve_backend(device,
                                                                                                  accel.fp8_backend))
-        if accel.compile_regional:
+            model._instantid_fp8 = True
+        if accel.compile_regional and not getattr(model, "_instantid_regional", False):
             done["compiled_blocks"] += compile_regions(model, accel)
-        model._instantid_switches = True
+            model._instantid_regional = True
     return done
 
 
@@ -284,39 +281,3 @@ def save_mega_cache(cache_dir: Path) -> int:
     staging.write_bytes(data)
     staging.replace(path)  # atomic: replicas sharing the folder never read a half-written file
     return len(data)
-
-
-# --- warm-up ----------------------------------------------------------------------------------------------------
-def warmup(denoiser: IdentityDenoiser, sizes: Iterable[tuple[int, int]], batch_sizes: Iterable[int],
-           steps: int = 1) -> dict[str, float]:
-    """Run one short guided call per (width, height) x batch size, so every compiled shape exists before the
-    replica reports ready. Returns seconds per `"{w}x{h}/b{batch}"`.
-
-    Batch size counts images (samples), as the denoiser batches them. Only the guided path (guidance > 1) is
-    warmed: a batch whose samples are all unguided compiles on first use.
-    """
-    from .config import Scheduler
-    from .denoise import BatchKey, DenoiseRequest
-    from .text import PromptEmbeds
-
-    config = denoiser.unet.config
-    text_dim = config.cross_attention_dim
-    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    rng = np.random.default_rng(0)
-    prompt = PromptEmbeds(*(np.zeros(shape, np.float32) for shape in
-                            [(77, text_dim), (77, text_dim), (pooled_dim,), (pooled_dim,)]))
-    scheduler = Scheduler(denoiser.settings.default_scheduler)
-    if scheduler == Scheduler.lcm and not denoiser.lcm_enabled:
-        scheduler = Scheduler.euler
-    seconds = {}
-    for width, height in sizes:
-        for batch in batch_sizes:
-            request = DenoiseRequest(prompt=prompt, face_embedding=rng.standard_normal(512).astype(np.float32),
-                                     kps_image=np.zeros((height, width, 3), np.uint8), seed=0, num_images=batch)
-            started = time.perf_counter()
-            denoiser([request], BatchKey(width, height, steps, scheduler))
-            seconds[f"{width}x{height}/b{batch}"] = time.perf_counter() - started
-    if denoiser.accel.any_compile and denoiser.accel.compile_cache_dir:
-        save_mega_cache(Path(denoiser.accel.compile_cache_dir).expanduser().resolve())
-    log.info("warm-up done: %s", {name: round(s, 2) for name, s in seconds.items()})
-    return seconds

@@ -14,7 +14,8 @@ import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from .denoise_types import BatchKey, Conditioning, DenoiseRequest, StepCallback
 from .errors import InvalidParameter, WeightsError
 from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
+from .text import PromptEmbeds
 from .weight_layout import ResolvedWeights, load_variant
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {
@@ -138,7 +140,7 @@ class IdentityDenoiser:
                         if self.accel.uses_cudagraphs(self.device) else None)
         self.warmup_seconds: dict[str, float] = {}
         if settings.warmup_sizes:
-            self.warmup_seconds = acc.warmup(self, settings.warmup_sizes, settings.warmup_batch_sizes)
+            self.warmup_seconds = self.warm_up(settings.warmup_sizes, settings.warmup_batch_sizes)
 
     def apply_accel(self) -> None:
         """The speed switches, once; with all off, `_step`/`_decode_latents` are the plain eager methods."""
@@ -148,6 +150,7 @@ class IdentityDenoiser:
         if accel.fuse_qkv:
             acc.fuse_qkv(self.unet)
             acc.fuse_qkv(self.identitynet)
+        acc.apply_model_switches(self.unet, self.identitynet, accel, self.device)  # FP8 layers, regional compile
         if accel.any_compile:
             shapes = 2 * max(len(self.settings.warmup_sizes), 1) * max(len(self.settings.warmup_batch_sizes), 1)
             acc.configure_compile(accel, shapes)
@@ -155,6 +158,36 @@ class IdentityDenoiser:
         self._decode_latents = acc.compile_fn(self.decode_latents, accel) if accel.compile_vae else self.decode_latents
         self._mark_step = accel.uses_cudagraphs(self.device)
         log.info("IdentityDenoiser on %s (%s): %s", self.device, self.settings.dtype, accel.describe())
+
+    def warm_up(self, sizes: Iterable[tuple[int, int]], batch_sizes: Iterable[int],
+                steps: int = 1) -> dict[str, float]:
+        """Run one short guided call per (width, height) x batch size, so every compiled shape exists before the
+        replica reports ready. Returns seconds per `"{w}x{h}/b{batch}"`.
+
+        Batch size counts images (samples), as the denoiser batches them. Only the guided path (guidance > 1) is
+        warmed: a batch whose samples are all unguided compiles on first use.
+        """
+        config = self.unet.config
+        text_dim = config.cross_attention_dim
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        rng = np.random.default_rng(0)
+        prompt = PromptEmbeds(*(np.zeros(shape, np.float32) for shape in
+                                [(77, text_dim), (77, text_dim), (pooled_dim,), (pooled_dim,)]))
+        scheduler = Scheduler(self.settings.default_scheduler)
+        if scheduler == Scheduler.lcm and not self.lcm_enabled:
+            scheduler = Scheduler.euler
+        seconds = {}
+        for width, height in sizes:
+            for batch in batch_sizes:
+                request = DenoiseRequest(prompt=prompt, face_embedding=rng.standard_normal(512).astype(np.float32),
+                                         kps_image=np.zeros((height, width, 3), np.uint8), seed=0, num_images=batch)
+                started = time.perf_counter()
+                self([request], BatchKey(width, height, steps, scheduler))
+                seconds[f"{width}x{height}/b{batch}"] = time.perf_counter() - started
+        if self.accel.any_compile and self.accel.compile_cache_dir:
+            acc.save_mega_cache(Path(self.accel.compile_cache_dir).expanduser().resolve())
+        log.info("warm-up done: %s", {name: round(s, 2) for name, s in seconds.items()})
+        return seconds
 
     # --- public entry -------------------------------------------------------------------------------------------
     def __call__(self, requests: list[DenoiseRequest], key: BatchKey,

@@ -142,8 +142,6 @@ def test_regional_compile_traces_every_block_whole_and_keeps_the_images(tiny_roo
     assert np.abs(after.astype(int) - before.astype(int)).max() <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="until IdentityDenoiser.apply_accel calls accel.apply_model_switches "
-                   "(issue 22); then remove this mark")
 def test_the_product_denoiser_applies_fp8_from_its_settings(tiny_root):
     denoiser = _denoiser(tiny_root, fp8=True, fp8_backend="emulated")
     assert any(isinstance(m, fp8.Float8Linear) for m in denoiser.unet.modules())
