@@ -701,11 +701,12 @@ def nvidia_driver() -> str | None:
 
 
 def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
+    """A figure as the tables show it (the lease's row writer's format)."""
+    try:
+        from bench.lease_rows import fmt as row_fmt
+    except ImportError:  # run as a script: bench/ itself is on sys.path, its parent is not
+        from lease_rows import fmt as row_fmt
+    return row_fmt(value, digits)
 
 
 def evaluate_targets(report: dict) -> list[str]:
