@@ -308,21 +308,22 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> Response:
+        """Ready = every stage has a RUNNING replica in Serve's own view: replicas that passed the health checks
+        Serve already runs (each stage's check_health, every health_check_period_s). No model pass per probe, and a
+        busy stage is not reported unready. The JobConsumer is reported, but does not gate readiness:
+        /v1/generate works without the jobs' Redis."""
         stages = {"face": self.face, "prompt": self.prompt, "denoiser": self.denoiser, "writer": self.writer}
         if self.consumer is not None:
             stages["jobs"] = self.consumer
-
-        async def probe(handle: DeploymentHandle) -> bool:
-            # Ready = the stage answers its own health check (a real forward pass of its model, or an encode) in
-            # time, through its request queue: a stage that is loading, broken or saturated is not ready.
-            try:
-                await asyncio.wait_for(handle.check_health.remote(), timeout=5.0)
-                return True
-            except Exception:  # any failure means "not ready", which is the answer, not an error
-                return False
-
-        results = dict(zip(stages, await asyncio.gather(*(probe(h) for h in stages.values())), strict=False))
-        ready = all(results.values())
+        try:
+            # serve.status() asks the controller (a blocking call): off the event loop, bounded.
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5.0)
+            deployments = status.applications[serve.get_replica_context().app_name].deployments
+            results = {stage: deployments[handle.deployment_name].replica_states.get("RUNNING", 0) > 0
+                       for stage, handle in stages.items()}
+        except Exception:  # no answer from the controller in time is "not ready", which is the answer
+            results = dict.fromkeys(stages, False)
+        ready = all(ok for stage, ok in results.items() if stage != "jobs")
         return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
 
     # --- helpers ----------------------------------------------------------------------------------------------------

@@ -227,3 +227,33 @@ def test_a_key_added_to_the_mounted_file_works_and_a_removed_one_is_refused_with
     finally:
         path.write_text(original)
     assert replica_actors("Ingress", app=keyed_app.name) == replicas  # no replica restarted
+
+
+def test_readyz_answers_from_health_state_while_the_denoiser_is_saturated(keyed_app, keys, astronaut_bytes):
+    """The keyed Denoiser takes one request and queues one: with both taken, a readiness probe that went through
+    its request queue (a model pass per probe) would be refused; readiness comes from Serve's health state."""
+    body = {"face_image": b64(astronaut_bytes), "prompt": "ready", "steps": 20, "width": 256, "height": 256}
+
+    def send(payload: dict) -> httpx.Response:
+        return httpx.post(f"{keyed_app.url}/v1/generate", json=payload, headers=auth(keys["FULL"]), timeout=60)
+
+    def ongoing(deployment: str) -> int:
+        return sum(ongoing_requests(name) for name in replica_actors(deployment, app=keyed_app.name))
+
+    assert send(body).is_success  # face and prompt cached: the next ones go straight to the denoiser
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(send, {**body, "seed": 1})
+        wait_until(lambda: busy.done() or ongoing("Denoiser"), 60, "the first request runs in the denoiser", 0.05)
+        queued = pool.submit(send, {**body, "seed": 2})
+        wait_until(lambda: busy.done() or (ongoing("Ingress") == 2 and not ongoing("FaceAnalysis")
+                                           and not ongoing("PromptEncoder")), 60, "a request waits for the denoiser",
+                   0.05)
+        saturated = not busy.done()
+        started = time.monotonic()
+        ready = httpx.get(f"{keyed_app.url}/readyz", timeout=30)
+        took = time.monotonic() - started
+        assert busy.result().status_code == 200 and queued.result().status_code == 200
+    assert saturated, "the denoiser finished before the probe: the test proved nothing"
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"ready": True, "stages": dict.fromkeys(("face", "prompt", "denoiser", "writer"), True)}
+    assert took < 1.0, took  # no model pass, no queue
