@@ -91,7 +91,7 @@ def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
     assert {d.backpressure_config.retry_after_s for d in called} == {config.ingress.retry_after_s}
     (consumer,) = [d for d in built.deployments if d.name == "JobConsumer"]
     policy = consumer._deployment_config.autoscaling_config.policy  # scales on the queue, whatever the file's entry
-    assert policy.policy_function == config.args.jobs.autoscaling_policy()["policy_function"]
+    assert policy.policy_function == "deployments.jobs.task_queue:JobQueuePolicy"
 
 
 def test_url_inputs_need_an_allow_list_of_hosts():

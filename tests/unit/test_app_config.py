@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from instantid_app.config import (
+    DEFAULT_OPTIONS,
     SERVE_CONFIG_PATH,
     AppConfig,
     AppSpec,
@@ -29,16 +30,13 @@ def test_serve_config_yaml_is_serves_shape_and_every_entry_validates() -> None:
     spec = validate_serve_config(config)  # Serve's ServeDeploySchema, then ours
     app = app_entry(config)
     assert set(app["args"]) <= set(AppConfig.model_fields)
-    assert [d["name"] for d in app["deployments"]] == ["Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
-                                                       "OutputWriter", "JobConsumer"]
-    assert "jobs" in app["args"] and "allowed_webhook_hosts" in app["args"]  # app settings, not a deployment's
-    for entry in app["deployments"]:
-        if entry["name"] == "JobConsumer":
-            assert "user_config" not in entry and "user_config" not in spec.options("JobConsumer")
-            continue
-        bound = spec.options(entry["name"])["user_config"]  # what reconfigure() gets: the file's values, kept
-        assert {k: v for k, v in entry["user_config"].items() if not isinstance(v, dict)} == \
-            {k: bound[k] for k, v in entry["user_config"].items() if not isinstance(v, dict)}
+    assert "jobs" in app["args"]  # an app setting, not a deployment's: the file's app has the sixth deployment
+    assert [name for name, _ in spec.stages()] == ["Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
+                                                   "OutputWriter", "JobConsumer"]
+    assert "user_config" not in spec.options("JobConsumer")
+    for entry in app.get("deployments", []):  # what the file changes reaches reconfigure() as given
+        bound = spec.options(entry["name"]).get("user_config", {})
+        assert {k: bound[k] for k in entry.get("user_config", {})} == entry.get("user_config", {})
     assert config["logging_config"]["encoding"] == "JSON"
     assert spec.args.weights.preset == "tiny"  # named explicitly, never a default
 
@@ -98,14 +96,15 @@ def test_options_are_the_defaults_with_the_entry_over_them_and_user_config_alway
     spec = AppSpec.model_validate({"args": {"weights": TINY}, "deployments": [
         {"name": "Denoiser", "max_ongoing_requests": 32, "user_config": {"max_batch_size": 8}}]})
     options = spec.options("Denoiser")
-    assert options["max_ongoing_requests"] == 32 and options["ray_actor_options"] == {"num_cpus": 1}
+    assert options["max_ongoing_requests"] == 32
+    assert options["ray_actor_options"] == DEFAULT_OPTIONS["Denoiser"]["ray_actor_options"]  # not in the entry
     assert options["user_config"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
     assert spec.options("Ingress")["user_config"]["max_body_bytes"] == 20 * 2**20  # reconfigure() always runs
 
 
 def test_a_serve_schema_error_is_refused_before_our_models() -> None:
     config = copy.deepcopy(load_serve_config())
-    app_entry(config)["deployments"][0]["max_ongoing_requests"] = "many"
+    app_entry(config)["deployments"] = [{"name": "Ingress", "max_ongoing_requests": "many"}]
     with pytest.raises(Exception, match="max_ongoing_requests"):
         validate_serve_config(config)
     assert yaml.safe_load(SERVE_CONFIG_PATH.read_text()) != config
@@ -133,26 +132,19 @@ def test_the_job_consumer_is_a_sixth_entry_only_with_jobs_and_takes_no_user_conf
             {"name": "Ingress", "user_config": {"job_lease_s": 30}}]})
     without = AppSpec.model_validate({"args": {"weights": TINY}})
     assert "JobConsumer" not in dict(without.stages())
-    spec = AppSpec.model_validate({"args": {"weights": TINY, "jobs": JOBS}, "deployments": [
-        {"name": "JobConsumer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}]})
+    spec = AppSpec.model_validate({"args": {"weights": TINY, "jobs": {**JOBS, "consumer_autoscaling": {
+        "min_replicas": 1, "max_replicas": 3}}}, "deployments": [{"name": "JobConsumer", "max_ongoing_requests": 1}]})
     options = dict(spec.stages())["JobConsumer"]
-    assert options["autoscaling_config"]["max_replicas"] == 3
-    # A Python caller's entry gets the queue-length policy of its jobs filled in.
-    assert options["autoscaling_config"]["policy"] == spec.args.jobs.autoscaling_policy()
-    assert "redis://127.0.0.1:1/0" == options["autoscaling_config"]["policy"]["policy_kwargs"]["broker_url"]
+    assert options["autoscaling_config"]["max_replicas"] == 3 and options["max_ongoing_requests"] == 1
 
 
-def test_a_files_job_consumer_autoscaling_carries_the_policy_of_its_jobs() -> None:
+def test_a_files_job_consumer_entry_takes_no_autoscaling_config() -> None:
+    # Serve replaces the bound autoscaling_config with the file's whole, which would drop the queue-length policy
+    # build_app adds: the replicas are jobs.consumer_autoscaling instead.
     config = copy.deepcopy(load_serve_config())
-    (consumer,) = [d for d in app_entry(config)["deployments"] if d["name"] == "JobConsumer"]
-    policy = consumer["autoscaling_config"].pop("policy")
-    # Serve replaces the bound autoscaling_config with the file's whole: without a policy the consumers would scale
-    # on HTTP requests they never get.
-    with pytest.raises(ValueError, match="give its policy too"):
-        validate_serve_config(config)
-    consumer["autoscaling_config"]["policy"] = {**policy, "policy_kwargs": {**policy["policy_kwargs"],
-                                                                           "queue_name": "another-queue"}}
-    with pytest.raises(ValidationError, match="queue-length policy of args.jobs"):
+    app_entry(config).setdefault("deployments", []).append(
+        {"name": "JobConsumer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    with pytest.raises(ValidationError, match="jobs.consumer_autoscaling"):
         validate_serve_config(config)
 
 
