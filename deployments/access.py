@@ -39,7 +39,7 @@ import redis
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from instantid_app.config import AccessConfig
+from instantid_app.settings import AccessConfig
 
 from .errors import Forbidden, RateLimited, Unauthorized
 from .metrics import AccessMetrics

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from instantid_app.config import AppConfig, DenoiserSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import DenoiserSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.batching import describe_size, run_grouped
 from instantid_core.config import GenerateParams

@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from instantid_app.cache import LRUCache, nbytes
-from instantid_app.config import AppConfig, FaceSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import FaceSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
 from instantid_core.face import FaceAnalyzer, FaceInfo

@@ -23,7 +23,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from instantid_app.config import AppConfig, IngressSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import IngressSettings
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id

@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import Request
 from pydantic import ValidationError
 
-from instantid_app.config import AppConfig, IngressSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import IngressSettings
 from instantid_core.config import GenerateParams
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.fetch import fetch_url, read_uri

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from instantid_app.cache import LRUCache
-from instantid_app.config import AppConfig, PromptSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import PromptSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import Style
 from instantid_core.text import PromptEmbeds, PromptEncoder

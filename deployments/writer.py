@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from instantid_app.config import AppConfig, WriterSettings
+from instantid_app.config import AppConfig
+from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
 from instantid_core.sidecar import build_sidecar
 from instantid_core.storage import OutputStore, StoredOutput, encode_image

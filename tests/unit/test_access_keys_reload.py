@@ -14,7 +14,7 @@ import yaml
 
 from deployments.access import AccessConfigError, AccessControl
 from deployments.errors import Unauthorized
-from instantid_app.config import AccessConfig
+from instantid_app.settings import AccessConfig
 
 OLD, NEW = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
 INTERVAL_S = 0.2

@@ -16,13 +16,13 @@ from instantid_app.config import (
     DEFAULT_OPTIONS,
     JOB_CONSUMER,
     SERVE_CONFIG_PATH,
-    SETTINGS,
     AppConfig,
     AppSpec,
     app_entry,
     app_spec,
     load_serve_config,
 )
+from instantid_app.settings import SETTINGS
 from instantid_core.config import GenerateParams
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import yaml
 from deployments import access as access_module
 from deployments.access import AccessControl
 from deployments.errors import RateLimited
-from instantid_app.config import AccessConfig
+from instantid_app.settings import AccessConfig
 from testkit.redis import start_redis, stop_redis
 
 KEY = "shared-key-0123456789abcdef"
