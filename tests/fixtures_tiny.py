@@ -20,12 +20,6 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serve_tiny_dir(tiny_root: Path) -> Path:
-    """The same folder as `tiny_root` (the name tests/serve/test_serve_gpu_stage.py still asks for)."""
-    return tiny_root
-
-
-@pytest.fixture(scope="session")
 def settings() -> PipelineSettings:
     return PipelineSettings()
 
