@@ -102,8 +102,10 @@ class Denoiser:
         import os
 
         return {"settings": self.settings.model_dump(), "pid": os.getpid(), "replica": self.replica_id,
-                "max_batch_size": self._run_batch.get_max_batch_size(),
-                "batch_wait_timeout_s": self._run_batch.get_batch_wait_timeout_s()}
+                # What the batcher itself holds, to prove reconfigure() reached it. Serve's @serve.batch wrapper has
+                # public setters but exposes its getters only as _get_* (Ray 2.60): no public API reads them.
+                "max_batch_size": self._run_batch._get_max_batch_size(),
+                "batch_wait_timeout_s": self._run_batch._get_batch_wait_timeout_s()}
 
     async def generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
                        control_images: list[bytes | None] | None = None,
