@@ -11,6 +11,9 @@ import boto3
 import httpx
 import pytest
 
+from testkit.net import wait_until
+from testkit.serve import ongoing_requests, replica_actors
+
 FAST = {"steps": 2, "width": 64, "height": 64}
 
 
@@ -27,7 +30,9 @@ def test_a_dropped_client_stops_its_denoising_and_writes_nothing(served_app, ast
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{served_app.url}/v1/generate", json=long, timeout=httpx.Timeout(120, read=4))
     # The connection is closed: Serve cancels the request, the Denoiser drops it at its next step. Had it run on,
-    # the short request would wait behind it (one forward pass at a time) for far longer than this read timeout.
+    # its replica would hold it for hundreds of seconds; every Denoiser replica is idle again well within 90 s.
+    wait_until(lambda: all(ongoing_requests(name) == 0 for name in replica_actors("Denoiser")), 90,
+               "every Denoiser replica idle after the client went away")
     short = httpx.post(f"{served_app.url}/v1/generate",
                        json={"face_image": b64(astronaut_bytes), "prompt": "a short one", **FAST}, timeout=150)
     assert short.status_code == 200, short.text
