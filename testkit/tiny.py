@@ -20,3 +20,16 @@ def write_tiny_lcm_lora(tiny_root: Path, folder: Path) -> None:
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=layers)
+
+
+def tiny_denoiser(root: Path, settings=None, **accel):
+    """An IdentityDenoiser on the tiny preset at `root` with `settings` (default PipelineSettings()) and speed
+    switches `accel` over the ones the settings carry."""
+    from instantid_core.accel import AccelSettings
+    from instantid_core.config import PipelineSettings
+    from instantid_core.denoise import IdentityDenoiser
+
+    settings = settings or PipelineSettings()
+    return IdentityDenoiser(root / "sdxl", root / "InstantID" / "ControlNetModel",
+                            root / "InstantID" / "ip-adapter.bin", settings,
+                            accel=AccelSettings.from_settings(settings, **accel))

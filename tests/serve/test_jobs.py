@@ -4,11 +4,9 @@ in the S3 test server, webhooks to a receiver on loopback."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import httpx
@@ -17,8 +15,8 @@ import redis
 from standardwebhooks.webhooks import Webhook
 
 from testkit.api import FAST, b64
-from testkit.net import free_port
 from testkit.serve import kill_replica, replica_actors
+from testkit.webhooks import WebhookReceiver
 
 SLOW = {"steps": 60, "width": 256, "height": 256}  # long enough to watch it run and stop it
 
@@ -112,40 +110,9 @@ def test_cancel_stops_a_running_job_at_its_next_step_and_a_queued_one_at_once(se
     assert answer.status_code == 200 and answer.json()["status"] == "done"
 
 
-class Receiver:
-    """A webhook receiver on loopback: answers each call with the next status in `answers` (then 200)."""
-
-    def __init__(self, answers: list[int]) -> None:
-        self.calls: list[tuple[dict, bytes]] = []
-        self.answers = list(answers)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                code = receiver.answers.pop(0) if receiver.answers else 200
-                self.send_response(code)
-                if 300 <= code < 400:
-                    self.send_header("location", "http://127.0.0.1:9/elsewhere")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver([503])  # the first call fails: the consumer must retry
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver([503])  # the first call fails: the consumer must retry
     yield server
     server.close()
 
@@ -159,7 +126,7 @@ def test_webhook_reaches_an_allowed_receiver_signed_and_retried(served_app, astr
     while len(receiver.calls) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(receiver.calls) == 2, receiver.calls  # one 503, one retry
-    headers, body = receiver.calls[-1]
+    headers, body, _ = receiver.calls[-1]
     sent = json.loads(body)
     assert sent["job_id"] == job_id and sent["status"] == "done" and sent["result"]["images"]
     # Standard Webhooks, checked by its own library; the app's secret is a plain string: the key is its bytes.
@@ -172,7 +139,7 @@ def test_webhook_reaches_an_allowed_receiver_signed_and_retried(served_app, astr
 
 
 def test_webhook_redirect_is_not_followed(served_app, astronaut_bytes):
-    server = Receiver([302])
+    server = WebhookReceiver([302])
     try:
         job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "hook", "webhook_url": server.url,
                                      **FAST}).json()["job_id"]

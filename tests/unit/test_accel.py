@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,16 +9,10 @@ import torch
 from instantid_core.accel import AccelSettings
 from instantid_core.config import PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from testkit.tiny import tiny_denoiser
 
 WIDTH, HEIGHT = 96, 64
 KEY = BatchKey(WIDTH, HEIGHT, steps=3, scheduler=Scheduler.euler)
-
-
-def _denoiser(root: Path, settings: PipelineSettings | None = None, **accel) -> IdentityDenoiser:
-    settings = settings or PipelineSettings()
-    return IdentityDenoiser(root / "sdxl", root / "InstantID" / "ControlNetModel",
-                            root / "InstantID" / "ip-adapter.bin", settings,
-                            accel=AccelSettings.from_settings(settings, **accel))
 
 
 def _requests(prompt_encoder) -> list[DenoiseRequest]:
@@ -50,7 +42,7 @@ def _assert_same_images(a: list[np.ndarray], b: list[np.ndarray]) -> None:
 
 
 def test_fused_qkv_gives_the_same_images_as_separate_projections(tiny_root, denoiser, prompt_encoder):
-    fused = _denoiser(tiny_root, fuse_qkv=True)
+    fused = tiny_denoiser(tiny_root, fuse_qkv=True)
     attentions = [m for m in fused.unet.modules() if hasattr(m, "fused_projections") and hasattr(m, "to_q")]
     assert attentions and all(m.fused_projections for m in attentions)
     self_attn = next(m for m in attentions if not m.is_cross_attention)
@@ -63,7 +55,7 @@ def test_fused_qkv_gives_the_same_images_as_separate_projections(tiny_root, deno
 
 
 def test_channels_last_gives_the_same_images(tiny_root, denoiser, prompt_encoder):
-    nhwc = _denoiser(tiny_root, channels_last=True)
+    nhwc = tiny_denoiser(tiny_root, channels_last=True)
     assert nhwc.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     requests = _requests(prompt_encoder)
     torch.testing.assert_close(_noise(nhwc, requests), _noise(denoiser, requests), rtol=1e-5, atol=1e-5)
@@ -75,7 +67,7 @@ def test_warmup_runs_every_size_and_batch_and_compiled_steps_match_eager(tiny_ro
     # Dynamo with the eager backend: the same tracing (one full graph per step) without minutes of C++ compiling.
     settings = PipelineSettings(warmup_sizes=[(WIDTH, HEIGHT)], warmup_batch_sizes=[1, 3], compile=True,
                                 compile_cache_dir=str(tmp_path / "cache"))
-    compiled = _denoiser(tiny_root, settings, compile_backend="eager", compile_vae=True)
+    compiled = tiny_denoiser(tiny_root, settings, compile_backend="eager", compile_vae=True)
     assert set(compiled.warmup_seconds) == {"96x64/b1", "96x64/b3"}
     assert (tmp_path / "cache").is_dir()
     requests = _requests(prompt_encoder)  # 3 images at 96x64: a warmed shape
@@ -84,7 +76,7 @@ def test_warmup_runs_every_size_and_batch_and_compiled_steps_match_eager(tiny_ro
 
 def test_bfloat16_denoiser_runs_guided_steps(tiny_root, prompt_encoder):
     # A float32 guidance tensor once promoted half-precision latents to float32 after the first guided step.
-    half = _denoiser(tiny_root, PipelineSettings(dtype="bfloat16"))
+    half = tiny_denoiser(tiny_root, PipelineSettings(dtype="bfloat16"))
     images = half(_requests(prompt_encoder), KEY)
     assert [i.shape for i in images] == [(2, HEIGHT, WIDTH, 3), (1, HEIGHT, WIDTH, 3)]
     assert images[0].std() > 1.0
@@ -96,7 +88,7 @@ def test_impossible_switches_fail_at_construction(tiny_root):
     with pytest.raises(ValueError, match="lcm_lora"):
         AccelSettings(fuse_qkv=True).check(torch.device("cpu"), lora=True)
     with pytest.raises(ValueError, match="sdpa_backend"):
-        _denoiser(tiny_root, sdpa_backend="cudnn")
+        tiny_denoiser(tiny_root, sdpa_backend="cudnn")
 
 
 def test_settings_switches_reach_the_accel_settings():

@@ -3,8 +3,6 @@ and a typed error where the device cannot do FP8. Speed is the GPU lease's busin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,15 +13,9 @@ from instantid_core import fp8
 from instantid_core.accel import AccelSettings
 from instantid_core.config import PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from testkit.tiny import tiny_denoiser
 
 KEY = BatchKey(64, 64, steps=2, scheduler=Scheduler.euler)
-
-
-def _denoiser(root: Path, settings: PipelineSettings | None = None, **accel) -> IdentityDenoiser:
-    settings = settings or PipelineSettings()
-    return IdentityDenoiser(root / "sdxl", root / "InstantID" / "ControlNetModel",
-                            root / "InstantID" / "ip-adapter.bin", settings,
-                            accel=AccelSettings.from_settings(settings, **accel))
 
 
 def _requests(prompt_encoder) -> list[DenoiseRequest]:
@@ -91,7 +83,7 @@ def test_switches_that_cannot_combine_are_refused_at_construction():
     AccelSettings(fp8=True, fp8_backend="scaled_mm").check(cpu, lora=False)  # the kernel exists on this CPU build
 
 
-def test_pipeline_settings_carry_fp8_and_regional_compile_to_the_denoiser():
+def test_pipeline_settings_carry_fp8_and_regional_compile_to_thetiny_denoiser():
     settings = PipelineSettings(fp8=True, compile_regional=True, inductor_tuning=True)
     accel = AccelSettings.from_settings(settings)
     assert (accel.fp8, accel.compile_regional, accel.inductor_tuning, accel.compile) == (True, True, True, False)
@@ -100,7 +92,7 @@ def test_pipeline_settings_carry_fp8_and_regional_compile_to_the_denoiser():
 
 
 def test_fp8_layers_replace_only_transformer_block_linears_and_keep_the_images_close(tiny_root, prompt_encoder):
-    denoiser = _denoiser(tiny_root)
+    denoiser = tiny_denoiser(tiny_root)
     requests = _requests(prompt_encoder)
     before = denoiser(requests, KEY)[0]
     embedding_linear = denoiser.unet.time_embedding.linear_1
@@ -124,7 +116,7 @@ def test_fp8_layers_replace_only_transformer_block_linears_and_keep_the_images_c
 
 
 def test_regional_compile_traces_every_block_whole_and_keeps_the_images(tiny_root, prompt_encoder):
-    denoiser = _denoiser(tiny_root)
+    denoiser = tiny_denoiser(tiny_root)
     requests = _requests(prompt_encoder)
     before = denoiser(requests, KEY)[0]
     # backend "eager": dynamo traces each block (fullgraph: a graph break raises) and runs the graph as traced.
@@ -143,5 +135,5 @@ def test_regional_compile_traces_every_block_whole_and_keeps_the_images(tiny_roo
 
 
 def test_the_product_denoiser_applies_fp8_from_its_settings(tiny_root):
-    denoiser = _denoiser(tiny_root, fp8=True, fp8_backend="emulated")
+    denoiser = tiny_denoiser(tiny_root, fp8=True, fp8_backend="emulated")
     assert any(isinstance(m, fp8.Float8Linear) for m in denoiser.unet.modules())

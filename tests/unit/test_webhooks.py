@@ -5,10 +5,7 @@ retried (4xx, redirects)."""
 from __future__ import annotations
 
 import base64
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -16,44 +13,17 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from deployments.jobs.webhooks import deliver, signing_key
 from deployments.schemas import JobStatus
 from testkit.net import free_port
+from testkit.webhooks import WebhookReceiver
 
 STATUS = JobStatus(job_id="0123abcd", status="done", created_at=1.0, updated_at=2.0)
 SECRET = "whsec_" + base64.b64encode(b"a 32-byte key for the test here!").decode()
 
 
-class Receiver:
-    """Answers each POST with the next code in `answers` (then 200); records headers, body and arrival time."""
-
-    def __init__(self, answers: list[int]) -> None:
-        self.calls: list[tuple[dict[str, str], bytes, float]] = []
-        self.answers = list(answers)
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()))
-                code = receiver.answers.pop(0) if receiver.answers else 200
-                self.send_response(code)
-                if 300 <= code < 400:
-                    self.send_header("location", "http://127.0.0.1:9/elsewhere")
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def receiver(request: pytest.FixtureRequest) -> Iterator[Receiver]:
-    server = Receiver(getattr(request, "param", []))
+def receiver(request: pytest.FixtureRequest) -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver(getattr(request, "param", []))
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 def send(url: str, secret: str | None = SECRET, attempts: int = 5, backoff_s: float = 0.01):
@@ -61,7 +31,7 @@ def send(url: str, secret: str | None = SECRET, attempts: int = 5, backoff_s: fl
                    backoff_s=backoff_s, timeout_s=5)
 
 
-def test_a_signed_call_verifies_with_the_standard_webhooks_library(receiver: Receiver) -> None:
+def test_a_signed_call_verifies_with_the_standard_webhooks_library(receiver: WebhookReceiver) -> None:
     assert send(receiver.url).delivered
     ((headers, body, _),) = receiver.calls
     assert headers["webhook-id"] == STATUS.job_id and headers["webhook-signature"].startswith("v1,")
@@ -72,20 +42,20 @@ def test_a_signed_call_verifies_with_the_standard_webhooks_library(receiver: Rec
         Webhook(SECRET).verify(body.replace(b"done", b"fail"), headers)
 
 
-def test_a_plain_string_secret_is_the_key_itself(receiver: Receiver) -> None:
+def test_a_plain_string_secret_is_the_key_itself(receiver: WebhookReceiver) -> None:
     assert send(receiver.url, secret="plain-secret").delivered
     ((headers, body, _),) = receiver.calls
     assert Webhook(b"plain-secret").verify(body, headers)["job_id"] == STATUS.job_id
 
 
-def test_without_a_secret_calls_are_unsigned(receiver: Receiver) -> None:
+def test_without_a_secret_calls_are_unsigned(receiver: WebhookReceiver) -> None:
     assert send(receiver.url, secret=None).delivered
     ((headers, _, _),) = receiver.calls
     assert "webhook-signature" not in headers and headers["webhook-id"] == STATUS.job_id
 
 
 @pytest.mark.parametrize("receiver", [[503, 500, 429]], indirect=True)
-def test_failures_are_retried_with_exponential_waits_and_bounded_jitter_under_one_id(receiver: Receiver) -> None:
+def test_failures_are_retried_with_exponential_waits_and_bounded_jitter_under_one_id(receiver: WebhookReceiver) -> None:
     backoff = 0.2
     delivery = send(receiver.url, backoff_s=backoff)
     assert delivery.model_dump(exclude_none=True) == {"delivered": True, "attempts": 4, "status_code": 200}
@@ -100,7 +70,7 @@ def test_failures_are_retried_with_exponential_waits_and_bounded_jitter_under_on
 
 
 @pytest.mark.parametrize("receiver", [[503] * 10], indirect=True)
-def test_retries_are_bounded_and_the_last_answer_is_what_the_job_records(receiver: Receiver) -> None:
+def test_retries_are_bounded_and_the_last_answer_is_what_the_job_records(receiver: WebhookReceiver) -> None:
     delivery = send(receiver.url, attempts=3)
     assert delivery.model_dump(exclude_none=True) == {"delivered": False, "attempts": 3, "status_code": 503}
     assert len(receiver.calls) == 3
@@ -108,7 +78,7 @@ def test_retries_are_bounded_and_the_last_answer_is_what_the_job_records(receive
 
 @pytest.mark.parametrize(("receiver", "code", "error"), [([400], 400, None), ([302], 302, "redirect not followed")],
                          indirect=["receiver"])
-def test_a_4xx_or_a_redirect_is_final_at_once(receiver: Receiver, code: int, error: str | None) -> None:
+def test_a_4xx_or_a_redirect_is_final_at_once(receiver: WebhookReceiver, code: int, error: str | None) -> None:
     delivery = send(receiver.url)
     assert (delivery.delivered, delivery.attempts, delivery.status_code, delivery.error) == (False, 1, code, error)
     assert len(receiver.calls) == 1
