@@ -159,14 +159,20 @@ class Ingress:
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
     async def generate(self, request: GenerateRequest, inline: bool = False, request_id: str | None = None,
-                       job_id: str | None = None, new_id: bool = False) -> GenerateResponse:
+                       job_id: str | None = None, new_id: bool = False, attempt: int | None = None
+                       ) -> GenerateResponse:
         """Run one request through the DAG; raises typed InstantIDErrors for expected failures.
 
         `request_id` names the outputs; a job passes its own id so that re-running it rewrites the same objects,
-        and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled. `new_id`: the id is
-        the caller's (x-request-id), so outputs that already exist under it are a 409."""
+        and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled. With `attempt` (the
+        JobConsumer's), the job is marked done here once its outputs are written, so a consumer that dies now
+        leaves a finished job rather than one that runs again. `new_id`: the id is the caller's (x-request-id),
+        so outputs that already exist under it are a 409."""
         with self.metrics.track():  # HTTP and handle callers alike, by outcome code
-            return await self._generate(request, inline, request_id, job_id, new_id)
+            response = await self._generate(request, inline, request_id, job_id, new_id)
+        if job_id is not None and attempt is not None:
+            await self.jobs.complete(job_id, attempt, response)
+        return response
 
     async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None,
                         job_id: str | None = None, new_id: bool = False) -> GenerateResponse:

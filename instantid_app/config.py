@@ -60,7 +60,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     # max_ongoing_requests is how many jobs one replica runs at once (its Celery worker threads). Its
     # autoscaling_config is not here: build_app makes it from args.jobs.consumer_autoscaling and the queue-length
     # policy (deployments.jobs.task_queue), so the queue is named once, in `jobs`.
-    "JobConsumer": {"max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.25}},
+    # Its graceful stop waits for the jobs it runs (JobConsumer.__del__): at least JobsConfig.run_timeout_s, plus
+    # a webhook call.
+    "JobConsumer": {"max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.25},
+                    "graceful_shutdown_timeout_s": 400},
 }
 
 
@@ -145,8 +148,12 @@ class JobsConfig(BaseModel):
     queue_name: str = Field("instantid-jobs", min_length=1, max_length=100)
     status_ttl_s: float = Field(86400.0, gt=0, description="A job's status record expires this long after its "
                                 "last change (then GET answers 404).")
-    visibility_timeout_s: float = Field(3600.0, gt=0, description="A job taken by a consumer that has not "
-                                        "finished it within this time is delivered again (its consumer died).")
+    visibility_timeout_s: float = Field(240.0, gt=0, description="A job taken by a consumer that has not "
+                                        "finished it within this time is delivered again (its consumer died): "
+                                        "with lease_s and the broker's sweep it bounds the wait for a rerun "
+                                        "(redelivery_bound_s: 280 s by default). A job that runs longer is "
+                                        "delivered again while it runs; that delivery waits on the job's lease "
+                                        "and never runs it a second time at once.")
     lease_s: float = Field(30.0, gt=0, description="A running job's consumer renews its lease this often x3; a "
                            "second delivery waits while the lease is fresh and takes the job over when it is not.")
     max_attempts: int = Field(3, ge=1, description="Starts of one job (first + redeliveries + retries after a "
@@ -172,6 +179,18 @@ class JobsConfig(BaseModel):
         default_factory=lambda: AutoscalingConfig(max_replicas=2, target_ongoing_requests=2),
         description="The JobConsumer's replica bounds; build_app adds the policy that scales them on queued plus "
         "running jobs (a JobConsumer entry in a Serve file takes no autoscaling_config).")
+
+    @property
+    def unacked_restore_interval_s(self) -> int:
+        """How often the broker (kombu's Redis transport) looks for jobs whose consumer never acknowledged them."""
+        return max(1, min(10, int(self.visibility_timeout_s / 4)))
+
+    @property
+    def redelivery_bound_s(self) -> float:
+        """The longest a job whose consumer died waits before it runs again: its delivery turns visible after
+        visibility_timeout_s, the broker's next sweep requeues it, and its dead consumer's lease is stale by then
+        (or lease_s later)."""
+        return self.visibility_timeout_s + self.unacked_restore_interval_s + self.lease_s
 
     def resolved_broker_url(self) -> str:
         # Read here, in the deployments' process, never in the core: the URL may carry a password.
@@ -269,6 +288,10 @@ class AppSpec(BaseModel):
                              f"user_config.stage_timeout_s ({stage_timeout_s:g}), or a job's run is abandoned "
                              "before the Ingress answers it")
         consumer = self.entry(JOB_CONSUMER)
+        if jobs is not None and self.options(JOB_CONSUMER)["graceful_shutdown_timeout_s"] < jobs.run_timeout_s:
+            raise ValueError(f"JobConsumer: graceful_shutdown_timeout_s must reach jobs.run_timeout_s "
+                             f"({jobs.run_timeout_s:g}), or a scale-down or drain abandons a running job to the "
+                             "visibility timeout")
         if consumer is not None and jobs is None:
             raise ValueError("deployments: JobConsumer runs the async jobs: set `jobs` in args or remove its entry "
                              "(Serve refuses options for a deployment the app does not have)")

@@ -30,7 +30,7 @@ from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import draw_seed
 
 from ..errors import JobNotFound, JobsBacklogFull, JobsDisabled, JobsUnavailable
-from ..schemas import JobRequest, JobStatus
+from ..schemas import GenerateResponse, JobRequest, JobStatus
 from .store import REDIS_ERRORS, JobStore
 from .task_queue import TASK_NAME, task_processor_config
 from .webhooks import check_webhook_url
@@ -101,6 +101,14 @@ class JobsAPI:
                 pass  # Redis is down: the record expires with status_ttl_s
             raise
         return status
+
+    async def complete(self, job_id: str, attempt: int, result: GenerateResponse) -> None:
+        """Record a job's run as done (see JobStore.complete). With Redis away, the consumer records it when the
+        run's answer reaches it, so this only logs."""
+        try:
+            await self._redis(lambda: self.store.complete(job_id, attempt, result))
+        except JobsUnavailable:
+            logger.warning("job %s: done, but not recorded by the Ingress (Redis unavailable)", job_id)
 
     async def status(self, job_id: str) -> JobStatus:
         return await self._existing(job_id, lambda: self.store.get(job_id))

@@ -4,8 +4,15 @@ Each replica runs a Celery worker (threads; as many as the deployment's max_ongo
 A job runs through the Ingress's own `generate` (the `/v1/generate` path: same stages, same checks) with the job
 id as request id and the seed fixed at submit time, so a redelivered job rewrites the same output keys. Delivery
 is at least once: the broker acknowledges a job only when its handler returns, and hands a job whose consumer
-died to another one after the visibility timeout. The job record's lease decides who runs it: a delivery that
-finds the job running under a fresh lease waits, and takes it over only once that lease goes stale.
+died to another one after the visibility timeout (`jobs.redelivery_bound_s` states the bound). The job record's
+lease decides who runs it: a delivery that finds the job running under a fresh lease waits, and takes it over
+only once that lease goes stale. Outputs are written once: the Ingress marks the job done as soon as its run
+writes them (fenced by the attempt number), so a consumer that dies after that leaves a finished job, and its
+redelivery only sends the webhook, under a claim that keeps a second delivery from calling it again.
+
+A graceful stop (scale-down, redeploy, node drain) waits for the replica's running jobs (`__del__`, within the
+deployment's graceful_shutdown_timeout_s, which must reach `jobs.run_timeout_s`): a stop never abandons a job
+to the visibility timeout.
 
 Each replica also reports the job backlog (queued, running, oldest queued age) as gauges every
 `jobs.queue_poll_interval_s`, from the job records' state index, off the Celery threads.
@@ -51,6 +58,8 @@ class JobConsumer:
         self.ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=serve.get_replica_context().app_name)
         self.metrics = JobsMetrics()
         self.backlog_errors = 0
+        self.running = 0  # jobs this replica runs now (the graceful stop waits for them)
+        self.idle = threading.Condition()
         threading.Thread(target=self._report_backlog, name="jobs-backlog", daemon=True).start()
 
     def _report_backlog(self) -> None:
@@ -71,16 +80,37 @@ class JobConsumer:
     @task_handler(name=TASK_NAME)
     def run_job(self, job_id: str, payload: dict[str, Any]) -> dict[str, str]:
         """Celery calls this on one of its worker threads; the return value is all Celery's result store keeps."""
-        status = self._take(job_id)
-        final = self._run(status, payload) if status is not None else self.store.get(job_id)
-        if final is None:  # its record expired while it waited in the queue
-            return {"job_id": job_id, "status": "expired"}
-        if payload.get("webhook_url") and final.status in TERMINAL and final.webhook is None:
-            delivery = webhooks.deliver(payload["webhook_url"], final, secret=self.secret,
-                                        attempts=self.jobs.webhook_attempts, backoff_s=self.jobs.webhook_backoff_s,
-                                        timeout_s=self.jobs.webhook_timeout_s)
-            self.store.save(final.model_copy(update={"webhook": delivery}))
-        return {"job_id": job_id, "status": final.status}
+        with self.idle:
+            self.running += 1
+        try:
+            status = self._take(job_id)
+            final = self._run(status, payload) if status is not None else self.store.get(job_id)
+            if final is None:  # its record expired while it waited in the queue
+                return {"job_id": job_id, "status": "expired"}
+            if payload.get("webhook_url") and final.status in TERMINAL and final.webhook is None:
+                self._call_webhook(payload["webhook_url"], final)
+            return {"job_id": job_id, "status": final.status}
+        finally:
+            with self.idle:
+                self.running -= 1
+                self.idle.notify_all()
+
+    def _call_webhook(self, url: str, final: JobStatus) -> None:
+        """Deliver once: a redelivery of this finished job that comes while the call is under way skips it."""
+        hold_s = webhooks.longest_delivery_s(self.jobs.webhook_attempts, self.jobs.webhook_timeout_s) + 10
+        if not self.store.claim_webhook(final.job_id, hold_s):
+            return
+        delivery = webhooks.deliver(url, final, secret=self.secret, attempts=self.jobs.webhook_attempts,
+                                    backoff_s=self.jobs.webhook_backoff_s, timeout_s=self.jobs.webhook_timeout_s)
+        self.store.save(final.model_copy(update={"webhook": delivery}))
+
+    def __del__(self) -> None:
+        """Serve calls this on a graceful stop, after Ray's task_consumer wrapper has told Celery to take no more
+        jobs: wait for the jobs this replica runs. Serve's graceful_shutdown_timeout_s bounds the wait."""
+        idle = getattr(self, "idle", None)  # absent when __init__ failed
+        if idle is not None:
+            with idle:
+                idle.wait_for(lambda: not self.running)
 
     # --- who runs the job -----------------------------------------------------------------------------------------
     def _take(self, job_id: str) -> JobStatus | None:
@@ -122,7 +152,7 @@ class JobConsumer:
                                           f"{status.attempts - 1} times without finishing"))
             request = GenerateRequest.model_validate(payload["request"])
             response = self.ingress.generate.remote(request, inline=bool(payload.get("inline")),
-                                                    request_id=job_id, job_id=job_id)
+                                                    request_id=job_id, job_id=job_id, attempt=status.attempts)
             result = response.result(timeout_s=self.jobs.run_timeout_s)  # the Ingress's 504 comes first
             final = status.model_copy(update={"status": "done", "result": result})
         except JobCancelled:
@@ -147,7 +177,10 @@ class JobConsumer:
             stop.set()
             renewer.join()
         final = final.model_copy(update={"updated_at": time.time()})
-        self.store.save(final, clear=("progress", "lease"))
+        if final.status != "done":
+            self.store.save(final, clear=("progress", "lease"))
+        elif not self.store.complete(job_id, status.attempts, final.result):
+            final = self.store.get(job_id) or final  # the Ingress marked it done already (or it was cancelled)
         logger.info("job %s: %s (attempt %d)", job_id, final.status, final.attempts)
         return final
 

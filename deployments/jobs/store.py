@@ -10,6 +10,9 @@ Two sorted sets index the jobs by state, written in the same transaction as the 
 with it: `instantid:jobs:queued` (score: when the job entered the queue) and `instantid:jobs:running` (score: its
 last lease). They bound the backlog at submit (`create(..., max_queued)`) and give the backlog gauges; an entry
 older than `status_ttl_s` belongs to an expired record and is trimmed.
+
+`instantid:webhook-claim:<id>` (a string with its own expiry) is held by the consumer delivering a job's webhook,
+so a redelivery of the finished job does not call the receiver a second time while the first call is under way.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from dataclasses import dataclass
 
 import redis
 
-from ..schemas import JobProgress, JobStatus
+from ..schemas import GenerateResponse, JobProgress, JobStatus
 
 TERMINAL = ("done", "failed", "cancelled")
 Change = tuple[JobStatus, dict[str, str]]
 KEY_PREFIX = "instantid:job:"
 QUEUED_KEY = "instantid:jobs:queued"
 RUNNING_KEY = "instantid:jobs:running"
+WEBHOOK_CLAIM_PREFIX = "instantid:webhook-claim:"
 # What a call to an unreachable, restarting or out-of-memory Redis raises (redis-py wraps socket errors, mostly).
 REDIS_ERRORS = (redis.RedisError, OSError)
 
@@ -171,6 +175,22 @@ class JobStore:
                     return new, True
                 except redis.WatchError:
                     continue
+
+    def complete(self, job_id: str, attempt: int, result: GenerateResponse) -> bool:
+        """Mark the job done with `result` if it is still running as attempt `attempt` (a fencing check: a run
+        whose job was cancelled, finished or taken over by a later attempt meanwhile changes nothing). Returns
+        whether it did."""
+        def done(status: JobStatus, _: dict[bytes, bytes]) -> Change | None:
+            if status.status != "running" or status.attempts != attempt:
+                return None
+            return status.model_copy(update={"status": "done", "result": result, "updated_at": time.time()}), {}
+
+        return self.transition(job_id, done, clear=("progress", "lease"))[1]
+
+    def claim_webhook(self, job_id: str, hold_s: float) -> bool:
+        """Take the right to deliver the job's webhook for `hold_s` (the longest a delivery with all its retries
+        takes); False while another consumer holds it. A holder that dies frees it when the hold expires."""
+        return bool(self.redis.set(f"{WEBHOOK_CLAIM_PREFIX}{job_id}", "1", nx=True, ex=max(1, int(hold_s))))
 
     def request_cancel(self, job_id: str) -> JobStatus | None:
         """Mark the job cancelled: a queued job at once (its consumer will skip it), a running one when its

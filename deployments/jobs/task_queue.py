@@ -26,7 +26,7 @@ def task_processor_config(jobs: JobsConfig) -> TaskProcessorConfig:
             # The broker hands a job taken by a consumer that died (never acknowledged) to another one after this.
             # kombu sweeps for such jobs every unacked_restore_interval x unacked_restore_throttle seconds.
             broker_transport_options={"visibility_timeout": jobs.visibility_timeout_s, "unacked_restore_throttle": 1,
-                                      "unacked_restore_interval": max(1, min(10, int(jobs.visibility_timeout_s / 4)))},
+                                      "unacked_restore_interval": jobs.unacked_restore_interval_s},
             app_custom_config={
                 "worker_prefetch_multiplier": 1,  # a replica takes only jobs it can start: the rest wait in Redis
                 "task_serializer": "json", "result_serializer": "json", "accept_content": ["json"],

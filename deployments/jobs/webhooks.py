@@ -66,6 +66,11 @@ def sign(key: bytes, message_id: str, timestamp: str, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+def longest_delivery_s(attempts: int, timeout_s: float) -> float:
+    """An upper bound on one delivery with all its tries: each try's timeout and each wait's cap."""
+    return attempts * timeout_s + (attempts - 1) * BACKOFF_MAX_S
+
+
 def deliver(url: str, status: JobStatus, *, secret: bytes | None, attempts: int, backoff_s: float,
             timeout_s: float) -> WebhookDelivery:
     """POST the final status; retry no answer, 429 and 5xx with backoff and jitter (the n-th wait is

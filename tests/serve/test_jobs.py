@@ -15,6 +15,7 @@ import redis
 from standardwebhooks.webhooks import Webhook
 
 from testkit.api import FAST, b64
+from testkit.net import wait_until
 from testkit.serve import kill_replica, replica_actors
 from testkit.webhooks import WebhookReceiver
 
@@ -217,18 +218,33 @@ def test_twenty_jobs_on_one_consumer_all_end_done_as_the_queue_rises_and_falls(s
 
 @pytest.mark.slow
 def test_a_job_whose_consumer_is_killed_mid_run_ends_done_once_without_duplicates(served_app, astronaut_bytes):
-    job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "survive", "num_images": 2,
-                                 **SLOW}).json()["job_id"]
-    wait_running_with_progress(served_app, job_id)
-    (replica,) = replica_actors("JobConsumer")
-    kill_replica(replica)
-    final = wait_for(served_app, job_id, timeout_s=240)
-    assert final["status"] == "done", final
-    assert final["attempts"] >= 2, "the job finished without a second delivery: the kill came too late"
-    keys = objects_of(served_app, job_id)
-    assert len(keys) == 3, keys  # two images and one sidecar: the rerun rewrote the same keys
-    assert sorted(final["result"]["images"]) == sorted(f"s3://{served_app.bucket}/{k}" for k in keys
-                                                       if not k.endswith(".json"))
+    s3 = boto3.client("s3")
+    s3.put_bucket_versioning(Bucket=served_app.bucket, VersioningConfiguration={"Status": "Enabled"})  # counts PUTs
+    hook = WebhookReceiver([])
+    try:
+        job_id = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "survive", "num_images": 2,
+                                     "webhook_url": hook.url, **SLOW}).json()["job_id"]
+        wait_running_with_progress(served_app, job_id)
+        (replica,) = replica_actors("JobConsumer")
+        kill_replica(replica)
+        final = wait_for(served_app, job_id, timeout_s=240)
+        # The run the dead consumer started goes on in the Ingress, which marks the job done once it has written
+        # the outputs: no second run, each output written once.
+        assert final["status"] == "done" and final["attempts"] == 1, final
+        keys = objects_of(served_app, job_id)
+        assert len(keys) == 3, keys  # two images and one sidecar
+        versions = s3.list_object_versions(Bucket=served_app.bucket, Prefix="out/")["Versions"]
+        assert sorted(v["Key"] for v in versions if job_id in v["Key"]) == keys  # one PUT each
+        assert sorted(final["result"]["images"]) == sorted(f"s3://{served_app.bucket}/{k}" for k in keys
+                                                           if not k.endswith(".json"))
+        # The job's redelivery (visibility timeout 8 s) finds it done and sends the webhook the dead consumer
+        # never sent, once.
+        webhook = wait_until(lambda: status_of(served_app, job_id).get("webhook"), 120,
+                             "the redelivery sent the webhook")
+        assert webhook["delivered"] is True
+        assert [json.loads(body)["job_id"] for _, body, _ in hook.calls] == [job_id], hook.calls
+    finally:
+        hook.close()
 
 
 def redis_values(client: redis.Redis, key: bytes) -> list[bytes]:

@@ -9,12 +9,14 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from deployments.jobs.task_queue import task_processor_config
 from instantid_app.config import (
     DEFAULT_OPTIONS,
     SERVE_CONFIG_PATH,
     AppConfig,
     AppSpec,
     app_entry,
+    app_spec,
     load_serve_config,
     validate_serve_config,
 )
@@ -152,3 +154,20 @@ def test_a_jobs_run_outlasts_the_ingress_stage_timeout() -> None:
     with pytest.raises(ValidationError, match="run_timeout_s"):
         AppSpec.model_validate({"args": {"weights": TINY, "jobs": {**JOBS, "run_timeout_s": 100}}, "deployments": [
             {"name": "Ingress", "user_config": {"stage_timeout_s": 300}}]})
+
+
+def test_a_job_whose_consumer_died_runs_again_within_five_minutes_by_default() -> None:
+    jobs = app_spec(load_serve_config()).args.jobs
+    assert jobs is not None and jobs.redelivery_bound_s <= 300
+    options = task_processor_config(jobs).adapter_config.broker_transport_options
+    # The bound's parts are what the broker is told: its sweep interval included.
+    assert options["visibility_timeout"] + options["unacked_restore_interval"] * options["unacked_restore_throttle"] \
+        + jobs.lease_s == jobs.redelivery_bound_s
+
+
+def test_a_job_consumers_graceful_stop_outlasts_a_jobs_run() -> None:
+    spec = app_spec(load_serve_config())
+    assert spec.options("JobConsumer")["graceful_shutdown_timeout_s"] >= spec.args.jobs.run_timeout_s
+    with pytest.raises(ValidationError, match="graceful_shutdown_timeout_s must reach jobs.run_timeout_s"):
+        AppSpec.model_validate({"args": {"weights": TINY, "jobs": JOBS}, "deployments": [
+            {"name": "JobConsumer", "graceful_shutdown_timeout_s": 60}]})

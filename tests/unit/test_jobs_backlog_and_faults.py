@@ -19,7 +19,7 @@ import pytest
 from deployments.errors import JobsBacklogFull, JobsUnavailable, error_response
 from deployments.jobs.api import JobsAPI
 from deployments.jobs.store import JobStore
-from deployments.schemas import JobRequest, JobStatus
+from deployments.schemas import GenerateResponse, JobRequest, JobStatus
 from instantid_app.config import AppConfig
 from testkit.net import free_port
 from testkit.redis import wait_for_redis
@@ -228,3 +228,35 @@ def test_job_calls_stuck_on_a_frozen_redis_leave_the_default_executor_free(redis
         assert asyncio.run(many_stuck_submits_and_one_generate_step()) < 0.5
     finally:
         redis_server.thaw()
+
+
+def test_a_run_marks_its_job_done_only_while_it_still_holds_it(redis_server: Redis) -> None:
+    store = JobStore(redis_server.url, status_ttl_s=600)
+    result = GenerateResponse(request_id="j", seed=1, width=64, height=64, images=["s3://b/j.png"],
+                              metadata="s3://b/j.json")
+
+    def start(job_id: str) -> None:
+        store.transition(job_id, lambda s, _: (s.model_copy(update={"status": "running",
+                                                                     "attempts": s.attempts + 1}), {}))
+
+    store.create(status("j"))
+    start("j")
+    start("j")  # taken over by a second attempt (its first consumer's lease went stale)
+    assert not store.complete("j", 1, result)  # the stale first run changes nothing
+    assert store.get("j").status == "running"
+    assert store.complete("j", 2, result)
+    done = store.get("j")
+    assert done.status == "done" and done.result == result and store.backlog().running == 0
+    assert not store.complete("j", 2, result)  # once: a finished job stays as it is
+    store.create(status("c"))
+    store.request_cancel("c")
+    assert not store.complete("c", 0, result) and store.get("c").status == "cancelled"
+
+
+def test_one_consumer_at_a_time_may_call_a_jobs_webhook(redis_server: Redis) -> None:
+    store = JobStore(redis_server.url, status_ttl_s=600)
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda _: store.claim_webhook("w", hold_s=1), range(8)))
+    assert claims.count(True) == 1
+    time.sleep(1.2)  # a holder that died frees it when the hold expires
+    assert store.claim_webhook("w", hold_s=1)
