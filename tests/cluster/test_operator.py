@@ -132,12 +132,21 @@ def denoiser_entry(config: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+# Serve starts a replica whose constructor raised up to 3 times (per replica) before it calls the deploy failed; the
+# failing deploys below fail in every constructor alike (a missing weights path, a user_config refused by the replica's
+# reconfigure), so each retry is another replica process importing torch for the same error. One try here: the same
+# failure, the same DEPLOY_FAILED status and message, a third of the replica starts (Serve's own setting, read by its
+# controller from the cluster's environment; nothing in the app or the deployed file changes).
+SERVE_ENV = {"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
+
+
 @pytest.fixture(scope="module")
 def operator(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Operator]:
     from testkit.cluster import NodeSpec, start_local_cluster
 
     work = tmp_path_factory.mktemp("operator")
-    with start_local_cluster([NodeSpec("head", num_cpus=3)], dashboard=True, auth="disabled") as cluster:
+    with start_local_cluster([NodeSpec("head", num_cpus=3)], dashboard=True, auth="disabled",
+                             env=SERVE_ENV) as cluster:
         op = Operator(cluster, work / "serve_config.yaml", free_port())
         op.config = operator_config(tiny_root, work / "out", op.http_port, redis_url)
         op.deploy(op.config)
