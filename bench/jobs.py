@@ -31,8 +31,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from testkit.net import free_port, wait_ready
+from testkit.net import free_port
 from testkit.redis import start_redis, stop_redis
+from testkit.serve import deploy, small_stage_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,42 +82,32 @@ def run_config(url: str, replicas: int, jobs: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--tiny-dir", type=Path, default=Path("/tmp/instantid-tiny"))
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
-    from deployments.app import build_app_from_spec
-    from instantid_app.config import AppSpec, app_entry, load_serve_config
-
     workdir = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
     redis_process, redis_url = start_redis(workdir)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     results = []
-    # Logical CPUs, as the test session's Ray has: six stages (two consumers) ask 2.25 CPUs, more than this
-    # 2-core machine's default of 2; they share the real cores either way.
+    # Logical CPUs, as the test session's Ray has: six stages (two consumers) ask more than this 2-core machine's
+    # default of 2; they share the real cores either way.
     ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for replicas in (1, 2):
-            app = app_entry(load_serve_config())
-            app["args"]["weights"]["preset_dir"] = str(REPO / ".cache" / "tiny")
-            app["args"]["output_uri"] = (workdir / "out").as_uri()
-            app["args"]["jobs"].update(broker_url=redis_url, broker_url_env=None, queue_name=f"bench-jobs-{replicas}")
-            for entry in app["deployments"]:
-                # One replica per stage; the consumers' count is what is measured. No `policy`: the spec fills in
-                # the queue-length policy of the jobs settings above.
-                count = replicas if entry["name"] == "JobConsumer" else 1
-                entry["autoscaling_config"] = {"min_replicas": count, "max_replicas": count,
-                                               "target_ongoing_requests": entry["autoscaling_config"].get(
-                                                   "target_ongoing_requests", 2)}
-            config = AppSpec.model_validate({"args": app["args"], "deployments": app["deployments"]})
-            serve.run(build_app_from_spec(config), name="instantid", route_prefix="/", blocking=False)
-            wait_ready(url)
-            run_config(url, replicas, 4)  # warm-up, not counted
-            result = run_config(url, replicas, args.jobs)
+            # One replica per stage (small_stage_options); the consumers' count is what is measured, and the
+            # queue-length policy comes with `jobs`.
+            jobs = {"broker_url": redis_url, "broker_url_env": None, "queue_name": f"bench-jobs-{replicas}",
+                    "consumer_autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}
+            options = {**small_stage_options(), "JobConsumer": {"max_ongoing_requests": 2}}
+            app = deploy(port, "instantid", "/", {"jobs": jobs, "output_uri": (workdir / "out").as_uri()}, "unused",
+                         args.tiny_dir, options=options)
+            run_config(app.url, replicas, 4)  # warm-up, not counted
+            result = run_config(app.url, replicas, args.jobs)
             print(json.dumps(result), flush=True)
             results.append(result)
             serve.delete("instantid")

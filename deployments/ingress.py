@@ -168,11 +168,30 @@ class Ingress:
         JobConsumer's), the job is marked done here once its outputs are written, so a consumer that dies now
         leaves a finished job rather than one that runs again. `new_id`: the id is the caller's (x-request-id),
         so outputs that already exist under it are a 409."""
-        with self.metrics.track():  # HTTP and handle callers alike, by outcome code
-            response = await self._generate(request, inline, request_id, job_id, new_id)
+        rerun = job_id is not None and attempt is not None and attempt > 1
+        written = await self._written_before(job_id, request.output.prefix) if rerun and not inline else None
+        if written is None:
+            with self.metrics.track():  # HTTP and handle callers alike, by outcome code
+                written = await self._generate(request, inline, request_id, job_id, new_id)
         if job_id is not None and attempt is not None:
-            await self.jobs.complete(job_id, attempt, response)
-        return response
+            await self.jobs.complete(job_id, attempt, written)
+        return written
+
+    async def _written_before(self, job_id: str, prefix: str | None) -> GenerateResponse | None:
+        """The response of an earlier run of this job that wrote its outputs but could not record them (its
+        consumer died, or Redis was away when it ended), read back from its sidecar, which the writer puts after
+        every image: a rerun then writes nothing a second time. None when there is none (or it cannot be read:
+        then the job runs again, rewriting the same keys)."""
+        uri = self.outputs.request_meta_uri(job_id, prefix=prefix)
+        try:
+            if not await asyncio.to_thread(self.outputs.exists, uri):
+                return None
+            meta = await asyncio.to_thread(self.outputs.get_json, uri)
+            return GenerateResponse(request_id=job_id, seed=meta["seed"], width=meta["width"], height=meta["height"],
+                                    images=meta["images"], metadata=uri, batch_size=meta.get("batch_size", 1))
+        except (InstantIDError, KeyError, TypeError) as exc:
+            logger.warning("job %s: the outputs of an earlier run are unreadable (%s); running it again", job_id, exc)
+            return None
 
     async def _generate(self, request: GenerateRequest, inline: bool, request_id: str | None,
                         job_id: str | None = None, new_id: bool = False) -> GenerateResponse:

@@ -11,11 +11,17 @@ from testkit.net import free_port
 
 class WebhookReceiver:
     """Answers each POST with the next status in `answers` (then 200; a 3xx names another place); records each
-    call's headers (lower-cased names), body and arrival time (time.monotonic)."""
+    call's headers (lower-cased names), body and arrival time (time.monotonic). `close` and `start` take it down
+    and bring it back on the same port (a receiver that is down, as bench/jobs_chaos.py needs)."""
 
     def __init__(self, answers: list[int]) -> None:
         self.calls: list[tuple[dict[str, str], bytes, float]] = []
         self.answers = list(answers)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.start()
+
+    def start(self) -> None:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,8 +38,7 @@ class WebhookReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:

@@ -247,6 +247,28 @@ def test_a_job_whose_consumer_is_killed_mid_run_ends_done_once_without_duplicate
         hook.close()
 
 
+def test_a_rerun_of_a_job_whose_outputs_were_written_returns_them_without_writing_again(served_app, astronaut_bytes):
+    """What a redelivery meets when the run before it wrote the outputs but could not record the job done (its
+    consumer died with Redis away): the Ingress reads the run's sidecar back instead of generating again."""
+    from ray import serve
+
+    from deployments.schemas import GenerateRequest
+
+    s3 = boto3.client("s3")
+    s3.put_bucket_versioning(Bucket=served_app.bucket, VersioningConfiguration={"Status": "Enabled"})
+    body = {"face_image": b64(astronaut_bytes), "prompt": "once", "seed": 11, **FAST}
+    job_id = submit(served_app, body).json()["job_id"]
+    first = wait_for(served_app, job_id)
+    assert first["status"] == "done" and first["attempts"] == 1, first
+    ingress = serve.get_app_handle(served_app.name)
+    again = ingress.generate.remote(GenerateRequest(**body), request_id=job_id, job_id=job_id, attempt=2).result()
+    assert (again.images, again.metadata, again.seed) == (first["result"]["images"], first["result"]["metadata"], 11)
+    versions = s3.list_object_versions(Bucket=served_app.bucket, Prefix="out/")["Versions"]
+    written = [v["Key"] for v in versions if job_id in v["Key"]]
+    assert len(written) == 2 and len(set(written)) == 2, written  # one image and its sidecar, each written once
+    assert status_of(served_app, job_id)["result"] == first["result"]  # the finished record is left as it was
+
+
 def redis_values(client: redis.Redis, key: bytes) -> list[bytes]:
     kind = client.type(key)
     if kind == b"string":

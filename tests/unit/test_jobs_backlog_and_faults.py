@@ -5,10 +5,7 @@ time while the event loop keeps running."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,51 +18,18 @@ from deployments.jobs.api import JobsAPI
 from deployments.jobs.store import JobStore
 from deployments.schemas import GenerateResponse, JobRequest, JobStatus
 from instantid_app.config import AppConfig
-from testkit.net import free_port
-from testkit.redis import wait_for_redis
+from testkit.redis import RedisServer
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
 
 REQUEST = JobRequest(face_image="aGVsbG8=", prompt="a portrait", steps=2, width=64, height=64)
 
 
-class Redis:
-    """A redis-server this test may stop, freeze and start again on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_redis(self.process, self.port)
-
-    def stop(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)  # a frozen server must run to exit
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-    def freeze(self) -> None:
-        """Up but silent (the kernel still accepts connections): a Redis under a network partition or swapping."""
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signal.SIGCONT)
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Redis]:
-    server = Redis(tmp_path)
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
     yield server
-    if server.process is not None and server.process.poll() is None:
-        server.stop()
+    server.stop()
 
 
 def jobs_api(url: str, **jobs: object) -> JobsAPI:
@@ -79,7 +43,7 @@ def status(job_id: str, state: str = "queued") -> JobStatus:
     return JobStatus(job_id=job_id, status=state, created_at=now, updated_at=now)
 
 
-def test_concurrent_creates_never_overshoot_max_queued(redis_server: Redis) -> None:
+def test_concurrent_creates_never_overshoot_max_queued(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     with ThreadPoolExecutor(8) as pool:
         created = list(pool.map(lambda i: store.create(status(f"job{i}"), max_queued=3), range(16)))
@@ -90,7 +54,7 @@ def test_concurrent_creates_never_overshoot_max_queued(redis_server: Redis) -> N
     assert all(store.get(f"job{i}") is None for i in range(16) if i not in written)  # refused: no record
 
 
-def test_backlog_follows_the_records_queued_running_and_ended(redis_server: Redis) -> None:
+def test_backlog_follows_the_records_queued_running_and_ended(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     assert store.backlog().queued == 0 and store.backlog().oldest_queued_age_s == 0
     for name in ("a", "b", "c"):
@@ -108,7 +72,7 @@ def test_backlog_follows_the_records_queued_running_and_ended(redis_server: Redi
     assert (store.backlog().queued, store.backlog().running) == (0, 0)
 
 
-def test_entries_of_expired_records_leave_the_backlog(redis_server: Redis) -> None:
+def test_entries_of_expired_records_leave_the_backlog(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=1)
     store.create(status("gone"))
     assert store.backlog().queued == 1
@@ -117,7 +81,7 @@ def test_entries_of_expired_records_leave_the_backlog(redis_server: Redis) -> No
     assert store.create(status("new"), max_queued=1)
 
 
-def test_submit_past_max_queued_answers_429_with_retry_after(redis_server: Redis) -> None:
+def test_submit_past_max_queued_answers_429_with_retry_after(redis_server: RedisServer) -> None:
     api = jobs_api(redis_server.url, max_queued=2, backlog_retry_after_s=17)
     first = asyncio.run(api.submit(REQUEST))
     asyncio.run(api.submit(REQUEST))
@@ -153,7 +117,7 @@ async def _fails_unavailable_while_the_loop_runs(call, bound_s: float) -> float:
 
 
 def test_job_endpoints_answer_a_typed_503_while_redis_is_down_and_recover_when_it_is_back(
-        redis_server: Redis) -> None:
+        redis_server: RedisServer) -> None:
     api = jobs_api(redis_server.url)
     job = asyncio.run(api.submit(REQUEST))
     redis_server.stop()
@@ -171,7 +135,7 @@ def test_job_endpoints_answer_a_typed_503_while_redis_is_down_and_recover_when_i
     assert asyncio.run(late.submit(REQUEST)).status == "queued"
 
 
-def test_a_frozen_redis_fails_job_calls_within_the_timeout_and_not_the_loop(redis_server: Redis) -> None:
+def test_a_frozen_redis_fails_job_calls_within_the_timeout_and_not_the_loop(redis_server: RedisServer) -> None:
     api = jobs_api(redis_server.url)
     job = asyncio.run(api.submit(REQUEST))
     redis_server.freeze()
@@ -184,7 +148,7 @@ def test_a_frozen_redis_fails_job_calls_within_the_timeout_and_not_the_loop(redi
     assert asyncio.run(api.status(job.job_id)).status == "queued"
 
 
-def test_a_failed_enqueue_leaves_no_record_saying_queued(redis_server: Redis) -> None:
+def test_a_failed_enqueue_leaves_no_record_saying_queued(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     # A user that may write the job records but not the queue: the record is written, then the broker refuses the
     # message. The job must not stay `queued` for ever.
@@ -196,7 +160,7 @@ def test_a_failed_enqueue_leaves_no_record_saying_queued(redis_server: Redis) ->
     assert not list(store.redis.scan_iter("instantid:job:*"))
 
 
-def test_a_full_redis_refuses_the_job_as_unavailable_not_a_500(redis_server: Redis) -> None:
+def test_a_full_redis_refuses_the_job_as_unavailable_not_a_500(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     # What the shipped Redis (maxmemory, noeviction) does when full: it refuses writes rather than drop keys.
     store.redis.config_set("maxmemory", "1")
@@ -207,7 +171,7 @@ def test_a_full_redis_refuses_the_job_as_unavailable_not_a_500(redis_server: Red
     assert not list(store.redis.scan_iter("instantid:job:*"))
 
 
-def test_job_calls_stuck_on_a_frozen_redis_leave_the_default_executor_free(redis_server: Redis) -> None:
+def test_job_calls_stuck_on_a_frozen_redis_leave_the_default_executor_free(redis_server: RedisServer) -> None:
     """/v1/generate's file and S3 work runs on the event loop's default executor: job calls stuck on Redis must not
     take its threads (there are only min(32, CPUs + 4))."""
     api = jobs_api(redis_server.url)
@@ -230,7 +194,7 @@ def test_job_calls_stuck_on_a_frozen_redis_leave_the_default_executor_free(redis
         redis_server.thaw()
 
 
-def test_a_run_marks_its_job_done_only_while_it_still_holds_it(redis_server: Redis) -> None:
+def test_a_run_marks_its_job_done_only_while_it_still_holds_it(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     result = GenerateResponse(request_id="j", seed=1, width=64, height=64, images=["s3://b/j.png"],
                               metadata="s3://b/j.json")
@@ -253,7 +217,7 @@ def test_a_run_marks_its_job_done_only_while_it_still_holds_it(redis_server: Red
     assert not store.complete("c", 0, result) and store.get("c").status == "cancelled"
 
 
-def test_one_consumer_at_a_time_may_call_a_jobs_webhook(redis_server: Redis) -> None:
+def test_one_consumer_at_a_time_may_call_a_jobs_webhook(redis_server: RedisServer) -> None:
     store = JobStore(redis_server.url, status_ttl_s=600)
     with ThreadPoolExecutor(8) as pool:
         claims = list(pool.map(lambda _: store.claim_webhook("w", hold_s=1), range(8)))
