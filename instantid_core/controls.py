@@ -45,9 +45,13 @@ def fit_to_output(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def canny_map(image: Image.Image) -> Image.Image:
+    """The edge map as the official demo makes it (gradio_demo/controlnet_util.py): OpenCV's Canny on the colour
+    image (BGR, as cv2 holds it), which takes the strongest gradient of the three channels, so an edge between two
+    colours of equal brightness is kept (a grey conversion first would lose it)."""
     import cv2
 
-    edges = cv2.Canny(np.asarray(image.convert("L")), *CANNY_THRESHOLDS)  # (H, W) uint8, 0 or 255
+    bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
+    edges = cv2.Canny(bgr, *CANNY_THRESHOLDS)  # (H, W) uint8, 0 or 255
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
