@@ -224,15 +224,18 @@ class IdentityDenoiser:
         benchmark = torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=True) \
             if self.accel.cudnn_benchmark else contextlib.nullcontext()
         with self._lock, benchmark, self.lora_scope(key.scheduler, key.loras):
-            cond = self.prepare_conditioning(requests, samples, key)
+            # One generator per sample, drawn from in the reference's order: the init photo's latent (img2img,
+            # inpainting), then the starting noise, then the stochastic schedulers' steps.
+            generators = self.generators(samples)
+            cond = self.prepare_conditioning(requests, samples, key, generators)
             scheduler = self.make_scheduler(key.scheduler)
             scheduler.set_timesteps(key.steps, device=self.device)
             if cond.init_latents is not None:
                 img2img.skip_steps(scheduler, key.steps, key.strength)
-            generators = [torch.Generator("cpu").manual_seed(seed) for seed in samples.seeds]
-            latents = self.prepare_latents(generators, key, scheduler)
+            noise = self.initial_noise(generators, key)
+            latents = noise * scheduler.init_noise_sigma
             if cond.init_latents is not None:  # img2img / inpainting: start from the photo, keep its unmasked part
-                cond = replace(cond, noise=latents / scheduler.init_noise_sigma)
+                cond = replace(cond, noise=noise)
                 latents = img2img.start_latents(scheduler, cond.init_latents, cond.noise, latents, key.strength)
             latents = self.denoise(latents, cond, scheduler, generators, on_step, samples)
             images = self.decode(latents) if samples.owner else None
@@ -282,10 +285,17 @@ class IdentityDenoiser:
                 samples.owner.append(index)
         return samples
 
-    def prepare_conditioning(self, requests: list[DenoiseRequest], samples: _Samples,
-                             key: BatchKey) -> Conditioning:
-        """Per-sample tensors laid out [uncond samples..., cond samples...], as diffusers' pipelines do."""
+    @staticmethod
+    def generators(samples: _Samples) -> list[torch.Generator]:
+        """A CPU generator per sample seeded with its seed, as the reference passes `torch.Generator().manual_seed`."""
+        return [torch.Generator("cpu").manual_seed(seed) for seed in samples.seeds]
+
+    def prepare_conditioning(self, requests: list[DenoiseRequest], samples: _Samples, key: BatchKey,
+                             generators: list[torch.Generator] | None = None) -> Conditioning:
+        """Per-sample tensors laid out [uncond samples..., cond samples...], as diffusers' pipelines do.
+        `generators`: the samples' own (init photo latents are sampled from them); default fresh ones."""
         per_sample = [requests[owner] for owner in samples.owner]
+        generators = generators if generators is not None else self.generators(samples)
 
         def stack(values: list[np.ndarray], dtype: torch.dtype = self.dtype) -> torch.Tensor:
             return torch.from_numpy(np.stack(values)).to(self.device, dtype)
@@ -318,7 +328,8 @@ class IdentityDenoiser:
             guidance=scalars([r.guidance for r in per_sample])[:, None, None, None],
             extra_controls=self.controls.conditioning([r.controls for r in per_sample], size, self.control_processor),
             identity_window=identity.windows([(r.identity_start, r.identity_end) for r in per_sample]),
-            **img2img.prepare_init_latents(self.vae, per_sample, size, self.vae_scale_factor, self.dtype),
+            **img2img.prepare_init_latents(self.vae, per_sample, size, self.vae_scale_factor, self.dtype,
+                                           generators),
         )
 
     def prepare_face_region(self, per_sample: list[DenoiseRequest], size: tuple[int, int]) -> dict:
@@ -337,12 +348,16 @@ class IdentityDenoiser:
         cls, overrides = SCHEDULERS[name]
         return cls.from_config({**self.scheduler_config, **overrides})
 
-    def prepare_latents(self, generators: list[torch.Generator], key: BatchKey,
-                        scheduler: SchedulerMixin) -> torch.Tensor:
+    def initial_noise(self, generators: list[torch.Generator], key: BatchKey) -> torch.Tensor:
+        """Each sample's starting noise from its generator (unscaled: text-to-image starts from it times the
+        scheduler's init_noise_sigma, img2img adds it to the init latents)."""
         shape = (len(generators), self.unet.config.in_channels, key.height // self.vae_scale_factor,
                  key.width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        return latents * scheduler.init_noise_sigma
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+
+    def prepare_latents(self, generators: list[torch.Generator], key: BatchKey,
+                        scheduler: SchedulerMixin) -> torch.Tensor:
+        return self.initial_noise(generators, key) * scheduler.init_noise_sigma
 
     def denoise(self, latents: torch.Tensor, cond: Conditioning, scheduler: SchedulerMixin,
                 generators: list[torch.Generator], on_step: StepCallback | None = None,

@@ -164,10 +164,16 @@ def check_request(request: DenoiseRequest, key: BatchKey) -> None:
 
 @torch.inference_mode()
 def prepare_init_latents(vae: AutoencoderKL, per_sample: list[DenoiseRequest], size: tuple[int, int],
-                         scale: int, dtype: torch.dtype) -> dict:
-    """The init photos' VAE latents (the distribution's mode: no randomness) and the latent inpainting masks;
-    Nones when no sample has an init photo. Samples without one get zero latents and a mask of ones (generate
-    everywhere), which leaves their latents exactly as they are."""
+                         scale: int, dtype: torch.dtype, generators: list[torch.Generator]) -> dict:
+    """The init photos' VAE latents and the latent inpainting masks; Nones when no sample has an init photo.
+
+    Each latent is sampled from the VAE's latent distribution with its sample's generator, before that generator
+    draws the starting noise: the reference img2img pipeline's order (diffusers' SDXL ControlNet img2img
+    `prepare_latents`, with a generator per sample), so the same seed gives the reference's image and a batch
+    equals each request run alone. Samples without an init photo draw nothing and get zero latents and a mask
+    of ones (generate everywhere), which leaves their latents exactly as they are."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     if all(r.init_image is None for r in per_sample):
         return dict(init_latents=None, inpaint_mask=None)
     height, width = size
@@ -175,9 +181,14 @@ def prepare_init_latents(vae: AutoencoderKL, per_sample: list[DenoiseRequest], s
     pixels = torch.stack([torch.from_numpy(r.init_image if r.init_image is not None
                                            else np.zeros((height, width, 3), np.uint8)) for r in per_sample])
     pixels = pixels.permute(0, 3, 1, 2).to(device, vae.dtype) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-    latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor  # (B, 4, h, w)
+    posterior = vae.encode(pixels).latent_dist
+    mean, std = posterior.mean, posterior.std  # (B, 4, h, w)
+    draws = [randn_tensor((1, *mean.shape[1:]), generator=generator, device=mean.device, dtype=mean.dtype)
+             if request.init_image is not None else torch.zeros_like(mean[:1])
+             for request, generator in zip(per_sample, generators, strict=True)]
+    latents = vae.config.scaling_factor * (mean + std * torch.cat(draws)).to(dtype)  # as DiagonalGaussian.sample
     has_init = torch.tensor([r.init_image is not None for r in per_sample], device=device)
-    latents = torch.where(has_init[:, None, None, None], latents, torch.zeros_like(latents)).to(dtype)
+    latents = torch.where(has_init[:, None, None, None], latents, torch.zeros_like(latents))
     mask = None
     if any(r.mask is not None for r in per_sample):
         cells = [latent_mask(seam_alpha(r.mask), scale) if r.mask is not None
@@ -196,8 +207,8 @@ def skip_steps(scheduler: SchedulerMixin, steps: int, strength: float) -> None:
 
 def start_latents(scheduler: SchedulerMixin, init_latents: torch.Tensor, noise: torch.Tensor,
                   latents: torch.Tensor, strength: float) -> torch.Tensor:
-    """At strength 1 the pure-noise latents (as text-to-image, and diffusers' inpainting at full strength); below,
-    the init latents noised to the first step that runs."""
+    """At strength 1 the pure-noise latents (the photo's content plays no part, as in diffusers' inpainting at full
+    strength); below, the init latents noised to the first step that runs."""
     if strength >= 1:
         return latents
     first = scheduler.timesteps[:1].repeat(len(init_latents))
