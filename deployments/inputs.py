@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.datastructures import FormData
 
 from instantid_app.config import AppConfig
 from instantid_app.settings import IngressSettings
@@ -67,12 +68,7 @@ class InputReader:
 
     async def parse_request(self, request: Request, model: type[GenerateRequest] = GenerateRequest) -> Any:
         """The body as `model` (GenerateRequest, or a subclass such as JobRequest)."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            raise ImageTooLarge(f"request body over {self.settings.max_body_bytes} bytes")
-        # Every body, JSON or multipart, chunked or not, is counted while it streams in: nothing larger than
-        # max_body_bytes is ever held in memory or spooled to disk.
-        body = await self._read_body(request)
+        body = await self.read_body(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             return await self._parse_multipart(request, body, model)
         try:
@@ -80,7 +76,12 @@ class InputReader:
         except ValidationError as exc:
             raise validation_error(exc) from exc
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
+        """The raw body within max_body_bytes. Every body, JSON or multipart, chunked or not, is counted while it
+        streams in: nothing larger is ever held in memory or spooled to disk."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise ImageTooLarge(f"request body over {self.settings.max_body_bytes} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -89,17 +90,21 @@ class InputReader:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse_multipart(self, request: Request, body: bytes, model: type[GenerateRequest]) -> Any:
+    async def read_form(self, request: Request, body: bytes, max_files: int, max_fields: int) -> FormData:
+        """A multipart body already read (read_body) as a form, each part within max_image_bytes."""
         async def replay() -> dict[str, Any]:
             return {"type": "http.request", "body": body, "more_body": False}
 
         try:
-            form = await Request(request.scope, replay).form(max_files=11, max_fields=4,
-                                                               max_part_size=self.settings.max_image_bytes)
+            return await Request(request.scope, replay).form(max_files=max_files, max_fields=max_fields,
+                                                             max_part_size=self.settings.max_image_bytes)
         except Exception as exc:  # starlette raises several types for a broken multipart body
             if "maximum size" in str(exc):
                 raise ImageTooLarge(f"an uploaded part is over {self.settings.max_image_bytes} bytes") from exc
             raise InvalidParameter(f"malformed multipart body: {exc}") from exc
+
+    async def _parse_multipart(self, request: Request, body: bytes, model: type[GenerateRequest]) -> Any:
+        form = await self.read_form(request, body, max_files=11, max_fields=4)
         faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
         pose = form.get("pose_image")
         try:
