@@ -31,7 +31,7 @@ from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.pipeline import check_init_inputs, draw_seed
 from instantid_core.storage import OutputStore
 
-from . import metrics, playground
+from . import metrics, openai_api, playground
 from .access import AccessControl, Action
 from .errors import (
     InternalError,
@@ -132,6 +132,7 @@ async def _none() -> None:
 
 
 app.include_router(playground.router)  # the page at / and /v1/options, /v1/outputs (deployments/playground)
+app.include_router(openai_api.router)  # /v1/images/generations and /v1/images/edits (OpenAI's shapes)
 
 
 @serve.ingress(app)
