@@ -36,12 +36,17 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+FACES = 6  # photos with a face; with 2 blank, 2 corrupt and 1 text file: 11 inputs, 22 pairs
+INPUTS = FACES + 5
+
+
 def upload_image_set(bucket: str, astronaut: bytes) -> dict[str, str]:
-    """21 inputs: 16 photos with a face, 2 blank, 2 corrupt, 1 text file. Returns key -> expected status."""
+    """INPUTS inputs: FACES photos with a face (two sizes of each pose, mirrored or not, PNG or JPEG), 2 blank, 2
+    corrupt, 1 text file. Returns key -> expected status."""
     s3 = boto3.client("s3")
     portrait = Image.open(io.BytesIO(astronaut)).convert("RGB")
     expected = {}
-    for i in range(16):
+    for i in range(FACES):
         variant = ImageOps.mirror(portrait) if i % 2 else portrait
         variant = variant.resize((512 - 16 * (i // 2), 512 - 16 * (i // 2)))
         key = f"faces/face-{i:02d}.{'png' if i % 3 == 0 else 'jpg'}"
@@ -105,8 +110,8 @@ def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again
     expected = upload_image_set(s3_bucket, astronaut_bytes)
     summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
                         batch_settings, PARAMS, progress=False)
-    assert summary["images"] == 21 and summary["pairs"] == 42
-    assert summary["images_per_s"] > 0 and summary["outputs"] == 16 * len(PROMPTS)
+    assert summary["images"] == INPUTS and summary["pairs"] == INPUTS * len(PROMPTS)
+    assert summary["images_per_s"] > 0 and summary["outputs"] == FACES * len(PROMPTS)
     assert Counter(summary["status"]) == expected_counts(expected)
     records = manifest_records(s3_bucket)
     assert Counter(r["status"] for r in records) == expected_counts(expected)
@@ -120,7 +125,7 @@ def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again
     before = output_objects(s3_bucket)
     again = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
                       batch_settings, PARAMS, progress=False)
-    assert again["this_run"] == {} and again["skipped"] == 42
+    assert again["this_run"] == {} and again["skipped"] == INPUTS * len(PROMPTS)
     assert output_objects(s3_bucket) == before
 
     # Seeds are per image and prompt: the first photos run again into another prefix give the same pixels.
@@ -164,7 +169,8 @@ def test_killed_batch_job_resumes_without_duplicates_or_losses(s3_bucket, astron
     check_outputs_match_manifest(s3_bucket, expected)
     # One record per pair over both runs: what the killed run recorded (or wrote) was never generated again.
     records = manifest_records(s3_bucket)
-    assert len(records) == 42 and len({(r["image"], r["prompt_id"]) for r in records}) == 42
+    pairs = INPUTS * len(PROMPTS)
+    assert len(records) == pairs and len({(r["image"], r["prompt_id"]) for r in records}) == pairs
 
 
 def test_inputs_are_the_files_under_the_prefix_as_a_folder(tmp_path):
