@@ -5,6 +5,7 @@ These check the harness on a CPU, not speed (the numbers of a shared CPU runner 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,16 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 GPU_BENCH = BENCH / "gpu.py"
 
 
+# One torch (OpenMP) thread per bench process: on a shared 2-core runner, two threads spin at every op's barrier
+# while the other is descheduled, and the same quick run took 3x the CPU and up to 40x the wall time of one thread
+# (fp16 on a CPU is thousands of tiny ops). The rows' timings are not what these tests check.
+BENCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(GPU_BENCH), "--device", "cpu", "--quick", "--results-dir", str(results),
-                           *args], capture_output=True, text=True, timeout=900)
+                           *args], capture_output=True, text=True, timeout=900, env=BENCH_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = list(results.glob("gpu-cpu-*.json"))
     assert len(files) == 1
