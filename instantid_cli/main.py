@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import InstantIDError, WeightsError
+from instantid_core.poses import PosePreset
 from instantid_core.quiet import silence_known_noise
 
 EXIT_USAGE = 2
@@ -184,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", help="img2img / inpainting: start from this photo (output takes its size)")
     gen.add_argument("--mask", help="with --init-image: white = regenerate (resized to the init image)")
     gen.add_argument("--inpaint-face", action="store_true", help=_field_help("inpaint_face"))
+    gen.add_argument("--pose-preset", type=_one_of(PosePreset), metavar="PRESET",
+                     help="place the face without a pose photo, turned: one of "
+                     f"{', '.join(p.value for p in PosePreset)} (needs --pose-box)")
+    gen.add_argument("--pose-box", type=_numbers(4), metavar="X1,Y1,X2,Y2",
+                     help=_field_help("pose").split(":")[0] + ": the box in output pixels the preset's face fills")
+    gen.add_argument("--keypoints", type=_numbers(10), metavar="X,Y,...",
+                     help="five points in output pixels (left eye, right eye, nose, left and right mouth corner), "
+                     "ten numbers")
     gen.add_argument("--styles-file", help="a YAML file of extra styles (the shape of instantid_core/styles.yaml)")
     gen.add_argument("--format", choices=("png", "jpeg", "webp"), default="png")
     gen.add_argument("--device", default="cpu")
@@ -209,8 +218,26 @@ PARAM_FLAGS = ("prompt", "negative_prompt", "style", "seed", "steps", "guidance"
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
     """A flag left out is left out of the params too: GenerateParams' own default applies (one home)."""
     given = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
+    if args.pose_preset is not None or args.pose_box is not None:
+        given["pose"] = {"preset": args.pose_preset or PosePreset.frontal, "box": args.pose_box}
+    if args.keypoints is not None:
+        given["keypoints"] = [args.keypoints[i:i + 2] for i in range(0, 10, 2)]
     return GenerateParams(**given, enhance_face_region=not args.no_enhance_face_region,
                           inpaint_face=args.inpaint_face)
+
+
+def _numbers(count: int):
+    """An argparse type: `count` comma-separated numbers."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"give {count} comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
 
 
 def _field_help(name: str) -> str:

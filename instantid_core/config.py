@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .poses import MIN_BOX_SIDE, PosePreset
+
 DEFAULT_STEPS = 30  # the published InstantID defaults (README, gradio_demo/app.py): 30 steps ...
 DEFAULT_GUIDANCE = 5.0  # ... at guidance 5
 # LCM fast mode: what the InstantID demo switches to when "Enable Fast Inference with LCM" is ticked
@@ -109,6 +111,17 @@ class ControlType(str, Enum):
     canny = "canny"
     depth = "depth"
     pose = "pose"
+
+
+class PoseParams(BaseModel):
+    """Where the face goes and which way it turns, without a pose photo (instantid_core/poses.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: PosePreset = Field(PosePreset.frontal, description="The face template turned: "
+                               f"{', '.join(p.value for p in PosePreset)} (directions are the image's).")
+    box: tuple[float, float, float, float] = Field(..., description="x1, y1, x2, y2 in output pixels: the face's "
+                                                   f"square fits the box's shorter side (at least {MIN_BOX_SIDE} px).")
 
 
 class ControlParams(BaseModel):
@@ -283,6 +296,13 @@ class GenerateParams(BaseModel):
                                    "for img2img, 1.0 for inpainting.")
     inpaint_face: bool = Field(False, description="With an init image: regenerate only its face (the detected face "
                                "box, dilated), keep every other pixel.")
+    # --- issue 23: faces placed without a pose photo
+    pose: PoseParams | None = Field(None, description="Place the face without a pose photo: a preset turned and "
+                                    "placed in a box of the output (not with pose_image or keypoints).")
+    keypoints: list[tuple[float, float]] | None = Field(None, min_length=5, max_length=5, description="Five points "
+                                                        "in output pixels (left eye, right eye, nose tip, left and "
+                                                        "right mouth corner, as the image shows them) instead of a "
+                                                        "pose photo's.")
 
     @field_validator("loras")
     @classmethod

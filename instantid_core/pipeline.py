@@ -27,6 +27,7 @@ from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
+from .poses import place_face
 from .text import PromptEmbeds, PromptEncoder
 from .weight_layout import ResolvedWeights
 from .weights import resolve_weights
@@ -78,8 +79,13 @@ def condition_from_faces(faces: list[FaceInfo], params: GenerateParams, pose: Fa
     embedding = np.mean(np.stack([face.embedding for face in faces]), axis=0).astype(np.float32)
     layout = pose if pose is not None else faces[0]
     width, height = size if size is not None else output_size(params, layout.image_size, buckets)
-    kps = place(layout.kps, layout.image_size, (width, height))
-    box = _box(layout, (width, height), place)
+    placed = place_face(params.pose.preset if params.pose else None, params.pose.box if params.pose else None,
+                        params.keypoints, (width, height))
+    if placed is not None:  # a pose preset or explicit points: no photo decides where the face goes
+        kps, box = placed
+    else:
+        kps = place(layout.kps, layout.image_size, (width, height))
+        box = _box(layout, (width, height), place)
     kps_image = np.asarray(draw_kps((width, height), kps), dtype=np.uint8)
     return FaceCondition(embedding, kps_image, box, width, height, float(layout.det_score))
 
@@ -133,6 +139,13 @@ def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: Genera
     init_image, mask_image, init_name, mask_name = photos.init, photos.mask, photos.init_name, photos.mask_name
     check_init_inputs(params, init_image is not None, mask_image is not None, init_name, mask_name)
 
+    placing = params.pose is not None or params.keypoints is not None
+    if placing and photos.pose is not None:
+        raise InvalidParameter("pose: a pose preset or keypoints replace the pose photo; give one of them",
+                               field="pose" if params.pose is not None else "keypoints")
+    if placing and init_image is not None:
+        raise InvalidParameter("pose: img2img and inpainting take the face's place from the init photo (or a pose "
+                               "photo), not from a preset or keypoints", field="pose" if params.pose else "keypoints")
     wanted = [(data, name, params.face_index if i == 0 else None)
               for i, (data, name) in enumerate(zip(photos.faces, names, strict=True))]
     if photos.pose is not None:

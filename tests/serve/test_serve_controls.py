@@ -89,3 +89,19 @@ def test_bad_control_inputs_get_their_codes_and_fields(served_app, astronaut_byt
     assert ok.status_code == 200, ok.text
     meta = json.loads(s3_read(ok.json()["metadata"]))
     assert meta["params"]["style"] == "No style"
+
+
+def test_a_pose_preset_over_http_places_the_face_and_bad_placements_name_their_field(served_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", "seed": 4, **FAST}
+    placed = post(served_app, {**body, "pose": {"preset": "profile_right", "box": [16, 16, 112, 112]}})
+    assert placed.status_code == 200, placed.text
+    meta = json.loads(s3_read(placed.json()["metadata"]))
+    assert meta["params"]["pose"] == {"preset": "profile_right", "box": [16.0, 16.0, 112.0, 112.0]}
+    from_photo = post(served_app, body)
+    assert png_pixels(s3_read(placed.json()["images"][0])).tolist() != \
+        png_pixels(s3_read(from_photo.json()["images"][0])).tolist()  # the keypoints moved the face
+    _error(post(served_app, {**body, "pose": {"preset": "frontal", "box": [100, 100, 200, 200]}}), 400, "pose.box")
+    _error(post(served_app, {**body, "keypoints": [[1, 1], [2, 1], [1, 2], [2, 2], [500, 2]]}), 400, "keypoints")
+    _error(post(served_app, {**body, "pose_image": b64(astronaut_bytes),
+                             "pose": {"preset": "frontal", "box": [16, 16, 112, 112]}}), 400, "pose")
+    assert post(served_app, body).status_code == 200  # the replicas keep serving

@@ -49,3 +49,26 @@ def test_control_flag_mistakes_are_one_error_line(tmp_path: Path, flags: list[st
     line = run_cli("generate", "--weights", tmp_path, "--face", ASTRONAUT, "--prompt", "x", "--out", tmp_path / "out",
                    *args).error_line()
     assert detail in line
+
+
+def test_a_pose_preset_places_the_face_and_the_sidecar_records_it(tiny_root: Path, tmp_path: Path) -> None:
+    result = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", "--steps", "2",
+                     "--width", "64", "--height", "64", "--pose-preset", "three_quarter_left", "--pose-box",
+                     "8,8,56,56", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(uri_path(result.stdout.split()[1]).read_text())
+    assert meta["params"]["pose"] == {"preset": "three_quarter_left", "box": [8.0, 8.0, 56.0, 56.0]}
+
+
+@pytest.mark.parametrize(("flags", "detail"), [
+    (["--pose-preset", "frontal"], "pose.box"),  # a preset needs its box
+    (["--pose-preset", "frontal", "--pose-box", "8,8,56"], "give 4 comma-separated numbers"),
+    (["--pose-preset", "sideways", "--pose-box", "8,8,56,56"], "frontal"),  # the choices are listed
+    (["--pose-preset", "frontal", "--pose-box", "8,8,900,900"], "pose.box"),  # beyond the 64 x 64 output
+    (["--keypoints", "1,2,3"], "give 10 comma-separated numbers"),
+])
+def test_pose_flag_mistakes_are_one_error_line(tiny_root: Path, tmp_path: Path, flags: list[str],
+                                               detail: str) -> None:
+    line = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", "--width", "64",
+                   "--height", "64", "--out", tmp_path / "out", *flags).error_line()
+    assert detail in line, line
