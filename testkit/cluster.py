@@ -269,6 +269,10 @@ def _auth_env(auth: str) -> dict[str, str]:
         if os.environ.get(name):
             env[name] = os.environ[name]
     # Make sure the token exists before any node starts (Ray's own command; creates ~/.ray/auth_token if missing).
+    # Once it exists there is nothing to do, and the command (an interpreter importing Ray: ~2 s) is not run.
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if env.get("RAY_AUTH_TOKEN") or (Path(path) if path else Path.home() / ".ray" / "auth_token").is_file():
+        return env
     subprocess.run([_ray_cli(), "get-auth-token", "--generate"], env={**os.environ, **env}, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return env

@@ -53,6 +53,10 @@ DENOISER_AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_re
 # Routers (the Ingress's handles) report ongoing requests every 10 s by default; 1 s keeps the test short.
 METRICS_ENV = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
                "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+# The GCS calls a node dead after 5 failed health checks, one every 3 s by default (the lost node was seen dead
+# ~15 s after its SIGKILL). One a second: a killed node fails each check at once (~5 s); a live one still has to miss
+# 5 checks in a row, each allowed Ray's own 10 s timeout, so a loaded machine does not lose a node that is alive.
+NODE_LOSS_ENV = {"RAY_health_check_period_ms": "1000"}
 # Big enough that the Denoiser, not the cached face/prompt stages, is where requests wait (~0.5 s per image here).
 REQUEST = {"prompt": "a portrait, watercolor", "steps": 8, "width": 256, "height": 256}
 
@@ -78,7 +82,8 @@ def run_on_local_cluster(tiny_dir: Path, output_dir: Path, *, lose_node: bool = 
     nodes = cluster_nodes()
     redis_dir = tempfile.TemporaryDirectory(prefix="placement-redis-")
     redis_process, broker_url = start_redis(Path(redis_dir.name))
-    cluster = start_local_cluster(nodes, auth="token", dashboard=True)  # the state API needs the dashboard
+    # the state API needs the dashboard
+    cluster = start_local_cluster(nodes, auth="token", dashboard=True, env=NODE_LOSS_ENV)
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | cluster.env
         command = [sys.executable, "-m", "testkit.placement", "--address", cluster.address,
@@ -254,7 +259,11 @@ def lose_node(node_pids: dict[str, int], types: dict[str, str], url: str, dashbo
                 node["NodeID"] == victim and node["Alive"] for node in ray.nodes()):
             facts["node_dead_after_s"] = round(time.monotonic() - killed, 1)
         counts, where = replica_counts(), replica_nodes(dashboard_url)
-        rescheduled = (all(counts.get(name, {}).get("running", 0) >= n for name, n in wanted.items())
+        # Serve's running counts lag the loss (they still held the lost replicas when the state API no longer
+        # listed them alive), so the alive replica actors must make up the numbers too, with the node seen dead.
+        rescheduled = ("node_dead_after_s" in facts
+                       and all(counts.get(name, {}).get("running", 0) >= n and len(where.get(name, [])) >= n
+                               for name, n in wanted.items())
                        and not any(victim in nodes for nodes in where.values()))
         if rescheduled and "rescheduled_after_s" not in facts:
             facts["rescheduled_after_s"] = round(time.monotonic() - killed, 1)
