@@ -189,8 +189,9 @@ def test_lease_imports_nothing_the_device_lacks_beyond_the_carried_wheels(budget
 
 def test_killed_lease_keeps_every_finished_row(tiny_root, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    # One torch thread (as tests/test_bench_gpu.py): on a shared 2-core machine two spin at every op's barrier.
     proc = _lease(out, "--tiny", "--models-dir", str(tiny_root), "--device", "cpu", "--budget-s", "300",
-                  "--workdir", str(work), start_new_session=True)
+                  "--workdir", str(work), env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     rows_file = out / "results.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
