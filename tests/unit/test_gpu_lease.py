@@ -132,7 +132,8 @@ def budget_run(tmp_path_factory: pytest.TempPathFactory, tiny_root: Path, device
     out = tmp_path_factory.mktemp("lease-out")
     started = time.monotonic()
     proc = _lease(out, "--tiny", "--models-dir", str(tiny_root), "--device", "cpu", "--budget-s", str(BUDGET_S),
-                  "--batches", "1", "--workdir", str(tmp_path_factory.mktemp("lease-work")), env=device_env)
+                  "--batches", "1", "--workdir", str(tmp_path_factory.mktemp("lease-work")),
+                  env=dict(device_env, OMP_NUM_THREADS="1"))
     stdout, _ = proc.communicate(timeout=180)
     return dict(out=out, stdout=stdout, code=proc.returncode, wall=time.monotonic() - started,
                 rows=read_rows(out / "results.jsonl"), refused=Path(device_env["DEVICE_REFUSED_LOG"]).read_text())
