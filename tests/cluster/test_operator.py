@@ -217,28 +217,29 @@ def test_every_metric_the_dashboard_and_alerts_query_is_exported_on_rays_metrics
     assert httpx.post(f"{operator.url}/v1/generate", json={**body, "face_image": blank}, timeout=120).status_code == 422
     wanted = queried_metrics()
     ports = operator.facts()["metrics_ports"]
-    # Each stage's own series, tagged by Ray with the application and the deployment that recorded it.
-    stage_series = {deployment: r'ray_instantid_stage_requests_total\{[^}]*deployment="' + deployment + '"'
-                    for deployment in ("Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter")}
-    deadline, text = time.monotonic() + 90, ""
+    # Each stage's own series, tagged by Ray with the application and the deployment that recorded it, and the
+    # series the requests above must have moved.
+    series = {f"{deployment}'s requests": r'ray_instantid_stage_requests_total\{[^}]*deployment="' + deployment + '"'
+              for deployment in ("Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser", "OutputWriter")}
+    series.update({
+        "the Denoiser's batch sizes": r'ray_instantid_denoiser_batch_images_bucket\{[^}]*application="instantid"[^}]*'
+                                      r'deployment="Denoiser"',
+        "the no-face answer": r'ray_instantid_stage_requests_total\{[^}]*code="no_face"[^}]*deployment="FaceAnalysis"',
+        "the face cache's hit": r'ray_instantid_cache_lookups_total\{[^}]*deployment="FaceAnalysis"[^}]*result="hit"',
+        # The Ingress counts each HTTP answer by route and status (the no-face 422 above among them).
+        "the Ingress's 422": r'ray_instantid_http_requests_total\{(?=[^}]*code="422")(?=[^}]*route="generate")',
+    })
+    deadline, text, exported = time.monotonic() + 120, "", set()
     while time.monotonic() < deadline:  # each worker's exporter flushes on its own clock, every few seconds
         text = scrape(ports)
         exported = {re.sub(r"_(bucket|sum|count)$", "", line.split("{")[0].split(" ")[0])
                     for line in text.splitlines() if line.startswith("ray_")}
-        if (wanted <= exported and 'code="no_face"' in text
-                and all(re.search(pattern, text) for pattern in stage_series.values())):
+        if wanted <= exported and all(re.search(pattern, text) for pattern in series.values()):
             break
         time.sleep(2)
     assert not wanted - exported, f"queried by the dashboard or the alerts but not exported: {wanted - exported}"
-    for deployment, pattern in stage_series.items():
-        assert re.search(pattern, text), deployment
-    assert re.search(r'ray_instantid_denoiser_batch_images_bucket\{[^}]*application="instantid"[^}]*'
-                     r'deployment="Denoiser"', text)
-    assert re.search(r'ray_instantid_stage_requests_total\{[^}]*code="no_face"[^}]*deployment="FaceAnalysis"', text)
-    assert re.search(r'ray_instantid_cache_lookups_total\{[^}]*deployment="FaceAnalysis"[^}]*result="hit"', text)
-    # The Ingress counts each HTTP answer by route and status (the no-face 422 above among them).
-    assert any(line.startswith("ray_instantid_http_requests_total{") and 'code="422"' in line
-               and 'route="generate"' in line for line in text.splitlines())
+    missing = [what for what, pattern in series.items() if not re.search(pattern, text)]
+    assert not missing, f"not exported after 120 s: {missing}"
     # ... and none on the public port.
     assert httpx.get(f"{operator.url}/metrics", timeout=30).status_code == 404
 

@@ -104,7 +104,8 @@ def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(keyed_a
                                            and not ongoing("PromptEncoder")), 60, "a request waits for the denoiser",
                    0.05)
         answers = list(pool.map(lambda i: send({**body, "seed": i}), range(8)))
-        assert busy.result().status_code == 200 and queued.result().status_code == 200
+        # Done, or past the 4 s stage timeout on a heavily loaded machine: they filled the denoiser either way.
+        assert {busy.result().status_code, queued.result().status_code} <= {200, 504}
     codes = sorted(a.status_code for a in answers)
     assert set(codes) <= {200, 503} and 503 in codes, codes
     overloaded = next(a for a in answers if a.status_code == 503)
@@ -261,7 +262,9 @@ def test_readyz_answers_from_health_state_while_the_denoiser_is_saturated(keyed_
         started = time.monotonic()
         ready = httpx.get(f"{keyed_app.url}/readyz", timeout=30)
         took = time.monotonic() - started
-        assert busy.result().status_code == 200 and queued.result().status_code == 200
+        # Both are answered: done, or on a heavily loaded machine past the keyed app's 4 s stage timeout. Either
+        # way they held the denoiser while the probe ran, which is what this test needs of them.
+        assert {busy.result().status_code, queued.result().status_code} <= {200, 504}
     assert saturated, "the denoiser finished before the probe: the test proved nothing"
     assert ready.status_code == 200, ready.text
     assert ready.json() == {"ready": True, "stages": dict.fromkeys(("face", "prompt", "denoiser", "writer"), True)}
