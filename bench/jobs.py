@@ -1,8 +1,8 @@
 """Async jobs benchmark (issue 13): N tiny-preset jobs through 1 and 2 JobConsumer replicas.
 
-    python bench/jobs.py                   # 100 jobs per configuration, 64x64, 2 steps (a few minutes)
-    python bench/jobs.py --jobs 20         # harness check
-    python bench/jobs.py --write-results   # also writes the "Async jobs (issue 13)" section of bench/RESULTS.md
+    python -m bench.jobs                   # 100 jobs per configuration, 64x64, 2 steps (a few minutes)
+    python -m bench.jobs --jobs 20         # harness check
+    python -m bench.jobs --write-results   # also writes the "Async jobs (issue 13)" section of bench/RESULTS.md
 
 What runs: a Redis server on a free loopback port (Debian's redis-server), Ray local with Serve's HTTP proxy on
 127.0.0.1, the `instantid` app from serve_config.yaml's AppConfig (tiny preset, outputs to a temporary file://
@@ -25,12 +25,12 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from bench.results_md import replace_section, write_raw
 from testkit.net import free_port
 from testkit.redis import start_redis, stop_redis
 from testkit.serve import deploy, small_stage_options
@@ -121,17 +121,14 @@ def main() -> int:
 
 
 def write_results(results: list[dict], jobs: int) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    raw = RESULTS_DIR / f"jobs-{stamp}.json"
-    raw.write_text(json.dumps(results, indent=2))
+    stamp, raw = write_raw(RESULTS_DIR, "jobs", results)
     rows = "\n".join(
         f"| {r['replicas']} | {r['jobs']} | {r['statuses']} | {r['jobs_per_s']:.2f} | "
         f"{r['queue_to_start_p50_s']:.2f} / {r['queue_to_start_p95_s']:.2f} | "
         f"{r['end_to_end_p50_s']:.2f} / {r['end_to_end_p95_s']:.2f} |" for r in results)
     section = f"""{SECTION}
 
-{stamp}, `python bench/jobs.py --write-results` on this machine ({platform.machine()}, 2 CPUs, Python
+{stamp}, `python -m bench.jobs --write-results` on this machine ({platform.machine()}, 2 CPUs, Python
 {platform.python_version()}), tiny preset on CPU, 64x64, 2 steps, {jobs} jobs submitted at once from 8 clients,
 Redis on loopback, outputs to a local folder. Each consumer replica runs 2 jobs at a time; every other stage is one
 replica, so a second consumer adds concurrency in front of the same Denoiser (on 2 CPUs the stages share the cores:
@@ -143,14 +140,7 @@ this measures the queue's plumbing, not GPU scaling). No GPU was lent to this ta
 
 Raw JSON: `bench/results/{raw.name}`
 """
-    text = RESULTS_MD.read_text()
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS_MD.write_text(text)
+    replace_section(RESULTS_MD, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Chaos benchmark of the async jobs (issue 25): N jobs through the faults an operator meets, and what they lost.
 
-    python bench/jobs_chaos.py                          # every scenario, 4 jobs each (about 5 minutes here)
-    python bench/jobs_chaos.py --scenario consumer_killed --jobs 2
-    python bench/jobs_chaos.py --write-results          # also writes its section of bench/RESULTS.md
+    python -m bench.jobs_chaos                          # every scenario, 4 jobs each (about 5 minutes here)
+    python -m bench.jobs_chaos --scenario consumer_killed --jobs 2
+    python -m bench.jobs_chaos --write-results          # also writes its section of bench/RESULTS.md
 
 What runs, all real and on loopback: Ray local with Serve's HTTP proxy, the `instantid` app (tiny preset, every
 stage one replica, one JobConsumer running 2 jobs at a time), a redis-server with an append-only file (fsync on
@@ -38,13 +38,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import boto3
 import httpx
 
+from bench.results_md import replace_section, write_raw
 from testkit.net import free_port, wait_until
 from testkit.redis import RedisServer
 from testkit.s3 import S3TestServer
@@ -178,45 +178,54 @@ def sync_requests_while(chaos: Chaos, seconds: float, outcome: Outcome) -> None:
 
 
 # --- the scenarios ---------------------------------------------------------------------------------------------------
-def consumer_killed(chaos: Chaos, jobs: int) -> Outcome:
-    outcome = Outcome("consumer_killed", jobs)
+def with_fault(name: str, chaos: Chaos, jobs: int, fault: Callable[[Outcome], None],
+               timeout_s: float = 240) -> Outcome:
+    """Submit `jobs` jobs, wait until one runs, apply `fault` (it returns once the fault has ended), then wait for
+    every job to settle and count."""
+    outcome = Outcome(name, jobs)
     ids = submit_jobs(chaos, jobs)
     wait_one_running(chaos, ids)
-    for replica in replica_actors("JobConsumer", app=chaos.app):
-        kill_replica(replica)
-    settle(chaos, ids, outcome, time.monotonic(), timeout_s=240)
+    fault(outcome)
+    settle(chaos, ids, outcome, time.monotonic(), timeout_s)
     return outcome
+
+
+def consumer_killed(chaos: Chaos, jobs: int) -> Outcome:
+    def kill(_: Outcome) -> None:
+        for replica in replica_actors("JobConsumer", app=chaos.app):
+            kill_replica(replica)
+
+    return with_fault("consumer_killed", chaos, jobs, kill)
 
 
 def redis_restarted(chaos: Chaos, jobs: int) -> Outcome:
     assert chaos.redis is not None
-    outcome = Outcome("redis_restarted", jobs)
-    ids = submit_jobs(chaos, jobs)
-    wait_one_running(chaos, ids)
-    chaos.redis.stop()
-    chaos.redis.start()
-    settle(chaos, ids, outcome, time.monotonic(), timeout_s=240)
-    return outcome
+
+    def restart(_: Outcome) -> None:
+        chaos.redis.stop()
+        chaos.redis.start()
+
+    return with_fault("redis_restarted", chaos, jobs, restart)
 
 
 def redis_down_30s(chaos: Chaos, jobs: int) -> Outcome:
     assert chaos.redis is not None
-    outcome = Outcome("redis_down_30s", jobs)
-    ids = submit_jobs(chaos, jobs)
-    wait_one_running(chaos, ids)
-    chaos.redis.stop()
-    try:
-        sync_requests_while(chaos, 30, outcome)
-        refused = httpx.post(f"{chaos.url}/v1/jobs", json={"face_image": FACE, **SYNC_BODY}, timeout=60)
-        outcome.notes.append(f"POST /v1/jobs while down: {refused.status_code} "
-                             f"{refused.json().get('error', {}).get('code')}")
-    finally:
-        chaos.redis.start()
-    settle(chaos, ids, outcome, time.monotonic(), timeout_s=240)
-    return outcome
+
+    def down(outcome: Outcome) -> None:
+        chaos.redis.stop()
+        try:
+            sync_requests_while(chaos, 30, outcome)
+            refused = httpx.post(f"{chaos.url}/v1/jobs", json={"face_image": FACE, **SYNC_BODY}, timeout=60)
+            outcome.notes.append(f"POST /v1/jobs while down: {refused.status_code} "
+                                 f"{refused.json().get('error', {}).get('code')}")
+        finally:
+            chaos.redis.start()
+
+    return with_fault("redis_down_30s", chaos, jobs, down)
 
 
 def webhook_down(chaos: Chaos, jobs: int) -> Outcome:
+    """The receiver is down from before the jobs are submitted (so not `with_fault`) until 5 s after one ends."""
     outcome = Outcome("webhook_down", jobs)
     chaos.receiver.close()
     try:
@@ -235,14 +244,13 @@ def webhook_down(chaos: Chaos, jobs: int) -> Outcome:
 
 def object_store_down(chaos: Chaos, jobs: int) -> Outcome:
     assert chaos.s3 is not None
-    outcome = Outcome("object_store_down", jobs)
-    ids = submit_jobs(chaos, jobs)
-    wait_one_running(chaos, ids)
-    chaos.s3.stop()
-    time.sleep(10)
-    chaos.s3.start()
-    settle(chaos, ids, outcome, time.monotonic(), timeout_s=300)
-    return outcome
+
+    def down(_: Outcome) -> None:
+        chaos.s3.stop()
+        time.sleep(10)
+        chaos.s3.start()
+
+    return with_fault("object_store_down", chaos, jobs, down, timeout_s=300)
 
 
 SCENARIOS: dict[str, Callable[[Chaos, int], Outcome]] = {
@@ -311,17 +319,14 @@ def main() -> int:
 
 
 def write_results(outcomes: list[Outcome], jobs: int, bound_s: float) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    raw = RESULTS_DIR / f"jobs-chaos-{stamp}.json"
-    raw.write_text(json.dumps([o.__dict__ for o in outcomes], indent=2))
+    stamp, raw = write_raw(RESULTS_DIR, "jobs-chaos", [o.__dict__ for o in outcomes])
     rows = "\n".join(
         f"| {o.scenario} | {o.done}/{o.jobs} | {o.failed} | {o.lost} | {o.doubled} | "
         f"{f'{o.sync_failed}/{o.sync_sent}' if o.sync_sent else '-'} | {o.recover_s:.1f} | "
         f"{','.join(map(str, o.attempts))} |" for o in outcomes)
     section = f"""{SECTION}
 
-{stamp}, `python bench/jobs_chaos.py --write-results` on this machine ({platform.machine()}, 2 CPUs, Python
+{stamp}, `python -m bench.jobs_chaos --write-results` on this machine ({platform.machine()}, 2 CPUs, Python
 {platform.python_version()}): tiny preset on CPU, {jobs} jobs per scenario ({JOB_BODY['steps']} steps,
 {JOB_BODY['width']}x{JOB_BODY['height']}), each with a webhook; Ray, Redis (append-only file, fsync always), moto's
 S3 server (versioned bucket) and the webhook receiver all on loopback. Visibility timeout {VISIBILITY_TIMEOUT_S:g} s
@@ -338,14 +343,7 @@ twice for one job. Recover: from the fault's end until every job ended with its 
 with S3 down, the first run's write failed (503 storage_unavailable) and the job went back to the queue.
 Raw JSON: `bench/results/{raw.name}`
 """
-    text = RESULTS_MD.read_text()
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS_MD.write_text(text)
+    replace_section(RESULTS_MD, SECTION, section)
 
 
 if __name__ == "__main__":
