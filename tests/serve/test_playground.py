@@ -165,6 +165,27 @@ def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(p
     page.screenshot(path=str(ARTIFACTS / "playground-375px.png"), full_page=True)
 
 
+def test_a_pose_preset_is_sent_only_with_its_box_and_places_the_face(page, served_app, astronaut_bytes):
+    """The pose fields are rendered from the schema like any other; the preset's select alone (showing its
+    default) sends no pose, the preset with a box sends both."""
+    open_playground(page, served_app.url)
+    fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}, steps=2)
+    page.click("#advanced summary")
+    page.select_option("[name='pose.preset']", "profile_left")
+    page.fill("[name='pose.box']", "[16, 16, 240, 240]")
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert sent.value.post_data_json["pose"] == {"preset": "profile_left", "box": [16, 16, 240, 240]}
+    page.wait_for_function("() => { const i = document.querySelector('#results img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")
+    assert page.is_hidden("[role=alert]"), page.inner_text("[role=alert]")
+    page.fill("[name='pose.box']", "")
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Generate").click()
+    assert "pose" not in sent.value.post_data_json
+    assert not page.js_errors
+
+
 def test_blank_photo_shows_an_alert_about_the_face(page, served_app):
     open_playground(page, served_app.url)
     fill_request(page, {"name": "blank.png", "mimeType": "image/png", "buffer": png()})

@@ -262,6 +262,9 @@ async function readValue(name, rawSchema) {
       const v = await readValue(`${name}.${sub}`, subSchema);
       if (v !== undefined) out[sub] = v;
     }
+    // An optional object (a pose preset and its box) is sent only once its required fields are filled: a select
+    // showing its default alone asks for nothing.
+    if (schema.nullable && (schema.required || []).some((sub) => out[sub] === undefined)) return undefined;
     return Object.keys(out).length ? out : undefined;
   }
   if (kind === "list") {
