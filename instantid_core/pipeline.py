@@ -140,12 +140,13 @@ def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: Genera
     check_init_inputs(params, init_image is not None, mask_image is not None, init_name, mask_name)
 
     placing = params.pose is not None or params.keypoints is not None
+    placed_by = "pose" if params.pose is not None else "keypoints"
     if placing and photos.pose is not None:
         raise InvalidParameter("pose: a pose preset or keypoints replace the pose photo; give one of them",
-                               field="pose" if params.pose is not None else "keypoints")
+                               field=placed_by)
     if placing and init_image is not None:
         raise InvalidParameter("pose: img2img and inpainting take the face's place from the init photo (or a pose "
-                               "photo), not from a preset or keypoints", field="pose" if params.pose else "keypoints")
+                               "photo), not from a preset or keypoints", field=placed_by)
     wanted = [(data, name, params.face_index if i == 0 else None)
               for i, (data, name) in enumerate(zip(photos.faces, names, strict=True))]
     if photos.pose is not None:

@@ -18,6 +18,8 @@ from enum import Enum
 
 import numpy as np
 
+from .errors import InvalidParameter
+
 # insightface.utils.face_align.arcface_dst: where ArcFace alignment puts the five points in a 112 x 112 crop.
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
                              [70.7299, 92.2041]], np.float64)
@@ -91,8 +93,6 @@ def place_face(preset: PosePreset | None, box: tuple[float, float, float, float]
         InvalidParameter: both forms given, a box outside the output or smaller than MIN_BOX_SIDE, points outside
             the output; the message names the field (`pose.box`, `keypoints`).
     """
-    from .errors import InvalidParameter
-
     width, height = size
     if preset is not None and keypoints is not None:
         raise InvalidParameter("keypoints: give a pose preset or keypoints, not both", field="keypoints")
