@@ -195,8 +195,12 @@ def test_killed_lease_keeps_every_finished_row(tiny_root, tmp_path):
                   "--workdir", str(work), env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     rows_file = out / "results.jsonl"
     deadline = time.monotonic() + 120
+    markdown = out / "results.md"
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(r["config"] == "baseline" for r in read_rows(rows_file)):
+        # The row is appended to results.jsonl, then results.md is rewritten: kill once both have it (a kill
+        # between the two would leave the markdown one row behind the jsonl, which is the record).
+        if any(r["config"] == "baseline" for r in read_rows(rows_file)) and markdown.exists() \
+                and "| baseline | 1 | ok |" in markdown.read_text():
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the lease ended before it could be killed"
@@ -209,7 +213,7 @@ def test_killed_lease_keeps_every_finished_row(tiny_root, tmp_path):
     baseline = [r for r in rows if r["config"] == "baseline"]
     assert baseline and baseline[0]["status"] == "ok" and baseline[0]["batch"] == 1
     assert "[lease] done" not in stdout  # killed part-way through the list
-    assert "| baseline | 1 | ok |" in (out / "results.md").read_text()
+    assert "| baseline | 1 | ok |" in markdown.read_text()
     # The configuration's process died with the runner (PR_SET_PDEATHSIG), it does not run on and append rows.
     time.sleep(1.0)
     alive = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
