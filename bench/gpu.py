@@ -350,7 +350,7 @@ def make_requests(prompt, batch: int, width: int, height: int):
 
 
 def load_prompt(path: str):
-    from instantid_core.text import PromptEmbeds
+    from instantid_core.handoff import PromptEmbeds
 
     with np.load(path) as data:
         return PromptEmbeds(*(data[name] for name in ("prompt_embeds", "negative_prompt_embeds", "pooled",

@@ -33,8 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.schemas import DenoiseResult, FaceResult, GenerateResponse, PromptResult
 from instantid_app.config import AppSpec
-from instantid_core.pipeline import FaceCondition
-from instantid_core.text import PromptEmbeds
+from instantid_core.handoff import FaceCondition, PromptEmbeds
 
 app = FastAPI(title="InstantID no-op DAG")
 

@@ -28,7 +28,7 @@ from instantid_app.settings import IngressSettings
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
-from instantid_core.pipeline import check_init_inputs, draw_seed
+from instantid_core.request_rules import check_init_inputs, draw_seed
 from instantid_core.storage import OutputStore
 
 from . import metrics, openai_api, playground

@@ -11,7 +11,8 @@ from instantid_app.config import AppConfig
 from instantid_app.settings import PromptSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import Style
-from instantid_core.text import PromptEmbeds, PromptEncoder
+from instantid_core.handoff import PromptEmbeds
+from instantid_core.text import PromptEncoder
 
 from .metrics import CacheMetrics, StageMetrics
 from .schemas import PromptResult

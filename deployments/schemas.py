@@ -11,9 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InvalidParameter
-from instantid_core.pipeline import FaceCondition
+from instantid_core.handoff import FaceCondition, PromptEmbeds
 from instantid_core.storage import check_prefix
-from instantid_core.text import PromptEmbeds
 
 
 class OutputSpec(BaseModel):

@@ -68,7 +68,7 @@ def _generate(args: argparse.Namespace) -> None:
     pose = _read_image(args.pose, settings) if args.pose else None
     init = _read_image(args.init_image, settings) if args.init_image else None
     mask = _read_image(args.mask, settings) if args.mask else None
-    from instantid_core.pipeline import check_init_inputs  # before any model loads
+    from instantid_core.request_rules import check_init_inputs  # before any model loads
     from instantid_core.styles import apply_style, load_styles
 
     apply_style(load_styles(settings), params.style, "", "")  # an unknown style: one error line, no model load

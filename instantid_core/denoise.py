@@ -46,9 +46,9 @@ from .config import PipelineSettings, Scheduler
 from .controls import ExtraControlNets
 from .denoise_types import BatchKey, Conditioning, DenoiseRequest, StepCallback
 from .errors import InvalidParameter, WeightsError
+from .handoff import PromptEmbeds
 from .loras import LoraLibrary, LoraSet
 from .regions import attention_masks, face_box_mask, latent_levels, residual_mask
-from .text import PromptEmbeds
 from .weight_layout import ResolvedWeights, load_variant
 
 SCHEDULERS: dict[Scheduler, tuple[type[SchedulerMixin], dict]] = {

@@ -11,8 +11,8 @@ import torch
 
 from .config import DEFAULT_GUIDANCE, GenerateParams, Scheduler
 from .controls import ControlMap
+from .handoff import PromptEmbeds
 from .loras import LoraSet
-from .text import PromptEmbeds
 
 _PARAMS = GenerateParams.model_fields
 

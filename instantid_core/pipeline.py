@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,26 +24,14 @@ from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
+from .handoff import FaceCondition, PromptEmbeds
 from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
 from .poses import place_face
-from .text import PromptEmbeds, PromptEncoder
+from .request_rules import check_init_inputs, draw_seed
+from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
 from .weights import resolve_weights
-
-
-@dataclass(frozen=True)
-class FaceCondition:
-    """What the denoiser needs from the face stage: plain arrays, small enough to cross processes."""
-
-    embedding: np.ndarray  # (512,) identity: mean over the reference photos
-    kps_image: np.ndarray  # (H, W, 3) uint8, keypoints drawn at the output size
-    face_box: tuple[float, float, float, float]  # output pixels
-    width: int
-    height: int
-    det_score: float
-    init_image: np.ndarray | None = None  # (H, W, 3) uint8 img2img / inpainting photo at the output size
-    mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
 
 
 class FaceCache(Protocol):
@@ -53,11 +40,6 @@ class FaceCache(Protocol):
     def get(self, key: tuple[str, int | None]) -> FaceInfo | None: ...
 
     def __setitem__(self, key: tuple[str, int | None], value: FaceInfo) -> None: ...
-
-
-def draw_seed() -> int:
-    """A fresh seed for a request that gave none; reported back so the image can be reproduced."""
-    return secrets.randbits(62)
 
 
 def output_size(params: GenerateParams, photo_size: tuple[int, int], buckets: bool = True) -> tuple[int, int]:
@@ -94,17 +76,6 @@ def _box(face: FaceInfo, size: tuple[int, int], place=map_kps_to_output) -> tupl
     x1, y1, x2, y2 = face.bbox
     corners = place(np.array([[x1, y1], [x2, y2]], np.float32), face.image_size, size)
     return float(corners[0, 0]), float(corners[0, 1]), float(corners[1, 0]), float(corners[1, 1])
-
-
-def check_init_inputs(params: GenerateParams, has_init: bool, has_mask: bool, init_name: str = "init_image",
-                      mask_name: str = "mask_image") -> None:
-    """img2img fields that need an init photo, checked before any photo is analysed."""
-    if has_init:
-        return
-    for given, name in ((has_mask, mask_name), (params.inpaint_face, "inpaint_face"),
-                        (params.strength is not None, "strength")):
-        if given:
-            raise InvalidParameter(f"{name} needs an init image ({init_name})", field=name)
 
 
 @dataclass(frozen=True)

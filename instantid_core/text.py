@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,10 @@ from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .config import NO_STYLE, PipelineSettings
+from .handoff import PromptEmbeds
 from .styles import apply_style, load_styles
 from .weight_layout import load_variant
 from .weighting import is_weighted, parse_weighted_prompt, plain_text
-
-
-@dataclass(frozen=True)
-class PromptEmbeds:
-    """One prompt's conditioning as plain float32 arrays (crosses process boundaries as numpy)."""
-
-    prompt_embeds: np.ndarray  # (T, C): T = 77 per chunk of a long prompt, C = 2048 for SDXL
-    negative_prompt_embeds: np.ndarray  # (T, C): padded to the prompt's chunks (or the prompt to its)
-    pooled: np.ndarray  # (P,): P = 1280 for SDXL
-    negative_pooled: np.ndarray  # (P,)
 
 
 class PromptEncoder:

@@ -27,7 +27,7 @@ from ray.serve.task_consumer import instantiate_adapter_from_config
 
 from instantid_app.config import AppConfig
 from instantid_core.errors import InvalidParameter
-from instantid_core.pipeline import draw_seed
+from instantid_core.request_rules import draw_seed
 
 from ..errors import JobNotFound, JobsBacklogFull, JobsDisabled, JobsUnavailable
 from ..schemas import GenerateResponse, JobRequest, JobStatus

@@ -31,11 +31,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path) -> Iterator[str]:
-    """Absolute names of every module `path` imports (relative imports resolved), wherever the import stands."""
+def imports_of(path: Path, *, at_import_only: bool = False) -> Iterator[str]:
+    """Absolute names of every module `path` imports (relative imports resolved), wherever the import stands; with
+    `at_import_only`, those its top-level statements import (what importing it costs at once)."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in (tree.body if at_import_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -107,3 +109,37 @@ def test_the_lower_layers_name_no_module_above_them_in_a_string() -> None:
              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
              and isinstance(node.value, str) and pattern.match(node.value)]
     assert named == []
+
+
+
+MODEL_LIBRARIES = {"torch", "diffusers", "transformers", "compel", "peft", "insightface", "onnxruntime", "cv2"}
+# The replicas that only route, store and queue hold no model, so none pays for importing a model library: seconds
+# of CPU at every replica start and hundreds of MB of memory per replica.
+MODEL_FREE = ("deployments.ingress", "deployments.writer", "deployments.jobs.consumer")
+
+
+def loaded_at_import(module: str) -> set[str]:
+    """Every module importing `module` loads at once (its packages' __init__s included), following our own modules
+    through their top-level imports; third-party modules are reported, not followed."""
+    paths = {module_name(path): path for path in sources(*PRODUCT)}
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # a module's packages run first
+        if name in paths:
+            todo.extend(imports_of(paths[name], at_import_only=True))
+    return seen
+
+
+@pytest.mark.parametrize("module", MODEL_FREE)
+def test_replicas_without_a_model_import_no_model_library(module: str) -> None:
+    assert sorted({name for name in loaded_at_import(module) if name.split(".")[0] in MODEL_LIBRARIES}) == []
+
+
+def test_the_model_import_check_sees_a_model_library() -> None:
+    assert "torch" in loaded_at_import("deployments.denoiser")

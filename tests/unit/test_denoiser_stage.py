@@ -19,7 +19,8 @@ from deployments.jobs.store import JobStore
 from deployments.schemas import FaceResult, JobStatus, PromptResult
 from instantid_core.config import GenerateParams
 from instantid_core.errors import GPUMemoryError
-from instantid_core.pipeline import FaceCondition, denoise_request
+from instantid_core.handoff import FaceCondition
+from instantid_core.pipeline import denoise_request
 from testkit.redis import start_redis, stop_redis
 
 SIZE = 64

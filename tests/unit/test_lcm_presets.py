@@ -13,8 +13,8 @@ from instantid_core.config import (
     GenerateParams,
     Scheduler,
 )
-from instantid_core.pipeline import FaceCondition, denoise_request
-from instantid_core.text import PromptEmbeds
+from instantid_core.handoff import FaceCondition, PromptEmbeds
+from instantid_core.pipeline import denoise_request
 
 
 def _face() -> FaceCondition:

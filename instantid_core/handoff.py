@@ -1,0 +1,33 @@
+"""What one stage hands the next across processes (face analysis -> denoiser, prompt encoder -> denoiser): plain
+numpy arrays, no torch, so the processes that only pass them on (the Ingress, the writer) never import a model
+library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FaceCondition:
+    """What the denoiser needs from the face stage: plain arrays, small enough to cross processes."""
+
+    embedding: np.ndarray  # (512,) identity: mean over the reference photos
+    kps_image: np.ndarray  # (H, W, 3) uint8, keypoints drawn at the output size
+    face_box: tuple[float, float, float, float]  # output pixels
+    width: int
+    height: int
+    det_score: float
+    init_image: np.ndarray | None = None  # (H, W, 3) uint8 img2img / inpainting photo at the output size
+    mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """One prompt's conditioning as plain float32 arrays (crosses process boundaries as numpy)."""
+
+    prompt_embeds: np.ndarray  # (T, C): T = 77 per chunk of a long prompt, C = 2048 for SDXL
+    negative_prompt_embeds: np.ndarray  # (T, C): padded to the prompt's chunks (or the prompt to its)
+    pooled: np.ndarray  # (P,): P = 1280 for SDXL
+    negative_pooled: np.ndarray  # (P,)
