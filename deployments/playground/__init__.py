@@ -106,7 +106,9 @@ async def playground_page(request: Request, host: PlaygroundHost = Host) -> Resp
     # <base> makes every relative URL in the page (its files, the API) resolve under the app's route prefix.
     root = request.scope.get("root_path", "").rstrip("/")
     page = static_file("index.html").replace(b"<head>", f'<head><base href="{root}/">'.encode(), 1)
-    return Response(page, media_type="text/html; charset=utf-8", headers=page_headers(host.links.image_origin))
+    # The bucket's origin comes from presigning once (boto3's first client loads its models): off the event loop.
+    origin = await asyncio.to_thread(lambda: host.links.image_origin)
+    return Response(page, media_type="text/html; charset=utf-8", headers=page_headers(origin))
 
 
 def page_headers(image_origin: str | None) -> dict[str, str]:
