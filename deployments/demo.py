@@ -1,5 +1,6 @@
 """`make demo`: start the `instantid` app on the tiny preset (Ray local), send one real HTTP request with the bundled
-face photo, print the output URIs and per-stage timings, and shut everything down.
+face photo, print the output URIs, their links that expire and per-stage timings (and, on the tiny preset, that its
+images are noise), and shut everything down.
 
 OUTPUT_URI (file://... or s3://...) overrides where outputs go; default: ./outputs. Serve listens on 127.0.0.1 at
 DEMO_PORT (default 8000, Serve's own default). It also prints the playground's URL; run from a terminal (or with
@@ -96,6 +97,11 @@ def main() -> int:
         print(result["metadata"])
         timings = ", ".join(f"{stage}={ms:.0f}ms" for stage, ms in result["timings_ms"].items())
         print(f"POST /v1/generate -> 200, seed {result['seed']}, {timings}", file=sys.stderr)
+        for link in result.get("urls", []):  # what a client without the output folder opens
+            print(f"link (expires at {time.strftime('%H:%M', time.localtime(result['urls_expire_at']))}): {link}",
+                  file=sys.stderr)
+        if result.get("notice"):  # the tiny preset: say why the image is noise
+            print(f"note: {result['notice']}", file=sys.stderr)
         status = _demo_job(url, body) if spec.args.jobs is not None else 0
         print(f"playground: {url}/")
         if sys.stdin.isatty() or os.environ.get("DEMO_KEEP_SERVING") == "1":

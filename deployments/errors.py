@@ -34,6 +34,18 @@ class Forbidden(InstantIDError):
     code = "forbidden"
 
 
+class LinkExpired(Forbidden):
+    """A signed output link past its `expires` (deployments.links): ask for the image again or use its URI."""
+
+    code = "link_expired"
+
+
+class LinkInvalid(Forbidden):
+    """A signed output link whose signature does not match its URI and expiry (changed, or another server's)."""
+
+    code = "link_invalid"
+
+
 class RateLimited(InstantIDError):
     """The key sent more than its per-minute rate allows; Retry-After says when its bucket holds a request again."""
 
@@ -112,6 +124,8 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     InvalidParameter: 400,
     Unauthorized: 401,
     Forbidden: 403,
+    LinkExpired: 403,
+    LinkInvalid: 403,
     core.InputNotAllowed: 403,
     core.InputNotFound: 404,
     JobNotFound: 404,

@@ -45,6 +45,7 @@ from .errors import (
 )
 from .inputs import InputReader, RequestInputs
 from .jobs.api import JobsAPI
+from .links import OutputLinks, link_ttl, public_url
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
 
 logger = logging.getLogger("ray.serve")
@@ -105,6 +106,13 @@ def serve_request_id() -> str | None:
         return None
 
 
+def public_result(request: Request, result: GenerateResponse) -> GenerateResponse:
+    """A result as an HTTP answer gives it: its links absolute (links.public_url)."""
+    if not result.urls:
+        return result
+    return result.model_copy(update={"urls": [public_url(request, link) for link in result.urls]})
+
+
 def openapi_schema() -> dict[str, Any]:
     """FastAPI's schema plus `GenerateRequest`, which the routes read from the raw body (JSON or multipart) and
     FastAPI therefore never sees; GENERATE_BODY refers to it."""
@@ -155,7 +163,8 @@ class Ingress:
         settings = IngressSettings.model_validate(user_config)
         # Rate-limit buckets live in the jobs' Redis when there is one: shared by every replica, kept across this.
         access = AccessControl(settings.access, self.config.jobs.resolved_broker_url() if self.config.jobs else None)
-        self.settings, self.access = settings, access
+        links = OutputLinks(self.outputs, settings.links)
+        self.settings, self.access, self.links = settings, access, links
         self.inputs = InputReader(self.config, settings)
 
     # --- the handle API (and the body of the HTTP route) ------------------------------------------------------------
@@ -168,12 +177,17 @@ class Ingress:
         and `job_id`, so the Denoiser reports its progress and stops it when it is cancelled. With `attempt` (the
         JobConsumer's), the job is marked done here once its outputs are written, so a consumer that dies now
         leaves a finished job rather than one that runs again. `new_id`: the id is the caller's (x-request-id),
-        so outputs that already exist under it are a 409."""
+        so outputs that already exist under it are a 409. The answer's `urls` expire `output.url_ttl_s` after
+        the images were written; a file:// output's is relative to the app's root (HTTP answers make it absolute)."""
         rerun = job_id is not None and attempt is not None and attempt > 1
+        ttl_s = link_ttl(request.output.url_ttl_s, self.settings.links)  # before any work: a 400 costs nothing
         written = await self._written_before(job_id, request.output.prefix) if rerun and not inline else None
         if written is None:
             with self.metrics.track():  # HTTP and handle callers alike, by outcome code
                 written = await self._generate(request, inline, request_id, job_id, new_id)
+        if ttl_s:  # presigning is local work, but boto3's first client loads its models: off the event loop
+            written.urls, written.urls_expire_at = await asyncio.to_thread(self.links.make, written.images, ttl_s)
+        written.notice = self.config.notice
         if job_id is not None and attempt is not None:
             await self.jobs.complete(job_id, attempt, written)
         return written
@@ -284,7 +298,7 @@ class Ingress:
         async def run() -> Response:
             result = await self.generate(await self.inputs.parse_request(request), inline=inline,
                                          request_id=request.state.request_id, new_id=request.state.new_id)
-            return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+            return JSONResponse(public_result(request, result).model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "generate", run, action="generate")
 
@@ -304,7 +318,10 @@ class Ingress:
         """queued | running (with `progress: {step, steps}`) | done (with `result`) | failed (with `error`) |
         cancelled."""
         async def status() -> Response:
-            return JSONResponse((await self.job_status(job_id)).model_dump(mode="json", exclude_none=True))
+            job = await self.job_status(job_id)
+            if job.result is not None:
+                job = job.model_copy(update={"result": public_result(request, job.result)})
+            return JSONResponse(job.model_dump(mode="json", exclude_none=True))
 
         return await self._http(request, "job_status", status, action="jobs")
 
@@ -321,6 +338,7 @@ class Ingress:
 
     # --- the jobs handle API (the bodies of the routes above) -------------------------------------------------------
     async def submit_job(self, request: JobRequest, inline: bool = False) -> JobStatus:
+        link_ttl(request.output.url_ttl_s, self.settings.links)  # refused now, not when the job has run
         return await self.jobs.submit(request, inline)
 
     async def job_status(self, job_id: str) -> JobStatus:
@@ -354,14 +372,18 @@ class Ingress:
         return JSONResponse({"ready": ready, "stages": results}, status_code=200 if ready else 503)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
-    async def _http(self, request: Request, route: str, run, action: Action) -> Response:
+    async def _http(self, request: Request, route: str, run, action: Action | None) -> Response:
+        """`run` behind the API keys (`action`; None: no key, e.g. a signed link, whose signature is the
+        permission), every error answered in JSON and counted."""
         started = time.perf_counter()
         given = caller_request_id(request)
         # The caller's safe id, else Serve's own (so the header Serve's proxy returns, the body and the logs agree).
         request.state.request_id = request_id = given or serve_request_id() or uuid.uuid4().hex
         request.state.new_id = given is not None
         try:
-            await self.access.admit(request.headers.get("authorization"), request.headers.get("x-api-key"), action)
+            if action is not None:
+                await self.access.admit(request.headers.get("authorization"), request.headers.get("x-api-key"),
+                                        action)
             response = await run()
         except InstantIDError as exc:
             if http_status(exc) >= 500 and http_status(exc) not in (503, 504):

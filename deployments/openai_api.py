@@ -9,8 +9,9 @@ GenerateRequest field (`face_image` required on generations; the upload is the f
 
 Answers are in OpenAI's shapes: `{created, data: [{url | b64_json}], size, output_format}` and errors as
 `{"error": {message, type, param, code}}`, with the status codes of errors.py's one table (`param` names the
-OpenAI field, or `instantid.<field>`). A `url` is an absolute link to the outputs route (`/v1/outputs`), built from
-the request's base URL; with API keys on, fetching it needs a key with the `jobs` action.
+OpenAI field, or `instantid.<field>`). A `url` is the image's link that expires (deployments/links.py: a presigned
+S3 URL, or a signed absolute link to `/v1/outputs`); with `instantid.output.url_ttl_s: 0`, an unsigned link to the
+outputs route, which needs a key with the `jobs` action where API keys are on.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
 from typing import Any, Literal, Protocol
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,6 +31,7 @@ from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 
 from .errors import validation_error
+from .links import OUTPUTS_ROUTE, public_url
 from .playground import SIZE_PRESETS, Host
 from .schemas import GenerateRequest, GenerateResponse
 
@@ -44,7 +46,6 @@ MAX_N = next(m.le for m in GenerateParams.model_fields["num_images"].metadata if
 OWN_FIELDS = {"prompt": "prompt", "num_images": "n"}
 EDIT_FIELDS = {"image", "image[]", "prompt", "n", "size", "response_format", "model", "user", "instantid"}
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
-FORWARDED_HOST = re.compile(r"[A-Za-z0-9.-]+(?::\d{1,5})?|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")
 
 
 class ImagesRequest(BaseModel):
@@ -55,8 +56,9 @@ class ImagesRequest(BaseModel):
     prompt: str = Field(..., description="What to draw (our `prompt`: weights and long prompts as in /v1/generate).")
     n: int = Field(1, ge=1, le=MAX_N, description=f"Images to generate, 1 to {MAX_N} (our `num_images`).")
     size: str | None = Field(None, description=f"WIDTHxHEIGHT, one of {', '.join(SIZES)}; default auto.")
-    response_format: Literal["url", "b64_json"] = Field("url", description="url: a link to /v1/outputs; b64_json: "
-                                                        "the encoded image in the response.")
+    response_format: Literal["url", "b64_json"] = Field("url", description="url: a link that expires "
+                                                        "(instantid.output.url_ttl_s); b64_json: the encoded "
+                                                        "image in the response.")
     model: str | None = Field(None, description="Accepted and ignored: the app serves one model.")
     user: str | None = Field(None, description="Accepted and ignored.")
 
@@ -212,10 +214,14 @@ async def _generate(request: Request, host: ImagesHost, body: ImagesRequest, ext
             for data in await asyncio.gather(*(asyncio.to_thread(host.outputs.read_bytes, uri)
                                                for uri in result.images))]
         data = [{"b64_json": image} for image in images]
-    else:
-        data = [{"url": output_url(request, uri)} for uri in result.images]
-    return JSONResponse({"created": int(time.time()), "data": data, "size": f"{result.width}x{result.height}",
-                         "output_format": generate.output.format})
+    else:  # the links that expire; with output.url_ttl_s 0 the outputs route (an API key where keys are on)
+        data = [{"url": public_url(request, link)} for link in result.urls or ()] or \
+            [{"url": output_url(request, uri)} for uri in result.images]
+    answer = {"created": int(time.time()), "data": data, "size": f"{result.width}x{result.height}",
+              "output_format": generate.output.format}
+    if result.notice:  # the tiny preset: its images are noise (an extra key; OpenAI's clients keep extras)
+        answer["notice"] = result.notice
+    return JSONResponse(answer)
 
 
 def _param(field: str | None, params: dict[str, str], faces_param: str) -> str | None:
@@ -230,16 +236,8 @@ def _param(field: str | None, params: dict[str, str], faces_param: str) -> str |
 
 
 def output_url(request: Request, uri: str) -> str:
-    """An absolute link to the outputs route for an output URI, from the request's base URL (the app's route prefix
-    included); behind a TLS proxy, its X-Forwarded-Proto and X-Forwarded-Host."""
-    url = request.url_for("http_output").include_query_params(uri=uri)
-    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip()
-    host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
-    if proto in ("http", "https"):
-        url = url.replace(scheme=proto)
-    if host and FORWARDED_HOST.fullmatch(host):
-        url = url.replace(netloc=host)
-    return str(url)
+    """An absolute, unsigned link to the outputs route for an output URI (see links.public_url)."""
+    return public_url(request, f"{OUTPUTS_ROUTE}?{urlencode({'uri': uri})}")
 
 
 def openai_error(response: Response) -> Response:

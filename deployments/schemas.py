@@ -20,6 +20,10 @@ class OutputSpec(BaseModel):
 
     prefix: str | None = Field(None, max_length=200, description="Sub-prefix under the configured output URI.")
     format: Literal["png", "jpeg", "webp"] = "png"
+    url_ttl_s: int | None = Field(
+        None, ge=0, title="Link lifetime (s)", description="Lifetime in seconds of the response's `urls` (links "
+        "that expire); default the server's links.default_ttl_s (an hour), at most its links.max_ttl_s (a week); "
+        "0: no links.")
 
     @field_validator("prefix")
     @classmethod
@@ -66,6 +70,14 @@ class GenerateResponse(BaseModel):
     inline_images: list[str] | None = Field(None, description="Base64 images when ?inline=true.")
     denoiser_replica: str | None = Field(None, description="The Denoiser replica that ran the request (requests "
                                          "for one LoRA set are routed to replicas that hold it).")
+    urls: list[str] | None = Field(None, description="Links that expire, one per image, for clients without "
+                                   "storage credentials: presigned HTTPS GET URLs for s3:// outputs, signed links "
+                                   "to /v1/outputs for file:// outputs; 403 once expired. Absent with "
+                                   "output.url_ttl_s 0.")
+    urls_expire_at: int | None = Field(None, description="Unix time the `urls` expire (output.url_ttl_s after the "
+                                       "images were written).")
+    notice: str | None = Field(None, description="Set while the server runs the tiny preset: its weights are random, "
+                               "its images noise, and how to serve real weights.")
 
 
 class ErrorDetail(BaseModel):

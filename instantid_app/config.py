@@ -20,6 +20,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG_PATH = REPO_ROOT / "serve_config.yaml"
 APP_NAME = "instantid"
 DEFAULT_TINY_DIR = "/tmp/instantid-tiny"
+# What the playground, /v1/options and every response say while the app runs the tiny preset: a newcomer's first
+# image is noise, and this says why and the one change that serves real weights.
+TINY_PRESET_NOTICE = (
+    "Demo weights: this server runs the tiny preset, random tiny models, so every image is noise. To serve "
+    "InstantID's real weights, replace weights: {preset: tiny} in the app's args (serve_config.yaml) by "
+    "weights: {sources: {}} (the published Hugging Face repos; or name your own hub ids, s3:// prefixes or "
+    "folders), best on a GPU (k8s/overlays/gpu).")
 
 
 class AutoscalingConfig(BaseModel):
@@ -230,6 +237,11 @@ class AppConfig(BaseModel):
     prompt_device: str | None = Field(None, description="Where the PromptEncoder's text encoders run; default "
                                       "pipeline.device. `cpu` (in float32) frees the GPU share: then give the "
                                       "PromptEncoder CPU-node resources and no num_gpus.")
+
+    @property
+    def notice(self) -> str | None:
+        """TINY_PRESET_NOTICE on the tiny preset; None with real weights."""
+        return TINY_PRESET_NOTICE if self.weights.preset == "tiny" else None
 
     def prompt_pipeline(self) -> PipelineSettings:
         """The pipeline settings the PromptEncoder loads its text encoders with (its embeddings cross to the

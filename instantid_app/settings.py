@@ -3,7 +3,7 @@ the API-key and rate-limit settings the Ingress's carries. `SETTINGS` maps a dep
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class AccessConfig(BaseModel):
@@ -24,6 +24,29 @@ class AccessConfig(BaseModel):
         return bool(self.api_keys_file or self.api_keys_env)
 
 
+class LinkSettings(BaseModel):
+    """IngressSettings.links: the expiring links every response carries (output.url_ttl_s per request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_ttl_s: int = Field(3600, ge=0, description="Lifetime of the links when a request gives no "
+                               "output.url_ttl_s (an hour, as hosted image APIs keep outputs); 0: no links unless "
+                               "asked for.")
+    # SigV4 presigned URLs live at most 7 days; the same bound for signed file:// links keeps one rule.
+    max_ttl_s: int = Field(7 * 86400, ge=1, le=7 * 86400, description="The longest output.url_ttl_s a request "
+                           "may ask for; above it the request answers 400.")
+    secret_env: str = Field("INSTANTID_LINK_SECRET", min_length=1, description="Environment variable (e.g. from "
+                            "a Kubernetes Secret) with the key that signs links to file:// outputs; every Ingress "
+                            "replica must see the same. Unset: a random key kept beside the outputs "
+                            "(`<output dir>/.link-secret`, made once), which replicas sharing that folder share.")
+
+    @model_validator(mode="after")
+    def _default_within_bound(self) -> LinkSettings:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError(f"links.default_ttl_s ({self.default_ttl_s}) exceeds links.max_ttl_s ({self.max_ttl_s})")
+        return self
+
+
 class IngressSettings(BaseModel):
     """The Ingress's `user_config`: limits and access, changed live by `serve deploy`."""
 
@@ -35,6 +58,7 @@ class IngressSettings(BaseModel):
                                    "answers 504, and its stages are cancelled.")
     retry_after_s: int = Field(2, ge=1, description="Retry-After on 503.")
     access: AccessConfig = Field(default_factory=AccessConfig)
+    links: LinkSettings = Field(default_factory=LinkSettings)
 
 
 class FaceSettings(BaseModel):

@@ -49,8 +49,10 @@ _DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "Forbidden"}
 
 
 def make_s3_client() -> Any:
-    """An S3 client on boto3's default credential chain (AWS_ENDPOINT_URL honoured by boto3) with standard retries."""
-    config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=60)
+    """An S3 client on boto3's default credential chain (AWS_ENDPOINT_URL honoured by boto3) with standard retries.
+    SigV4 throughout: boto3 would presign with the deprecated SigV2 in us-east-1, which newer regions refuse."""
+    config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=60,
+                    signature_version="s3v4")
     return boto3.client("s3", config=config)
 
 
@@ -227,6 +229,15 @@ class OutputStore:
     def read_bytes(self, key_or_uri: str) -> bytes:
         """Read an object's bytes; InputNotFound when it does not exist."""
         return self._get(self._resolve(key_or_uri))
+
+    def presigned_url(self, uri: str, ttl_s: int) -> str:
+        """A GET URL for an s3:// object that works without credentials for `ttl_s` seconds (SigV4, signed here
+        with the store's credentials: no call to S3). InvalidParameter for anything but an s3:// object."""
+        loc = self._resolve(uri)
+        if loc.scheme != "s3":
+            raise InvalidParameter(f"only s3:// objects have presigned URLs, got {uri[:200]!r}", field="uri")
+        return self._s3().generate_presigned_url("get_object", Params={"Bucket": loc.bucket, "Key": loc.key},
+                                                 ExpiresIn=ttl_s)
 
     def exists(self, key_or_uri: str) -> bool:
         """Whether the object (not a folder) exists."""

@@ -87,10 +87,10 @@ def test_autoscaler_v2_with_an_idle_timeout_per_group_as_kuberay_validates_it(
 # --- one environment ------------------------------------------------------------------------------------------------
 
 # What a stage placed in any group may read: the jobs' broker and webhook key (Ingress, Denoiser, JobConsumer open
-# the job store), the API keys (Ingress), the hub cache settings (every replica resolving weights), boto3's storage
-# settings (outputs, s3:// inputs and weights).
+# the job store), the API keys and the links' signing key (Ingress), the hub cache settings (every replica resolving
+# weights), boto3's storage settings (outputs, s3:// inputs and weights).
 NEEDED_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "INSTANTID_API_KEYS", "INSTANTID_BROKER_URL", "INSTANTID_WEBHOOK_SECRET",
-              "AWS_REGION", "AWS_ENDPOINT_URL_S3"}
+              "INSTANTID_LINK_SECRET", "AWS_REGION", "AWS_ENDPOINT_URL_S3"}
 NEEDED_MOUNTS = {"/weights", "/etc/instantid", "/etc/instantid-keys"}
 
 

@@ -5,7 +5,9 @@ needs and any other client may use.
 - `GET /v1/options`: what this server offers (the request schema, size presets, limits, whether keys are needed),
   so the page renders fields other modules add to the request model without changes here.
 - `GET /v1/outputs?uri=...`: the bytes of one output image or sidecar written under the configured output URI, so
-  a browser can show and download `file://` and `s3://` results and refill the form from the sidecar.
+  a browser can show and download `file://` and `s3://` results and refill the form from the sidecar. With
+  `expires` and `sig` (a response's signed link, deployments/links.py) no API key is needed until it expires;
+  an expired or altered link answers 403.
 
 `router` holds plain route functions; what they need of the serving replica (`PlaygroundHost`: the app config, the
 live settings and access control, the output store, the writer's handle, the shared HTTP wrapper) reaches them
@@ -34,10 +36,12 @@ from ..schemas import ErrorBody, GenerateRequest
 router = APIRouter()
 
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
-# The page loads only its own files and talks only to this origin; images arrive as blob: URLs.
+# The page loads only its own files and talks only to this origin; images arrive as blob: URLs or by their links
+# (this origin's signed outputs route, or the bucket's origin for presigned S3 URLs: `page_headers`).
+CSP = ("default-src 'self'; img-src 'self' blob: data:{images}; object-src 'none'; base-uri 'self'; "
+       "frame-ancestors 'none'")
 HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-                               "base-uri 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": CSP.format(images=""),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
@@ -73,6 +77,7 @@ class PlaygroundHost(Protocol):
     settings: Any  # IngressSettings (live)
     access: Any  # AccessControl (live)
     outputs: Any  # OutputStore of config.output_uri
+    links: Any  # OutputLinks of that store (live: the Ingress's links settings)
     writer: Any  # the OutputWriter's DeploymentHandle
 
     async def _http(self, request: Request, route: str, run: Callable[[], Awaitable[Response]],
@@ -101,7 +106,14 @@ async def playground_page(request: Request, host: PlaygroundHost = Host) -> Resp
     # <base> makes every relative URL in the page (its files, the API) resolve under the app's route prefix.
     root = request.scope.get("root_path", "").rstrip("/")
     page = static_file("index.html").replace(b"<head>", f'<head><base href="{root}/">'.encode(), 1)
-    return Response(page, media_type="text/html; charset=utf-8", headers=HEADERS)
+    # The bucket's origin comes from presigning once (boto3's first client loads its models): off the event loop.
+    origin = await asyncio.to_thread(lambda: host.links.image_origin)
+    return Response(page, media_type="text/html; charset=utf-8", headers=page_headers(origin))
+
+
+def page_headers(image_origin: str | None) -> dict[str, str]:
+    """HEADERS, with the origin of presigned S3 URLs allowed as an image source when outputs are on S3."""
+    return {**HEADERS, "Content-Security-Policy": CSP.format(images=f" {image_origin}" if image_origin else "")}
 
 
 @router.get("/playground/{name}", include_in_schema=False)
@@ -117,6 +129,9 @@ async def http_options(host: PlaygroundHost = Host) -> dict[str, Any]:
     config, settings = host.config, host.settings
     writer = await host.writer.live_settings.remote()  # its user_config: a live setting of another deployment
     return {
+        # The tiny preset's images are noise: said first, with the change that serves real weights (absent then).
+        **({"notice": config.notice} if config.notice else {}),
+        "weights": "tiny preset" if config.weights.preset == "tiny" else "real",
         "request_schema": request_schema(),
         "default_scheduler": config.pipeline.default_scheduler.value,
         # Where a field's default depends on others (steps, guidance: the scheduler's preset), what the page
@@ -126,6 +141,8 @@ async def http_options(host: PlaygroundHost = Host) -> dict[str, Any]:
         "size_presets": [{"width": w, "height": h, "label": label} for w, h, label in SIZE_PRESETS],
         "limits": {"max_image_bytes": settings.max_image_bytes, "max_body_bytes": settings.max_body_bytes,
                    "inline_max_pixels": writer["inline_max_pixels"]},
+        # Responses' `urls` live output.url_ttl_s (default and bound here).
+        "links": {"default_ttl_s": settings.links.default_ttl_s, "max_ttl_s": settings.links.max_ttl_s},
         "api_key_required": bool(host.access.enabled),
         # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
         "jobs": config.jobs is not None,
@@ -136,19 +153,25 @@ async def http_options(host: PlaygroundHost = Host) -> dict[str, Any]:
 @router.get("/v1/outputs", responses={
     200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/json": {}}},
     **{code: {"model": ErrorBody} for code in (400, 401, 403, 404, 429, 503)}})
-async def http_output(request: Request, uri: str, host: PlaygroundHost = Host) -> Response:
+async def http_output(request: Request, uri: str, expires: int | None = None, sig: str | None = None,
+                      host: PlaygroundHost = Host) -> Response:
     """One output image or `meta.json` sidecar, by the URI a generate response or job result named.
 
     Only objects under this server's output URI named like outputs are served; with API keys on, a key is
-    needed (request ids are random, but a URI may have been shared in logs)."""
+    needed (request ids are random, but a URI may have been shared in logs), unless the request is a response's
+    signed link (`expires`, `sig`): that serves without a key until it expires, then answers 403."""
+    signed = expires is not None or sig is not None
+
     async def read() -> Response:
+        if signed:  # checked before anything is read
+            host.links.verify(uri, expires, sig)
         key = output_key(host.outputs.base_uri, uri)
         data = await asyncio.to_thread(host.outputs.read_bytes, key)
         return Response(data, media_type=OUTPUT_TYPES[key.rsplit(".", 1)[1]],
                         headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     # "jobs": the page reads results of jobs; a key for /v1/generate alone has the URIs in its answers.
-    return await host._http(request, "outputs", read, action="jobs")
+    return await host._http(request, "outputs", read, action=None if signed else "jobs")
 
 
 def output_key(base_uri: str, uri: str) -> str:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import pytest
 from fastapi import Request
 
-from testkit.api import FAST, b64, png_pixels, s3_keys
+from instantid_app.config import TINY_PRESET_NOTICE
+from testkit.api import FAST, b64, png_pixels, s3_keys, s3_read
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -31,8 +34,10 @@ def test_generations_answer_urls_and_b64_json_of_the_images_v1_generate_makes(se
     linked = client(served_app).images.generate(prompt="a portrait", n=2, response_format="url", model="instantid",
                                                 user="tester", extra_body={"instantid": instantid})
     assert linked.size == "64x64" and linked.output_format == "png" and len(linked.data) == 2
+    assert linked.model_extra["notice"] == TINY_PRESET_NOTICE  # the tiny preset's images are noise, and it says so
     for item, pixels in zip(linked.data, expected, strict=True):
-        assert item.url.startswith(f"{served_app.url}/v1/outputs?uri=s3"), item.url
+        # The links that expire: presigned S3 URLs (deployments/links.py), fetched with no credentials.
+        assert item.url.startswith(os.environ["AWS_ENDPOINT_URL"]) and "X-Amz-Signature=" in item.url, item.url
         fetched = httpx.get(item.url, timeout=30)
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
         assert (png_pixels(fetched.content) == pixels).all()
@@ -51,7 +56,8 @@ def test_edit_takes_the_upload_as_the_face_a_listed_size_and_the_extension(serve
     assert result.size == "256x256" and len(result.data) == 1
     image = httpx.get(result.data[0].url, timeout=30)
     assert image.status_code == 200 and png_pixels(image.content).shape == (256, 256, 3)
-    sidecar = httpx.get(result.data[0].url.replace("0.png", "meta.json"), timeout=30).json()
+    bucket_and_key = urlsplit(result.data[0].url).path.lstrip("/")  # the presigned URL's path: /bucket/key
+    sidecar = json.loads(s3_read(f"s3://{bucket_and_key}".replace("0.png", "meta.json")))
     assert (sidecar["seed"], sidecar["params"]["steps"], sidecar["params"]["style"]) == (5, 2, "Watercolor"), sidecar
 
 
@@ -108,7 +114,7 @@ def test_api_keys_arrive_as_bearer_and_guard_the_openai_routes(keyed_app, api_ke
 
 
 def test_urls_follow_the_route_prefix_and_a_tls_proxys_forwarded_headers():
-    # The route on an app of its own: output_url is what builds every `url` answer.
+    # The route on an app of its own: output_url (links.public_url) makes every link of an answer absolute.
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,16 @@ def test_page_loads_without_errors_and_its_fields_are_the_api_parameters(page, s
     assert not page.js_errors and not page.failed_loads
 
 
+def test_the_tiny_preset_banner_says_the_images_are_noise_and_how_to_serve_real_weights(page, served_app):
+    open_playground(page, served_app.url)
+    banner = page.locator("#tiny-preset-notice")
+    assert banner.is_visible()
+    text = banner.inner_text()
+    assert "random" in text and "noise" in text and "weights: {sources: {}}" in text, text
+    assert text == httpx.get(f"{served_app.url}/v1/options").json()["notice"]
+    assert not page.js_errors
+
+
 def resolve(node: dict, url: str) -> dict:
     if "$ref" in node:
         name = node["$ref"].rsplit("/", 1)[1]
@@ -136,6 +147,9 @@ def test_face_and_prompt_make_an_image_with_progress_download_and_its_settings(p
         assert seen["values"] and all(of == steps and 0 <= step <= steps for step, of in seen["values"]), seen
     image = page.locator("#results img").first
     assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [256, 256]
+    # Shown by its link that expires: a presigned URL to the S3 test server (the page's CSP allows that origin).
+    assert image.get_attribute("src").startswith(os.environ["AWS_ENDPOINT_URL"])
+    assert "X-Amz-Signature=" in image.get_attribute("src")
     figure = page.locator("#results figure").first
     seed = figure.get_attribute("data-seed")
     download = figure.get_by_role("link", name="Download")

@@ -1,5 +1,6 @@
 // InstantID playground: builds its form from GET v1/options (the request model's JSON schema), submits to
-// POST v1/jobs, polls GET v1/jobs/{id} for progress, shows results fetched through GET v1/outputs.
+// POST v1/jobs, polls GET v1/jobs/{id} for progress, shows results by their links that expire (a response's `urls`)
+// and offers them for download through GET v1/outputs.
 // Plain JavaScript, no build step, no third-party code: the page works offline against a local server.
 "use strict";
 
@@ -533,14 +534,16 @@ async function fetchOutput(uri) {
 async function showResult(result) {
   const figures = [];
   for (const [index, uri] of result.images.entries()) {
+    // The download is a blob: the link may be another origin's (a presigned S3 URL), where `download` is ignored.
     const blob = await (await fetchOutput(uri)).blob();
     const url = URL.createObjectURL(blob);
+    const link = (result.urls || [])[index];
     const ext = uri.split(".").pop();
     const name = `instantid-${result.request_id}-${index}.${ext}`;
     const useSettings = el("button", { type: "button", class: "use-settings", text: "Use these settings" });
     useSettings.addEventListener("click", () => useSidecar(result.metadata).catch(showError));
     figures.push(el("figure", { "data-request-id": result.request_id, "data-seed": String(result.seed) },
-      el("img", { src: url, alt: `Result ${index + 1} of request ${result.request_id}, seed ${result.seed}`,
+      el("img", { src: link || url, alt: `Result ${index + 1} of request ${result.request_id}, seed ${result.seed}`,
                   width: result.width, height: result.height }),
       el("figcaption", {}, document.createTextNode(`${result.width} x ${result.height}, seed ${result.seed}`),
          el("div", { class: "links" }, el("a", { href: url, download: name, text: "Download" }), useSettings))));
@@ -585,6 +588,10 @@ async function start() {
     const options = await readJson(await api("GET", "v1/options"));
     state.options = options;
     state.schema = options.request_schema;
+    if (options.notice) {  // the tiny preset: say that its images are noise, and how to serve real weights
+      $("tiny-preset-notice").textContent = options.notice;
+      $("tiny-preset-notice").hidden = false;
+    }
     $("key-row").hidden = !options.api_key_required;
     buildForm();
     $("loading").remove();
