@@ -18,6 +18,7 @@ from .weight_checks import (
     check_identitynet,
     check_json,
     check_safetensors,
+    check_safety_checker,
     check_sdxl_text,
     need_dir,
     need_file,
@@ -107,7 +108,20 @@ def resolve_weights(
             raise WeightsError(f"{err.message} (source: {source})", field=part) from err
     extensions = (resolve_extensions(sources, offline=offline, cache_root=cache_root, client=s3_client)
                   if "extensions" in wanted else {})
-    return ResolvedWeights(**paths, **extensions, revisions=revisions,  # type: ignore[arg-type]
+    safety = None
+    if "safety_checker" in wanted and sources.safety_checker:
+        if sources.safety_checker.startswith("s3://") and s3_client is None:
+            from instantid_core.storage import make_s3_client
+
+            s3_client = make_s3_client()
+        path, revisions["safety_checker"], count = fetch_source(
+            "safety_checker", sources.safety_checker, offline=offline, cache_root=cache_root, client=s3_client)
+        downloaded += count
+        try:
+            safety = check_safety_checker(path)
+        except WeightsError as err:
+            raise WeightsError(f"{err.message} (source: {sources.safety_checker})", field="safety_checker") from err
+    return ResolvedWeights(**paths, **extensions, safety_checker=safety, revisions=revisions,  # type: ignore[arg-type]
                            downloaded_files=downloaded)
 
 
