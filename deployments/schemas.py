@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import FaceCondition
+from instantid_core.safety import SafetyReport
 from instantid_core.storage import check_prefix
 from instantid_core.text import PromptEmbeds
 
@@ -47,10 +48,12 @@ class GenerateRequest(GenerateParams):
     mask_image: str | None = Field(None, description="With init_image: white = regenerate, black = keep (resized "
                                    "to the init image when its size differs).")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    safety_checker: bool = Field(True, description="false: skip the safety checker for this request; only where "
+                                 "the operator allows it (`safety.allow_request_disable`), otherwise a 400.")
 
     def params(self) -> GenerateParams:
         return GenerateParams.model_validate(self.model_dump(
-            exclude={"face_image", "pose_image", "init_image", "mask_image", "output"}))
+            exclude={"face_image", "pose_image", "init_image", "mask_image", "output", "safety_checker"}))
 
 
 class GenerateResponse(BaseModel):
@@ -67,12 +70,17 @@ class GenerateResponse(BaseModel):
     inline_images: list[str] | None = Field(None, description="Base64 images when ?inline=true.")
     denoiser_replica: str | None = Field(None, description="The Denoiser replica that ran the request (requests "
                                          "for one LoRA set are routed to replicas that hold it).")
+    safety: SafetyReport | None = Field(None, description="The safety stage: per generated image `flagged` (block "
+                                        "mode: flagged ones are `withheld`, not in `images`), or `checked: false` "
+                                        "and the reason.")
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
     field: str | None = None
+    images: list[int] | None = Field(None, description="unsafe_content: the images (generation order) the safety "
+                                     "checker flagged.")
 
 
 class ErrorBody(BaseModel):
@@ -141,3 +149,4 @@ class DenoiseResult:
     cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt
     replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)
     as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)
+    flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them
