@@ -66,17 +66,17 @@ def test_ordinary_tiny_outputs_stay_far_below_the_threshold(checker: SafetyCheck
 
 def test_an_inpainted_pattern_is_flagged_when_the_mask_is_small(checker: SafetyChecker, pipeline,
                                                                 astronaut_bytes: bytes) -> None:
-    """The serve tests' recipe: the pattern as init photo, a mask over its middle 32 x 32 (inpainting keeps the
-    rest); a mask over half of it leaves an image the checker passes."""
-    side = flagged_pattern().shape[0]
+    """The serve tests' recipe: the pattern as init photo, a mask over its middle 16 x 16 of 64 x 64 (inpainting
+    keeps the rest); a mask over its middle half leaves an image the checker passes."""
+    side = 64
 
     def inpainted(margin: int) -> np.ndarray:
         mask = np.zeros((side, side, 3), np.uint8)
         mask[margin:side - margin, margin:side - margin] = 255
-        return pipeline.generate([astronaut_bytes], GenerateParams(prompt="x", steps=2, seed=1),
-                                 init_image=_png(flagged_pattern()), mask_image=_png(mask)).images
+        return pipeline.generate([astronaut_bytes], GenerateParams(prompt="x", steps=1, seed=5),
+                                 init_image=_png(flagged_pattern(side)), mask_image=_png(mask)).images
 
-    small, large = inpainted(48), inpainted(16)
+    small, large = inpainted(24), inpainted(16)
     assert small.shape == (1, side, side, 3)
     assert checker.check(small).flagged == [True]
     assert checker.check(large).flagged == [False]
