@@ -31,7 +31,7 @@ class SafetyCheckerDeployment:
         folder = resolve_app_weights(self.config, stage="SafetyChecker").safety_checker
         if folder is None:  # the tiny preset always has one; real sources are required by AppConfig
             raise ValueError("safety: no safety_checker weights were resolved")
-        self.checker = SafetyChecker(folder, self.config.pipeline)
+        self.checker = SafetyChecker(folder, self.config.safety_pipeline())
         self.mode = self.config.safety.mode.value
         self.metrics, self.safety_metrics = StageMetrics(), SafetyMetrics()
 

@@ -218,6 +218,9 @@ class SafetyConfig(BaseModel):
                              "whether it was flagged.")
     allow_request_disable: bool = Field(False, description="Let a request turn the checker off with "
                                         "`safety_checker: false` (otherwise that answers 400).")
+    device: str | None = Field(None, description="Where the checker runs; default pipeline.device. `cpu` (in "
+                               "float32) keeps it off the GPU nodes: then give the SafetyChecker CPU-node resources "
+                               "and no num_gpus.")
 
 
 class AppConfig(BaseModel):
@@ -262,6 +265,13 @@ class AppConfig(BaseModel):
         if self.prompt_device == "cpu":
             update["dtype"] = "float32"  # half precision on CPU is slow and not what the CPU kernels are tuned for
         return self.pipeline.model_copy(update=update)
+
+    def safety_pipeline(self) -> PipelineSettings:
+        """The pipeline settings the safety checker loads with (`safety.device` over pipeline.device)."""
+        device = self.safety.device if self.safety else None
+        if not device or device == self.pipeline.device:
+            return self.pipeline
+        return self.pipeline.model_copy(update={"device": device, **({"dtype": "float32"} if device == "cpu" else {})})
 
     @model_validator(mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from .errors import UnsafeContent
 if TYPE_CHECKING:
     import torch
 
-NOT_CONFIGURED = "no safety stage is configured on this server"
+NOT_CONFIGURED = "no safety stage is configured (the app config has no `safety`)"
 DISABLED_BY_REQUEST = "disabled by the request (safety_checker: false)"
 BLUR_FRACTION = 8  # blur radius = the shorter side / this: nothing recognisable is left
 
