@@ -16,7 +16,7 @@ from PIL import Image
 from instantid_app.config import AppConfig, AppSpec
 from instantid_core.config import GenerateParams, ModelSources, SafetyMode
 from instantid_core.errors import UnsafeContent, WeightsError
-from instantid_core.safety import SafetyChecker, apply_safety, blur
+from instantid_core.safety import NOT_CONFIGURED, SafetyChecker, apply_safety, blur
 from instantid_core.tiny.safety import CONCEPT_THRESHOLD, FLAGGED_IMAGE, flagged_pattern
 from instantid_core.weights import resolve_weights
 
@@ -133,7 +133,40 @@ def test_safety_with_real_sources_names_its_weights_and_adds_the_safety_checker_
     assert config.safety.mode == SafetyMode.block and not config.safety.allow_request_disable
     spec = AppSpec(args=config, deployments=[{"name": "SafetyChecker", "ray_actor_options": {"num_cpus": 1}}])
     assert dict(spec.stages())["SafetyChecker"]["ray_actor_options"] == {"num_cpus": 1}
+    on_cpu = config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"device": "cuda",
+                                                                                       "dtype": "bfloat16"}),
+                                       "safety": config.safety.model_copy(update={"device": "cpu"})})
+    assert (on_cpu.safety_pipeline().device, on_cpu.safety_pipeline().dtype) == ("cpu", "float32")
+    assert config.safety_pipeline() == config.pipeline  # by default where the pipeline runs
     plain = AppSpec(args=AppConfig.model_validate({"weights": {"preset": "tiny"}}))
     assert "SafetyChecker" not in dict(plain.stages())
     with pytest.raises(ValueError, match="SafetyChecker runs the safety stage"):
         AppSpec.model_validate({"args": {"weights": {"preset": "tiny"}}, "deployments": [{"name": "SafetyChecker"}]})
+
+
+@pytest.mark.parametrize("mode", [None, SafetyMode.blur])
+def test_the_batch_jobs_writer_records_the_verdict_and_applies_the_mode(tmp_path: Path, mode: SafetyMode | None
+                                                                        ) -> None:
+    import json
+    import pickle
+
+    from batch.stages import WriteStage
+    from instantid_core.config import Scheduler
+
+    params = {"p": GenerateParams(prompt="x")}
+    stage = WriteStage(tmp_path.as_uri(), "png", params, "2026-12-06", {"p": None}, Scheduler.euler,
+                       safety_mode=mode)
+    images = np.stack([flagged_pattern(64), np.zeros((64, 64, 3), np.uint8)])
+    (line,) = stage({"image": ["file:///a.png"], "prompt_id": ["p"], "status": ["ok"], "message": [""],
+                     "images": [pickle.dumps(images)],
+                     "flagged": [json.dumps([True, False] if mode else None)]})["record"]
+    record = json.loads(line)
+    meta = json.loads(Path(record["metadata"].removeprefix("file://")).read_text())
+    assert record["status"] == "ok" and meta["safety"] == record["safety"]
+    written = [np.asarray(Image.open(uri.removeprefix("file://"))) for uri in record["outputs"]]
+    if mode is None:
+        assert record["safety"] == {"checked": False, "withheld": [], "reason": NOT_CONFIGURED}
+        assert np.array_equal(written[0], images[0])
+    else:
+        assert record["safety"] == {"checked": True, "mode": "blur", "flagged": [True, False], "withheld": []}
+        assert np.array_equal(written[0], blur(images[0])) and np.array_equal(written[1], images[1])
