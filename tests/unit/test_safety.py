@@ -170,3 +170,33 @@ def test_the_batch_jobs_writer_records_the_verdict_and_applies_the_mode(tmp_path
     else:
         assert record["safety"] == {"checked": True, "mode": "blur", "flagged": [True, False], "withheld": []}
         assert np.array_equal(written[0], blur(images[0])) and np.array_equal(written[1], images[1])
+
+
+def test_the_batch_jobs_denoise_actor_checks_and_block_mode_writes_nothing_of_a_flagged_pair(
+        tmp_path: Path, tiny_root: Path, astronaut_bytes: bytes) -> None:
+    """The batch job's stages as its actors run them (plain classes, no Ray Data): with the config's `safety` the
+    denoise actor runs the checker, and block mode records the pair `unsafe_content` and writes nothing."""
+    import json
+
+    from batch.job import _encode_prompts
+    from batch.pairs import TERMINAL, BatchSettings
+    from batch.stages import DenoiseStage, FaceStage, WriteStage
+
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[24:40, 24:40] = 255
+    app = AppConfig.model_validate({"weights": {"preset": "tiny", "preset_dir": str(tiny_root)},
+                                    "safety": {"mode": "block"}})
+    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, app.pipeline, app=app)
+    params = {"p": GenerateParams(prompt="x", steps=1)}
+    (tmp_path / "a.jpg").write_bytes(astronaut_bytes)
+    rows = {"image": [(tmp_path / "a.jpg").as_uri()], "prompt_id": ["p"]}
+    faces = FaceStage(settings, params, {"init_image": _png(flagged_pattern(64)), "mask_image": _png(mask)})(rows)
+    denoised = DenoiseStage(settings, params, _encode_prompts(settings, params), {"p": 5})(faces)
+    assert json.loads(denoised["flagged"][0]) == [True]
+    out = tmp_path / "out"
+    (line,) = WriteStage(out.as_uri(), "png", params, "2026-12-06", {"p": 5}, app.pipeline.default_scheduler,
+                         safety_mode=app.safety.mode)(denoised)["record"]
+    record = json.loads(line)
+    assert record["status"] == "unsafe_content" and record["status"] in TERMINAL and record["outputs"] == []
+    assert record["safety"] == {"checked": True, "mode": "block", "flagged": [True], "withheld": [0]}
+    assert not out.exists() or not list(out.rglob("*.*"))
