@@ -52,4 +52,3 @@ def load_prompts_inline(tmp_path):
     path = tmp_path / "prompts.yaml"
     path.write_text(yaml.safe_dump([{"id": "p", "prompt": "x"}]))
     return load_prompts(path)
-
