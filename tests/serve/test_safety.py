@@ -97,3 +97,15 @@ def test_blur_mode_writes_the_flagged_image_blurred(served_app, keyed_app, api_k
     assert np.abs(written.astype(int) - unflagged).mean() > 30  # the checkerboard is gone ...
     assert np.abs(written.astype(int) - blur(unflagged)).max() <= 2  # ... blurred, not replaced
 
+
+
+def test_an_async_job_of_flagged_images_fails_unsafe_content_naming_them(served_app, astronaut_bytes):
+    submitted = httpx.post(f"{served_app.url}/v1/jobs", json=_flagged_request(astronaut_bytes), timeout=60)
+    assert submitted.status_code == 202, submitted.text
+    job_id, deadline = submitted.json()["job_id"], time.monotonic() + 120
+    while (status := httpx.get(f"{served_app.url}/v1/jobs/{job_id}", timeout=30).json())["status"] not in (
+            "done", "failed"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert status["status"] == "failed", status
+    assert status["error"]["code"] == "unsafe_content" and status["error"]["images"] == [0]
