@@ -110,19 +110,26 @@ def resolve_weights(
                   if "extensions" in wanted else {})
     safety = None
     if "safety_checker" in wanted and sources.safety_checker:
-        if sources.safety_checker.startswith("s3://") and s3_client is None:
-            from instantid_core.storage import make_s3_client
-
-            s3_client = make_s3_client()
-        path, revisions["safety_checker"], count = fetch_source(
-            "safety_checker", sources.safety_checker, offline=offline, cache_root=cache_root, client=s3_client)
+        safety, revisions["safety_checker"], count = _resolve_safety_checker(
+            sources.safety_checker, offline=offline, cache_root=cache_root, client=s3_client)
         downloaded += count
-        try:
-            safety = check_safety_checker(path)
-        except WeightsError as err:
-            raise WeightsError(f"{err.message} (source: {sources.safety_checker})", field="safety_checker") from err
     return ResolvedWeights(**paths, **extensions, safety_checker=safety, revisions=revisions,  # type: ignore[arg-type]
                            downloaded_files=downloaded)
+
+
+def _resolve_safety_checker(source: str, *, offline: bool | None, cache_root: Path,
+                            client: Any) -> tuple[Path, str, int]:
+    """The safety checker's folder (path, revision, files downloaded), checked; read only by the safety stage."""
+    if source.startswith("s3://") and client is None:
+        from instantid_core.storage import make_s3_client
+
+        client = make_s3_client()
+    path, revision, count = fetch_source("safety_checker", source, offline=offline, cache_root=cache_root,
+                                         client=client)
+    try:
+        return check_safety_checker(path), revision, count
+    except WeightsError as err:
+        raise WeightsError(f"{err.message} (source: {source})", field="safety_checker") from err
 
 
 def resolve_extensions(sources: ModelSources, *, offline: bool | None, cache_root: Path,
