@@ -11,7 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .config import LCM_LORA_DIR, ModelSources
+from .config import LCM_LORA_DIR, SAFETY_CHECKER_DIR, ModelSources
 from .errors import WeightsError
 from .weight_checks import (
     CHECKS,
@@ -185,7 +185,8 @@ def download_all(
     dest_root: Path, sources: ModelSources | None = None, *, offline: bool | None = None, s3_client: Any = None,
     dtype: str = "float32",
 ) -> ResolvedWeights:
-    """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`).
+    """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`); a safety
+    checker the sources name goes to `safety-checker/`.
 
     Files are hard-linked from the hub/S3 cache when on the same filesystem (no second copy of 14 GB), copied
     otherwise; a file already in place with the same size and mtime is kept, so a re-run is cheap. The nested
@@ -206,6 +207,12 @@ def download_all(
         if dest is not None:
             materialise(getattr(resolved, part), dest, FETCH_PATTERNS[part])
             dests[part] = CHECKS[part](dest)
+    safety = None
+    if resolved.safety_checker is not None:  # where ModelSources.from_root(dest_root) finds it
+        safety = dest_root / SAFETY_CHECKER_DIR
+        materialise(resolved.safety_checker, safety, FETCH_PATTERNS["safety_checker"])
+        safety = check_safety_checker(safety)
     return ResolvedWeights(
-        **dests, revisions=resolved.revisions, downloaded_files=resolved.downloaded_files  # type: ignore[arg-type]
+        **dests, safety_checker=safety, revisions=resolved.revisions,  # type: ignore[arg-type]
+        downloaded_files=resolved.downloaded_files,
     )

@@ -200,3 +200,16 @@ def test_the_batch_jobs_denoise_actor_checks_and_block_mode_writes_nothing_of_a_
     assert record["status"] == "unsafe_content" and record["status"] in TERMINAL and record["outputs"] == []
     assert record["safety"] == {"checked": True, "mode": "block", "flagged": [True], "withheld": [0]}
     assert not out.exists() or not list(out.rglob("*.*"))
+
+
+def test_weights_download_puts_a_named_checker_where_the_root_layout_finds_it(tiny_root: Path,
+                                                                              tmp_path: Path) -> None:
+    from instantid_cli.main import main
+
+    parts = ModelSources.from_root(str(tiny_root))
+    flags = [arg for part in ("sdxl", "identitynet", "adapter", "face_pack")
+             for arg in (f"--{part.replace('_', '-')}", getattr(parts, part))]
+    dest = tmp_path / "weights"
+    assert main(["weights", "download", str(dest), *flags, "--safety-checker", str(tiny_root / "safety-checker")]) == 0
+    assert ModelSources.from_root(str(dest)).safety_checker == str(dest / "safety-checker")
+    assert SafetyChecker(dest / "safety-checker").check(flagged_pattern()[None]).flagged == [True]
