@@ -64,6 +64,8 @@ def test_ordinary_outputs_are_checked_unflagged_and_say_so_in_the_response_and_s
     expected = {"checked": True, "mode": "block", "flagged": [False], "withheld": []}
     assert body["safety"] == expected and len(body["images"]) == 1
     assert json.loads(s3_read(body["metadata"]))["safety"] == expected
+    options = httpx.get(f"{served_app.url}/v1/options", timeout=30).json()  # what the playground offers
+    assert options["safety"] == {"mode": "block", "allow_request_disable": True}
 
 
 def test_a_request_may_turn_the_checker_off_only_where_the_operator_allows_it(served_app, keyed_app, api_keys,
