@@ -56,11 +56,11 @@ def test_the_tiny_checker_flags_its_pattern_file_and_diffusers_decides(checker: 
 def test_ordinary_tiny_outputs_stay_far_below_the_threshold(checker: SafetyChecker, pipeline,
                                                             astronaut_bytes: bytes) -> None:
     images = [pipeline.generate([astronaut_bytes], GenerateParams(prompt=f"a portrait {seed}", steps=2, width=w,
-                                                                  height=h, num_images=2, seed=seed)).images
-              for seed, (w, h) in enumerate([(64, 64), (128, 128), (128, 64)])]
+                                                                  height=h, num_images=n, seed=seed)).images
+              for seed, (w, h, n) in enumerate([(64, 64, 3), (128, 64, 1)])]
     verdicts = [checker.check(batch) for batch in images]
     scores = [score for verdict in verdicts for score in verdict.scores]
-    assert len(scores) == 6 and not any(flag for verdict in verdicts for flag in verdict.flagged)
+    assert len(scores) == 4 and not any(flag for verdict in verdicts for flag in verdict.flagged)
     assert max(scores) < -ORDINARY_MARGIN, scores
 
 
