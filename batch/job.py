@@ -115,7 +115,8 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
             resources=settings.denoise_resources or None)
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
             "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed,
-            "default_scheduler": settings.pipeline.default_scheduler},
+            "default_scheduler": settings.pipeline.default_scheduler,
+            "safety_mode": settings.app.safety.mode if settings.app and settings.app.safety else None},
             batch_size=8, concurrency=1, num_cpus=0.5)
         with tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress, file=sys.stderr) as bar:
             for row in dataset.iter_rows():

@@ -61,5 +61,6 @@ def recover_written(store: OutputStore, pairs: Iterable[tuple[str, str]], day: s
             meta = store.get_json(meta_key)
             found[(image_uri, prompt_id)] = {"image": image_uri, "prompt_id": prompt_id, "status": "ok",
                                              "request_id": request_id, "outputs": meta.get("images", []),
-                                             "metadata": f"{base}/{meta_key}"}
+                                             "metadata": f"{base}/{meta_key}",
+                                             **({"safety": meta["safety"]} if "safety" in meta else {})}
     return found

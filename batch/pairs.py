@@ -19,7 +19,9 @@ from instantid_core.errors import InvalidParameter
 from instantid_core.storage import OutputStore
 from instantid_core.weight_layout import ResolvedWeights
 
-TERMINAL = ("ok", "no_face", "bad_image")  # an `error` record is retried on the next run
+# An `error` record is retried on the next run; `unsafe_content` (block mode flagged every image) is final: the pair's
+# seed is fixed, so a rerun would make the same images.
+TERMINAL = ("ok", "no_face", "bad_image", "unsafe_content")
 
 
 class PromptSpec(BaseModel):

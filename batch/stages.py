@@ -1,5 +1,6 @@
 """The Ray Data stages of a batch run (classes: one model per actor, loaded once): face analysis, denoising with
-the Denoiser's grouping (`instantid_core.batching.run_grouped`), writing with the one sidecar builder."""
+the Denoiser's grouping (`instantid_core.batching.run_grouped`) and, with the config's `safety`, the safety checker on
+the same actor, writing with the one sidecar builder and the serving app's safety modes (`apply_safety`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from instantid_app.cache import LRUCache
-from instantid_core.config import GenerateParams, Scheduler
-from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected
+from instantid_core.config import GenerateParams, SafetyMode, Scheduler
+from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
+from instantid_core.safety import NOT_CONFIGURED, SafetyReport, apply_safety
 from instantid_core.storage import OutputStore
 
 from .pairs import INPUT_PHOTO, BatchSettings, pair_id, pair_seed, resolve_models
@@ -69,8 +71,17 @@ class DenoiseStage:
                  base_seed: dict[str, int | None]) -> None:
         from instantid_core.denoise import IdentityDenoiser
 
-        self.denoiser = IdentityDenoiser.from_weights(resolve_models(settings), settings.pipeline)
+        weights = resolve_models(settings)
+        self.denoiser = IdentityDenoiser.from_weights(weights, settings.pipeline)
         self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
+        self.checker = None
+        if settings.app is not None and settings.app.safety is not None:
+            from instantid_core.safety import SafetyChecker
+
+            if weights.safety_checker is None:  # AppConfig requires it of real sources; the tiny preset has one
+                raise ValueError("safety: no safety_checker weights were resolved")
+            # On the denoiser's device: one CLIP vision pass per image next to a whole denoising run.
+            self.checker = SafetyChecker(weights.safety_checker, settings.pipeline)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from instantid_core.batching import run_grouped
@@ -78,6 +89,7 @@ class DenoiseStage:
 
         rows = len(batch["image"])
         images: list[bytes] = [b""] * rows
+        flagged: list[str] = ["null"] * rows  # JSON per row: the checker's verdict per image, null when none ran
         status, message = list(batch["status"]), list(batch["message"])
         work, rows_of_work = [], []
         for i in range(rows):
@@ -96,15 +108,19 @@ class DenoiseStage:
                 status[i], message[i] = "error", f"{type(output).__name__}: {output}"
             else:
                 images[i] = pickle.dumps(output)
+                if self.checker is not None:
+                    flagged[i] = json.dumps(self.checker.check(output).flagged)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
-                "images": images}
+                "images": images, "flagged": flagged}
 
 
 class WriteStage:
     def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
-                 base_seed: dict[str, int | None], default_scheduler: Scheduler) -> None:
+                 base_seed: dict[str, int | None], default_scheduler: Scheduler,
+                 safety_mode: SafetyMode | None = None) -> None:
         self.store = OutputStore(output_uri)
         self.fmt, self.params, self.base_seed = fmt, params, base_seed
+        self.safety_mode = safety_mode  # the config's safety.mode; None: no checker ran
         self.default_scheduler = default_scheduler
         self.now = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc)
 
@@ -121,17 +137,29 @@ class WriteStage:
                 try:
                     arrays = pickle.loads(batch["images"][i])
                     height, width = arrays.shape[1:3]
+                    kept, safety = self._apply_safety(arrays, json.loads(batch["flagged"][i]))
+                    record["safety"] = safety.model_dump(mode="json", exclude_none=True)
                     meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
                                                                                 self.base_seed[prompt_id]),
                                          width=width, height=height, inputs={"face": [image_uri]},
-                                         default_scheduler=self.default_scheduler, prompt_id=prompt_id)
+                                         default_scheduler=self.default_scheduler, prompt_id=prompt_id,
+                                         safety=record["safety"])
                     stored = self.store.write_request(record["request_id"],
-                                                      [encode_image(a, self.fmt) for a in arrays], self.fmt, meta,
+                                                      [encode_image(a, self.fmt) for a in kept], self.fmt, meta,
                                                       now=self.now)
                     record.update(outputs=stored.image_uris, metadata=stored.meta_uri)
+                except UnsafeContent as exc:  # block mode, every image flagged: nothing written (a rerun: the same)
+                    record.update(status="unsafe_content", message=exc.message, outputs=[], safety=SafetyReport(
+                        checked=True, mode=self.safety_mode, flagged=[True] * len(exc.images),
+                        withheld=exc.images).model_dump(mode="json", exclude_none=True))
                 except Exception as exc:
                     record.update(status="error", message=f"{type(exc).__name__}: {exc}")
             else:
                 record["message"] = batch["message"][i]
             records.append(json.dumps(record))
         return {"record": records}
+
+    def _apply_safety(self, arrays: Any, flagged: list[bool] | None) -> tuple[list[Any], SafetyReport]:
+        if flagged is None or self.safety_mode is None:
+            return list(arrays), SafetyReport.unchecked(NOT_CONFIGURED)
+        return apply_safety(arrays, flagged, self.safety_mode)

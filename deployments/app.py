@@ -1,5 +1,5 @@
-"""`build_app(args)`: validate AppConfig, then bind the five stage deployments (and, with `jobs`, the JobConsumer)
-into one application.
+"""`build_app(args)`: validate AppConfig, then bind the five stage deployments (with `jobs`, the JobConsumer; with
+`safety`, the SafetyChecker) into one application.
 
 `serve run serve_config.yaml` points `import_path` here; `args` is the AppConfig as a dict (what builds the models).
 Per-deployment options come from the file's `applications[].deployments[]` entries, which Serve applies over the
@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from instantid_app.config import JOB_CONSUMER, AppConfig, AppSpec
+from instantid_app.config import JOB_CONSUMER, SAFETY_CHECKER, AppConfig, AppSpec
 
 from .denoiser import Denoiser
 from .face import FaceAnalysis
@@ -23,6 +23,7 @@ from .ingress import Ingress
 from .jobs.consumer import job_consumer_class
 from .jobs.task_queue import consumer_autoscaling_config
 from .prompt import PromptEncoderDeployment
+from .safety import SafetyCheckerDeployment
 from .writer import OutputWriter
 
 logger = logging.getLogger("ray.serve")
@@ -58,4 +59,8 @@ def build_app_from_spec(spec: AppSpec) -> Application:
     if spec.args.jobs is not None:
         consumer = deployment(job_consumer_class(spec.args), JOB_CONSUMER).bind(plain)
         logger.info("deployment JobConsumer on queue %s", spec.args.jobs.queue_name)
-    return deployment(Ingress, "Ingress").bind(face, prompt, denoiser, writer, plain, consumer)
+    safety = None
+    if spec.args.safety is not None:  # between the Denoiser and the writer (the Ingress chains them)
+        safety = deployment(SafetyCheckerDeployment, SAFETY_CHECKER).bind(plain)
+        logger.info("deployment SafetyChecker in mode %s", spec.args.safety.mode.value)
+    return deployment(Ingress, "Ingress").bind(face, prompt, denoiser, writer, plain, consumer, safety)

@@ -140,6 +140,7 @@ HTTP_STATUS: dict[type[InstantIDError], int] = {
     core.ImageTooLarge: 413,
     core.InvalidImage: 415,
     core.NoFaceDetected: 422,
+    core.UnsafeContent: 422,
     InvalidLora: 422,
     RateLimited: 429,
     InternalError: 500,
@@ -158,7 +159,8 @@ def http_status(exc: InstantIDError) -> int:
 
 def error_response(exc: InstantIDError, retry_after_s: int, status: int | None = None) -> JSONResponse:
     status = status or http_status(exc)
-    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field))
+    body = ErrorBody(error=ErrorDetail(code=exc.code, message=exc.message, field=exc.field,
+                                       images=getattr(exc, "images", None)))
     headers = {}
     if status in RETRYABLE:
         headers["Retry-After"] = str(exc.retry_after_s if isinstance(exc, RateLimited) else retry_after_s)

@@ -29,6 +29,7 @@ from instantid_core.config import GenerateParams
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.request_rules import check_init_inputs, draw_seed
+from instantid_core.safety import DISABLED_BY_REQUEST, NOT_CONFIGURED, SafetyReport
 from instantid_core.storage import OutputStore
 
 from . import metrics, openai_api, playground
@@ -146,9 +147,11 @@ app.include_router(openai_api.router)  # /v1/images/generations and /v1/images/e
 @serve.ingress(app)
 class Ingress:
     def __init__(self, face: DeploymentHandle, prompt: DeploymentHandle, denoiser: DeploymentHandle,
-                 writer: DeploymentHandle, config: dict[str, Any], jobs: DeploymentHandle | None = None) -> None:
+                 writer: DeploymentHandle, config: dict[str, Any], jobs: DeploymentHandle | None = None,
+                 safety: DeploymentHandle | None = None) -> None:
         self.config = AppConfig.model_validate(config)
         self.face, self.prompt, self.denoiser, self.writer = face, prompt, denoiser, writer
+        self.safety = safety  # the SafetyChecker, with `safety` in args
         self.consumer = jobs  # the JobConsumer (bound here so it is part of the app; probed by /readyz)
         self.jobs = JobsAPI(self.config)
         self.outputs = OutputStore(self.config.output_uri)  # a caller's request id is refused where outputs exist
@@ -202,8 +205,10 @@ class Ingress:
             if not await asyncio.to_thread(self.outputs.exists, uri):
                 return None
             meta = await asyncio.to_thread(self.outputs.get_json, uri)
+            safety = SafetyReport.model_validate(meta["safety"]) if meta.get("safety") else None
             return GenerateResponse(request_id=job_id, seed=meta["seed"], width=meta["width"], height=meta["height"],
-                                    images=meta["images"], metadata=uri, batch_size=meta.get("batch_size", 1))
+                                    images=meta["images"], metadata=uri, batch_size=meta.get("batch_size", 1),
+                                    safety=safety)
         except (InstantIDError, KeyError, TypeError) as exc:
             logger.warning("job %s: the outputs of an earlier run are unreadable (%s); running it again", job_id, exc)
             return None
@@ -215,11 +220,18 @@ class Ingress:
         if new_id:
             await self._refuse_taken_id(request_id, request.output.prefix)
         params = request.params()
+        self._check_safety_opt_out(request)
         seed = params.seed if params.seed is not None else draw_seed()
         inputs = await self._read_inputs(request, params)
         response = await self._run_stages(inputs, request, request_id, seed, inline, job_id)
         response.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
         return response
+
+    def _check_safety_opt_out(self, request: GenerateRequest) -> None:
+        safety = self.config.safety
+        if not request.safety_checker and safety is not None and not safety.allow_request_disable:
+            raise InvalidParameter("safety_checker: this server does not let a request turn its safety checker off",
+                                   field="safety_checker")
 
     async def _refuse_taken_id(self, request_id: str, prefix: str | None) -> None:
         existing = self.outputs.request_meta_uri(request_id, prefix=prefix)
@@ -257,19 +269,20 @@ class Ingress:
                         else self.denoiser)
             images = denoiser.generate.remote(face, prompt, params, seed, inputs.control_images,
                                              inputs.pose or inputs.faces[0], job_id=job_id)
-            written = self.writer.write.remote(images, request_id, seed, params, inputs.recorded,
-                                               request.output.format, request.output.prefix, inline)
+            checked, unchecked = self._check_safety(images, request.safety_checker)
+            written = self.writer.write.remote(checked, request_id, seed, params, inputs.recorded,
+                                               request.output.format, request.output.prefix, inline, unchecked)
             return await asyncio.wait_for(written, timeout=self.settings.stage_timeout_s)
         except InstantIDError:
             raise
         except asyncio.CancelledError:
             # The caller went away (HTTP client disconnected, or a handle caller cancelled): every stage still
             # running for it stops (the Denoiser drops its samples at the next step) and the writer never starts.
-            for stage in (face, prompt, images, written):
+            for stage in (face, prompt, images, checked, written):
                 stage.cancel()
             raise
         except asyncio.TimeoutError as exc:
-            for stage in (face, prompt, images, written):  # nobody waits for them any more: free the replicas
+            for stage in (face, prompt, images, checked, written):  # nobody waits for them: free the replicas
                 stage.cancel()
             raise StageTimeout(f"the request took longer than {self.settings.stage_timeout_s:.0f}s; retry later or "
                                "ask for fewer steps/images") from exc
@@ -281,6 +294,15 @@ class Ingress:
         except RayTaskError as exc:  # a bug in a stage: a 500 that names the request, never the internals
             logger.error("request %s: stage error: %s", request_id, exc)
             raise InternalError(f"internal error in request {request_id}; it has been logged") from exc
+
+    def _check_safety(self, images: Any, wanted: bool) -> tuple[Any, str | None]:
+        """The Denoiser's result through the SafetyChecker (a response passed on, awaited by the writer), or the
+        result itself and why no checker looks at it."""
+        if self.safety is None:
+            return images, NOT_CONFIGURED
+        if not wanted:  # allowed: _check_safety_opt_out refused it otherwise
+            return images, DISABLED_BY_REQUEST
+        return self.safety.check.remote(images), None
 
     async def _read_control_images(self, params: GenerateParams) -> tuple[list[bytes | None], GenerateParams]:
         """Each control's own image as bytes (base64, s3:// or URL, like face_image), and the params without them:
@@ -358,6 +380,8 @@ class Ingress:
         busy stage is not reported unready. The JobConsumer is reported, but does not gate readiness:
         /v1/generate works without the jobs' Redis."""
         stages = {"face": self.face, "prompt": self.prompt, "denoiser": self.denoiser, "writer": self.writer}
+        if self.safety is not None:
+            stages["safety"] = self.safety
         if self.consumer is not None:
             stages["jobs"] = self.consumer
         try:

@@ -44,6 +44,9 @@ EXPORTED = {
                                  "figure: aggregate with max)",
     "ray_instantid_jobs_running": "async jobs running (from the job records; aggregate with max)",
     "ray_instantid_jobs_oldest_queued_age_seconds": "how long the oldest queued job has waited (0: none queued)",
+    "ray_instantid_safety_checked_images_total": "images the safety checker looked at, by `mode`",
+    "ray_instantid_safety_flagged_images_total": "images the safety checker flagged, by `mode` (block: not "
+                                                 "written, blur: written blurred, flag: written marked)",
 }
 
 
@@ -154,6 +157,24 @@ class JobsMetrics:
         self.queued.set(queued)
         self.running.set(running)
         self.oldest_age.set(oldest_queued_age_s)
+
+
+class SafetyMetrics:
+    """Images checked and flagged by the SafetyChecker replica (a flag rate is flagged / checked)."""
+
+    def __init__(self) -> None:
+        self.checked_images = serve_metrics.Counter(
+            "instantid_safety_checked_images", description=EXPORTED["ray_instantid_safety_checked_images_total"],
+            tag_keys=("mode",))
+        self.flagged_images = serve_metrics.Counter(
+            "instantid_safety_flagged_images", description=EXPORTED["ray_instantid_safety_flagged_images_total"],
+            tag_keys=("mode",))
+
+    def checked(self, flagged: list[bool], mode: str) -> None:
+        if flagged:
+            self.checked_images.inc(len(flagged), tags={"mode": mode})
+        if any(flagged):
+            self.flagged_images.inc(sum(flagged), tags={"mode": mode})
 
 
 class AccessMetrics:

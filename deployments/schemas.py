@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from instantid_core.config import GenerateParams
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition, PromptEmbeds
+from instantid_core.safety import SafetyReport
 from instantid_core.storage import check_prefix
 
 
@@ -50,10 +51,12 @@ class GenerateRequest(GenerateParams):
     mask_image: str | None = Field(None, description="With init_image: white = regenerate, black = keep (resized "
                                    "to the init image when its size differs).")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    safety_checker: bool = Field(True, description="false: skip the safety checker for this request; only where "
+                                 "the operator allows it (`safety.allow_request_disable`), otherwise a 400.")
 
     def params(self) -> GenerateParams:
         return GenerateParams.model_validate(self.model_dump(
-            exclude={"face_image", "pose_image", "init_image", "mask_image", "output"}))
+            exclude={"face_image", "pose_image", "init_image", "mask_image", "output", "safety_checker"}))
 
 
 class GenerateResponse(BaseModel):
@@ -78,12 +81,17 @@ class GenerateResponse(BaseModel):
                                        "images were written).")
     notice: str | None = Field(None, description="Set while the server runs the tiny preset: its weights are random, "
                                "its images noise, and how to serve real weights.")
+    safety: SafetyReport | None = Field(None, description="The safety stage: per generated image `flagged` (block "
+                                        "mode: flagged ones are `withheld`, not in `images`), or `checked: false` "
+                                        "and the reason.")
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
     field: str | None = None
+    images: list[int] | None = Field(None, description="unsafe_content: the images (generation order) the safety "
+                                     "checker flagged.")
 
 
 class ErrorBody(BaseModel):
@@ -152,3 +160,4 @@ class DenoiseResult:
     cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt
     replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)
     as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)
+    flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them

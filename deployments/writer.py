@@ -1,4 +1,5 @@
-"""OutputWriter deployment (CPU): encodes images and writes them plus the sidecar through OutputStore."""
+"""OutputWriter deployment (CPU): applies the safety mode to flagged images (`instantid_core.safety.apply_safety`:
+block, blur or flag), encodes what is left and writes it plus the sidecar through OutputStore."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from instantid_app.config import AppConfig
 from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
+from instantid_core.safety import SafetyReport, apply_safety
 from instantid_core.sidecar import build_sidecar
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
@@ -32,21 +34,35 @@ class OutputWriter:
         self.settings = WriterSettings.model_validate(user_config)
 
     async def write(self, result: DenoiseResult, request_id: str, seed: int, params: GenerateParams,
-                    recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool) -> GenerateResponse:
-        """`recorded`: what the Ingress read of the request for its sidecar (`inputs` digests, `params_extra`)."""
+                    recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool,
+                    unchecked: str | None = None) -> GenerateResponse:
+        """`recorded`: what the Ingress read of the request for its sidecar (`inputs` digests, `params_extra`).
+        `unchecked`: why no safety checker looked at `result` (when its `flagged` is None).
+
+        Raises:
+            UnsafeContent: block mode and the checker flagged every image (nothing is written).
+        """
         with self.metrics.track():
-            return await self._write(result, request_id, seed, params, recorded, fmt, prefix, inline)
+            return await self._write(result, request_id, seed, params, recorded, fmt, prefix, inline, unchecked)
+
+    def _apply_safety(self, result: DenoiseResult, unchecked: str | None) -> tuple[list[Any], SafetyReport]:
+        safety = self.config.safety
+        if result.flagged is None or safety is None:
+            return list(result.images), SafetyReport.unchecked(unchecked or "no safety checker looked at the images")
+        return apply_safety(result.images, result.flagged, safety.mode)
 
     async def _write(self, result: DenoiseResult, request_id: str, seed: int, params: GenerateParams,
-                     recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool) -> GenerateResponse:
+                     recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool,
+                     unchecked: str | None) -> GenerateResponse:
         start = time.perf_counter()
-        encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in result.images])
+        images, safety = await asyncio.to_thread(self._apply_safety, result, unchecked)  # blurring takes a while
+        encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in images])
         timings = {**result.timings, "encode": time.perf_counter() - start}
         # as_run: what ran (a LoRA's preset may have chosen it), so the sidecar replays exactly.
         meta = build_sidecar(params, seed=seed, width=result.width, height=result.height, inputs=recorded["inputs"],
                              default_scheduler=self.config.pipeline.default_scheduler, as_run=result.as_run,
                              params_extra=recorded.get("params_extra"), batch_size=result.batch_size,
-                             timings_s=timings)
+                             timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True))
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]
@@ -56,6 +72,7 @@ class OutputWriter:
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
             batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
+            safety=safety,
         )
 
     async def live_settings(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from instantid_core.config import ControlType, LoraEntry, ModelSources, PipelineSettings
+from instantid_core.config import ControlType, LoraEntry, ModelSources, PipelineSettings, SafetyMode
 
 from .settings import SETTINGS, DenoiserSettings, IngressSettings
 
@@ -43,6 +43,8 @@ class AutoscalingConfig(BaseModel):
 
 DEPLOYMENT_NAMES = tuple(SETTINGS)
 JOB_CONSUMER = "JobConsumer"
+SAFETY_CHECKER = "SafetyChecker"
+OPTIONAL_STAGES = {JOB_CONSUMER: "jobs", SAFETY_CHECKER: "safety"}  # deployment -> the args key that adds it
 
 # Every deployment's Serve options, bound by build_app: the one home of these defaults. A Serve file's
 # `applications[].deployments[]` entries override them key by key, as Serve does, and hold only what differs (tests
@@ -71,6 +73,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     # a webhook call.
     "JobConsumer": {"max_ongoing_requests": 2, "ray_actor_options": {"num_cpus": 0.25},
                     "graceful_shutdown_timeout_s": 400},
+    # Only with `safety` in args. One CLIP vision pass per image (ViT-L/14 at 224 px: a fraction of one SDXL step),
+    # so a CPU replica keeps up with a GPU Denoiser's few images per second; the GPU overlay may give it a GPU share.
+    "SafetyChecker": {"max_ongoing_requests": 16, "max_queued_requests": 64, "autoscaling_config": _scaling(2, 8),
+                      "ray_actor_options": {"num_cpus": 0.5}},
 }
 
 
@@ -207,6 +213,23 @@ class JobsConfig(BaseModel):
         return (os.environ.get(self.webhook_secret_env) if self.webhook_secret_env else None) or None
 
 
+class SafetyConfig(BaseModel):
+    """The safety stage (issue 24): diffusers' CompVis safety checker between the Denoiser and the writer, with its
+    weights from `weights.sources.safety_checker` (the tiny preset has a tiny one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: SafetyMode = Field(SafetyMode.block, description="What happens to a flagged image: `block` (not written; "
+                             "a request whose images are all flagged answers 422 unsafe_content), `blur` (written "
+                             "blurred), `flag` (written as it is). Every response and sidecar says per image "
+                             "whether it was flagged.")
+    allow_request_disable: bool = Field(False, description="Let a request turn the checker off with "
+                                        "`safety_checker: false` (otherwise that answers 400).")
+    device: str | None = Field(None, description="Where the checker runs; default pipeline.device. `cpu` (in "
+                               "float32) keeps it off the GPU nodes: then give the SafetyChecker CPU-node resources "
+                               "and no num_gpus.")
+
+
 class AppConfig(BaseModel):
     """The application's `args`: only what builds the models and where things are stored. Ray hashes `args` into
     the code version, so a change here restarts every replica; live knobs are each deployment's `user_config`."""
@@ -224,6 +247,8 @@ class AppConfig(BaseModel):
                                              "(exact host names; default none; redirects are not followed).")
     jobs: JobsConfig | None = Field(None, description="The async jobs API (/v1/jobs) on a Redis broker; null: "
                                     "/v1/jobs answers 503. With it the app has a sixth deployment, JobConsumer.")
+    safety: SafetyConfig | None = Field(None, description="The safety stage (a SafetyChecker deployment between the "
+                                        "Denoiser and the writer); null: none, and outputs say `checked: false`.")
     loras: dict[str, str | LoraEntry | None] = Field(
         default_factory=dict, description="LoRA registry added over the weights' own (the tiny preset registers "
         "tiny-style): name -> source (file, folder or s3:// prefix whose .safetensors files become names, hub id) "
@@ -253,6 +278,13 @@ class AppConfig(BaseModel):
             update["dtype"] = "float32"  # half precision on CPU is slow and not what the CPU kernels are tuned for
         return self.pipeline.model_copy(update=update)
 
+    def safety_pipeline(self) -> PipelineSettings:
+        """The pipeline settings the safety checker loads with (`safety.device` over pipeline.device)."""
+        device = self.safety.device if self.safety else None
+        if not device or device == self.pipeline.device:
+            return self.pipeline
+        return self.pipeline.model_copy(update={"device": device, **({"dtype": "float32"} if device == "cpu" else {})})
+
     @model_validator(mode="before")
     @classmethod
     def _live_knobs_are_not_args(cls, data: Any) -> Any:
@@ -273,6 +305,14 @@ class AppConfig(BaseModel):
         if self.allow_url_inputs and not self.allowed_url_hosts:
             raise ValueError("allow_url_inputs needs allowed_url_hosts: fetching any host would let a request "
                              "reach internal services")
+        return self
+
+    @model_validator(mode="after")
+    def _safety_names_its_weights(self) -> AppConfig:
+        sources = self.weights.sources
+        if self.safety is not None and sources is not None and not sources.safety_checker:
+            raise ValueError("safety needs weights.sources.safety_checker (e.g. "
+                             "CompVis/stable-diffusion-safety-checker): real sources never fall back to a default")
         return self
 
 
@@ -307,6 +347,9 @@ class AppSpec(BaseModel):
         if consumer is not None and jobs is None:
             raise ValueError("deployments: JobConsumer runs the async jobs: set `jobs` in args or remove its entry "
                              "(Serve refuses options for a deployment the app does not have)")
+        if self.entry(SAFETY_CHECKER) is not None and self.args.safety is None:
+            raise ValueError("deployments: SafetyChecker runs the safety stage: set `safety` in args or remove its "
+                             "entry (Serve refuses options for a deployment the app does not have)")
         if consumer is not None and consumer.autoscaling_config is not None:
             # Serve replaces a bound autoscaling_config with a file's whole, which would drop the queue-length policy.
             raise ValueError("JobConsumer: its autoscaling comes from args.jobs.consumer_autoscaling (build_app adds "
@@ -336,10 +379,10 @@ class AppSpec(BaseModel):
         return entry.settings() if entry else (model() if model else None)
 
     def stages(self) -> list[tuple[str, dict[str, Any]]]:
-        """(name, options) of the app's deployments as they are bound (see `options`): the five stages, and the
-        JobConsumer when args has `jobs`."""
+        """(name, options) of the app's deployments as they are bound (see `options`): the five stages, the
+        JobConsumer when args has `jobs` and the SafetyChecker when it has `safety`."""
         return [(name, self.options(name)) for name in DEPLOYMENT_NAMES
-                if name != JOB_CONSUMER or self.args.jobs is not None]
+                if name not in OPTIONAL_STAGES or getattr(self.args, OPTIONAL_STAGES[name]) is not None]
 
     @property
     def ingress(self) -> IngressSettings:

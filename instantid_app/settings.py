@@ -100,4 +100,5 @@ SETTINGS: dict[str, type[BaseModel] | None] = {  # deployment name -> its user_c
     "Ingress": IngressSettings, "FaceAnalysis": FaceSettings, "PromptEncoder": PromptSettings,
     "Denoiser": DenoiserSettings, "OutputWriter": WriterSettings,
     "JobConsumer": None,  # only with `jobs` in args; it has no reconfigure(), so its entry takes no user_config
+    "SafetyChecker": None,  # only with `safety` in args; its mode is an arg (it decides what is ever written)
 }

@@ -18,7 +18,9 @@ from .config import AppConfig
 FACE_PARTS = ("face_pack",)
 PROMPT_PARTS = ("sdxl_text",)  # tokenizers and text encoders of the SDXL folder
 DENOISER_PARTS = ("sdxl", "identitynet", "adapter", "lcm_lora", "extensions")
-STAGE_PARTS = {"FaceAnalysis": FACE_PARTS, "PromptEncoder": PROMPT_PARTS, "Denoiser": DENOISER_PARTS}
+SAFETY_PARTS = ("safety_checker",)
+STAGE_PARTS = {"FaceAnalysis": FACE_PARTS, "PromptEncoder": PROMPT_PARTS, "Denoiser": DENOISER_PARTS,
+               "SafetyChecker": SAFETY_PARTS}
 
 
 def resolve_app_weights(config: AppConfig, parts: Collection[str] | None = None, *,

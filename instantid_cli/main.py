@@ -47,7 +47,10 @@ def _weights_tiny(args: argparse.Namespace) -> None:
 def _weights_download(args: argparse.Namespace) -> None:
     from instantid_core.weights import download_all
 
-    resolved = download_all(Path(args.dir), _sources(args), dtype=args.dtype)
+    sources = _sources(args)
+    if args.safety_checker:
+        sources = sources.model_copy(update={"safety_checker": args.safety_checker})
+    resolved = download_all(Path(args.dir), sources, dtype=args.dtype)
     print(f"weights ready under {args.dir} ({resolved.downloaded_files} files downloaded)")
 
 
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "download":
             _add_source_flags(sub)
+            sub.add_argument("--safety-checker", dest="safety_checker",
+                             help="the safety stage's checker (args.safety), e.g. "
+                             "CompVis/stable-diffusion-safety-checker: into DIR/safety-checker")
             sub.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                              help="the dtype it will run in: float16/bfloat16 take SDXL's fp16 files (half the size)")
 

@@ -22,6 +22,7 @@ MIN_SIDE = 64
 MAX_SIDE = 2048
 LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
 LORAS_DIR, CONTROLNETS_DIR, DEPTH_ESTIMATOR_DIR = "loras", "controlnets", "depth-estimator"  # extensions, same root
+SAFETY_CHECKER_DIR = "safety-checker"  # the CompVis checker's layout (config.json, weights, preprocessor_config.json)
 DEFAULT_CONTROLS = ("canny", "depth")
 
 
@@ -107,6 +108,14 @@ class LoraEntry(BaseModel):
                                   ("guidance", self.guidance)) if v is not None}
 
 
+class SafetyMode(str, Enum):
+    """What happens to an image the safety checker flags (instantid_core/safety.py)."""
+
+    block = "block"  # never written; a request whose images are all flagged fails (unsafe_content)
+    blur = "blur"  # written blurred beyond recognition
+    flag = "flag"  # written as it is, marked flagged
+
+
 class ControlType(str, Enum):
     canny = "canny"
     depth = "depth"
@@ -168,6 +177,9 @@ class ModelSources(BaseModel):
                                                 "(canny, depth, pose): diffusers ControlNetModel folders.")
     depth_estimator: str | None = Field(None, description="A transformers depth-estimation model (the `depth` "
                                         "control's input), e.g. a Depth Anything folder or hub id.")
+    safety_checker: str | None = Field(None, description="diffusers' StableDiffusionSafetyChecker with its "
+                                       "CLIPImageProcessor (config.json, weights, preprocessor_config.json), e.g. "
+                                       "CompVis/stable-diffusion-safety-checker; read only when the app has `safety`.")
 
     @classmethod
     def from_root(cls, root: str, **overrides: str) -> ModelSources:
@@ -188,8 +200,9 @@ class ModelSources(BaseModel):
 
 
 def extension_sources(root: str) -> dict:
-    """The LoRAs, extra ControlNets and depth estimator a local root holds (the tiny preset writes them):
-    `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`. `pose` is left
+    """The LoRAs, extra ControlNets, depth estimator and safety checker a local root holds (the tiny preset writes
+    them): `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`,
+    `safety-checker/`. `pose` is left
     out: the issue's default offer is tiny-style, canny and depth; a config adds pose by naming its folder."""
     out: dict = {}
     if Path(f"{root}/{LORAS_DIR}").is_dir():
@@ -200,6 +213,8 @@ def extension_sources(root: str) -> dict:
         out["controlnets"] = controlnets
     if Path(f"{root}/{DEPTH_ESTIMATOR_DIR}").is_dir():
         out["depth_estimator"] = f"{root}/{DEPTH_ESTIMATOR_DIR}"
+    if Path(f"{root}/{SAFETY_CHECKER_DIR}").is_dir():
+        out["safety_checker"] = f"{root}/{SAFETY_CHECKER_DIR}"
     return out
 
 

@@ -69,3 +69,14 @@ class InputNotFound(InstantIDError):
     """An input URI points to an object that does not exist."""
 
     code = "input_not_found"
+
+
+class UnsafeContent(InstantIDError):
+    """Every image of the request was flagged by the safety checker and the operator's mode is `block`: nothing
+    was written. `images` are their indices (generation order)."""
+
+    code = "unsafe_content"
+
+    def __init__(self, message: str, *, images: list[int] | None = None, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.images = list(images or [])  # a default: an exception is rebuilt from its message when it is unpickled

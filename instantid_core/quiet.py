@@ -31,6 +31,16 @@ _TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
 _TOO_LONG = "Token indices sequence length is longer than the specified maximum sequence length"
 
 
+# diffusers' StableDiffusionSafetyChecker warns that "a black image will be returned instead" whenever it flags one;
+# instantid_core.safety reads its verdict only and the configured mode decides what is written (block, blur, flag).
+_SAFETY_LOGGER = "diffusers.pipelines.stable_diffusion.safety_checker"
+_BLACK_IMAGE = "A black image will be returned instead"
+
+
+def _drop_black_image_notice(record: logging.LogRecord) -> bool:
+    return _BLACK_IMAGE not in record.getMessage()
+
+
 def _drop_truncation_notice(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return _TRUNCATED not in message and _TOO_LONG not in message
@@ -45,4 +55,5 @@ def silence_known_noise() -> None:
     logging.getLogger(_TRANSFORMERS_LOGGER).addFilter(_drop_torchvision_fallback)
     logging.getLogger(_DIFFUSERS_SDXL_LOGGER).addFilter(_drop_truncation_notice)
     logging.getLogger(_TOKENIZER_LOGGER).addFilter(_drop_truncation_notice)
+    logging.getLogger(_SAFETY_LOGGER).addFilter(_drop_black_image_notice)
     warnings.filterwarnings("ignore", message=_SKIMAGE_ESTIMATE, category=FutureWarning, module=_INSIGHTFACE_ALIGN)

@@ -17,6 +17,7 @@ from .weight_layout import (
     ADAPTER_FILE,
     ADAPTER_KEYS,
     FACE_MODELS,
+    SAFETY_CHECKER_WEIGHTS,
     SDXL_FILES,
     SDXL_MODELS,
     SDXL_TEXT_MODELS,
@@ -96,6 +97,17 @@ def check_lcm_lora(path: Path) -> Path:
         raise WeightsError(f"lcm_lora: no .safetensors file at {path}", field="lcm_lora")
     for file in files:
         check_safetensors("lcm_lora", file)
+    return path
+
+
+def check_safety_checker(path: Path) -> Path:
+    """diffusers' StableDiffusionSafetyChecker as CompVis publishes it: config.json, preprocessor_config.json (its
+    CLIPImageProcessor) and model.safetensors or pytorch_model.bin."""
+    part = "safety_checker"
+    need_dir(part, path)
+    for name in ("config.json", "preprocessor_config.json"):
+        check_json(part, need_file(part, path, name))
+    _check_weight_files(part, path, "", SAFETY_CHECKER_WEIGHTS)
     return path
 
 

@@ -30,6 +30,7 @@ SDXL_FILES = (
 FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")  # detector, recogniser: all the pipeline loads
 ADAPTER_FILE = "ip-adapter.bin"
 ADAPTER_KEYS = ("image_proj", "ip_adapter")
+SAFETY_CHECKER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def without_fp16(names: tuple[str, ...]) -> list[str]:
@@ -55,6 +56,7 @@ FETCH_PATTERNS: dict[str, list[str]] = {
     "loras": ["*.safetensors"],
     "controlnets": ["config.json", *without_fp16(UNET_WEIGHTS)],
     "depth_estimator": ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"],
+    "safety_checker": ["config.json", "preprocessor_config.json", *SAFETY_CHECKER_WEIGHTS],
 }
 HALF_DTYPES = ("float16", "bfloat16")
 FP16 = "fp16"  # the published SDXL repo's half-precision files: `<name>.fp16.safetensors` beside `<name>.safetensors`
@@ -90,9 +92,10 @@ def load_variant(folder: Path, dtype: str) -> str | None:
 PART_ORDER = ("adapter", "face_pack", "identitynet", "lcm_lora", "sdxl")
 
 # What `resolve_weights(parts=...)` may name: a ResolvedWeights part, `sdxl_text` (the SDXL folder with only what the
-# prompt encoder loads: tokenizers and text encoders, not the UNet and VAE) and `extensions` (LoRAs, extra ControlNets,
-# the depth estimator). A stage resolves only what it loads: a face replica never lists, fetches or checks SDXL.
-PARTS = (*PART_ORDER, "sdxl_text", "extensions")
+# prompt encoder loads: tokenizers and text encoders, not the UNet and VAE), `extensions` (LoRAs, extra ControlNets,
+# the depth estimator) and `safety_checker` (when its source is set). A stage resolves only what it loads: a face
+# replica never lists, fetches or checks SDXL.
+PARTS = (*PART_ORDER, "sdxl_text", "extensions", "safety_checker")
 SDXL_TEXT_MODELS = ("text_encoder", "text_encoder_2")
 
 
@@ -118,5 +121,6 @@ class ResolvedWeights:
     lora_presets: dict[str, dict] = field(default_factory=dict)  # LoRA name -> {scheduler, steps, guidance}
     controlnets: dict[str, Path] = field(default_factory=dict)  # control type -> ControlNet folder
     depth_estimator: Path | None = None
+    safety_checker: Path | None = None  # a StableDiffusionSafetyChecker folder (with its preprocessor_config.json)
     revisions: dict[str, str] = field(default_factory=dict)  # part -> commit sha | "etag:<digest>" | "local"
     downloaded_files: int = 0

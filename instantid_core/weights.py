@@ -11,13 +11,14 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .config import LCM_LORA_DIR, ModelSources
+from .config import LCM_LORA_DIR, SAFETY_CHECKER_DIR, ModelSources
 from .errors import WeightsError
 from .weight_checks import (
     CHECKS,
     check_identitynet,
     check_json,
     check_safetensors,
+    check_safety_checker,
     check_sdxl_text,
     need_dir,
     need_file,
@@ -107,8 +108,28 @@ def resolve_weights(
             raise WeightsError(f"{err.message} (source: {source})", field=part) from err
     extensions = (resolve_extensions(sources, offline=offline, cache_root=cache_root, client=s3_client)
                   if "extensions" in wanted else {})
-    return ResolvedWeights(**paths, **extensions, revisions=revisions,  # type: ignore[arg-type]
+    safety = None
+    if "safety_checker" in wanted and sources.safety_checker:
+        safety, revisions["safety_checker"], count = _resolve_safety_checker(
+            sources.safety_checker, offline=offline, cache_root=cache_root, client=s3_client)
+        downloaded += count
+    return ResolvedWeights(**paths, **extensions, safety_checker=safety, revisions=revisions,  # type: ignore[arg-type]
                            downloaded_files=downloaded)
+
+
+def _resolve_safety_checker(source: str, *, offline: bool | None, cache_root: Path,
+                            client: Any) -> tuple[Path, str, int]:
+    """The safety checker's folder (path, revision, files downloaded), checked; read only by the safety stage."""
+    if source.startswith("s3://") and client is None:
+        from instantid_core.storage import make_s3_client
+
+        client = make_s3_client()
+    path, revision, count = fetch_source("safety_checker", source, offline=offline, cache_root=cache_root,
+                                         client=client)
+    try:
+        return check_safety_checker(path), revision, count
+    except WeightsError as err:
+        raise WeightsError(f"{err.message} (source: {source})", field="safety_checker") from err
 
 
 def resolve_extensions(sources: ModelSources, *, offline: bool | None, cache_root: Path,
@@ -164,7 +185,8 @@ def download_all(
     dest_root: Path, sources: ModelSources | None = None, *, offline: bool | None = None, s3_client: Any = None,
     dtype: str = "float32",
 ) -> ResolvedWeights:
-    """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`).
+    """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`); a safety
+    checker the sources name goes to `safety-checker/`.
 
     Files are hard-linked from the hub/S3 cache when on the same filesystem (no second copy of 14 GB), copied
     otherwise; a file already in place with the same size and mtime is kept, so a re-run is cheap. The nested
@@ -185,6 +207,12 @@ def download_all(
         if dest is not None:
             materialise(getattr(resolved, part), dest, FETCH_PATTERNS[part])
             dests[part] = CHECKS[part](dest)
+    safety = None
+    if resolved.safety_checker is not None:  # where ModelSources.from_root(dest_root) finds it
+        safety = dest_root / SAFETY_CHECKER_DIR
+        materialise(resolved.safety_checker, safety, FETCH_PATTERNS["safety_checker"])
+        safety = check_safety_checker(safety)
     return ResolvedWeights(
-        **dests, revisions=resolved.revisions, downloaded_files=resolved.downloaded_files  # type: ignore[arg-type]
+        **dests, safety_checker=safety, revisions=resolved.revisions,  # type: ignore[arg-type]
+        downloaded_files=resolved.downloaded_files,
     )

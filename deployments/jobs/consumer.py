@@ -164,7 +164,7 @@ class JobConsumer:
                 self._requeue(status)
                 raise RetryJob(f"job {job_id}: {exc.code}") from None
             final = status.model_copy(update={"status": "failed", "error": ErrorDetail(
-                code=exc.code, message=exc.message, field=exc.field)})
+                code=exc.code, message=exc.message, field=exc.field, images=getattr(exc, "images", None))})
         except Exception as exc:  # replica loss, full queues (BackPressureError), timeouts: transient
             if status.attempts < self.jobs.max_attempts:
                 logger.warning("job %s: %s; it goes back to the queue", job_id, type(exc).__name__)

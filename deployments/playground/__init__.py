@@ -147,6 +147,9 @@ async def http_options(host: PlaygroundHost = Host) -> dict[str, Any]:
         # Without a job queue (AppConfig.jobs) the page uses /v1/generate: no step progress.
         "jobs": config.jobs is not None,
         "playground": config.playground,
+        # The safety stage (null: none): its mode, and whether `safety_checker: false` is accepted.
+        "safety": config.safety.model_dump(mode="json", include={"mode", "allow_request_disable"})
+        if config.safety else None,
     }
 
 

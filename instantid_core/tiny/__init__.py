@@ -24,8 +24,10 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..config import SAFETY_CHECKER_DIR
 from .extensions import write_tiny_extensions
 from .face import write_tiny_face_pack
+from .safety import write_tiny_safety_checker
 
 TEXT_HIDDEN = 32  # each text encoder's width; UNet cross-attention dim = 2 * TEXT_HIDDEN, as in SDXL (768 + 1280)
 CROSS_ATTENTION_DIM = 2 * TEXT_HIDDEN
@@ -190,13 +192,14 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
 
     write_tiny_face_pack(root / "antelopev2")
     write_tiny_extensions(root, unet, seed=seed)  # LoRAs, extra ControlNets, depth estimator
+    write_tiny_safety_checker(root / SAFETY_CHECKER_DIR, seed=seed + 40)
     return root
 
 
 # Written into `.complete`; bumped when the preset gains members, so a folder written by an older version (e.g.
-# without the LoRAs and ControlNets of issue 14, or without SDXL's fp16 files) is rewritten rather than served
-# without them.
-PRESET_VERSION = "3"
+# without the LoRAs and ControlNets of issue 14, SDXL's fp16 files or the safety checker of issue 24) is rewritten
+# rather than served without them.
+PRESET_VERSION = "4"
 
 
 def _current(root: Path) -> bool:

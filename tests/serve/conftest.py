@@ -3,9 +3,13 @@ it, both on the session's tiny preset, writing to the S3 test server:
 
 - `served_app` ("instantid" at /): the app as a user runs it, with every extension the suite exercises (LoRAs incl.
   a preset and files that are not LoRAs, the pose ControlNet beside the preset's canny and depth, async jobs and
-  webhooks) and two Denoiser replicas (LoRA sets are routed to the replica that holds them);
+  webhooks, the safety checker in block mode that a request may turn off) and two Denoiser replicas (LoRA sets are
+  routed to the replica that holds them);
 - `keyed_app` ("keyed" at /keyed): API keys with per-key rate limits, a short stage timeout, a Denoiser that takes
-  one request at a time with a queue of one, and URL inputs from 127.0.0.1.
+  one request at a time with a queue of one, URL inputs from 127.0.0.1, and the safety checker in blur mode.
+
+Both apps' tiny safety checker flags only images close to its pattern (tests/serve/test_safety.py); the tiny
+pipeline's ordinary outputs score far below its threshold (tests/unit/test_safety.py), so no other test is flagged.
 
 Package-scoped: both apps are deleted and Ray is shut down when the last serve test has run, before any cluster
 test starts a Ray of its own.
@@ -28,9 +32,10 @@ from testkit.net import free_port
 from testkit.serve import ServedApp, deploy, small_stage_options
 
 WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer environment
-# Logical CPUs for the session's Ray: the two apps' 12 replicas ask 0.1 each, a batch job's tasks and actors 3.5
+# Logical CPUs for the session's Ray: the two apps' 14 replicas ask 0.1 each, a batch job's tasks and actors 3.5
 # (prompt encoding 1, face 1, denoise 1, writer 0.5), the caller app 0.1; the rest is headroom, not parallelism.
 RAY_CPUS = 6
+SAFETY_OPTIONS = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.1}}
 
 
 @pytest.fixture(scope="package")
@@ -67,11 +72,11 @@ def webhook_secret() -> str:
 @pytest.fixture(scope="package")
 def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
-    """The app with batching that waits long enough for concurrent clients to meet; async jobs on the session's
-    Redis (short visibility timeout and lease: a consumer killed in a test is replaced in seconds; webhooks to a
-    receiver on loopback, signed); LoRAs: the preset's tiny-style, `fast-style` (tiny-style with steps and guidance
-    of its own) and two files that are not LoRAs for this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the
-    preset's canny and depth, and pose."""
+    """The app with batching that waits long enough for concurrent clients to meet; the safety checker in block mode
+    (a request may turn it off); async jobs on the session's Redis (short visibility timeout and lease: a consumer
+    killed in a test is replaced in seconds; webhooks to a receiver on loopback, signed); LoRAs: the preset's
+    tiny-style, `fast-style` (tiny-style with steps and guidance of its own) and two files that are not LoRAs for
+    this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the preset's canny and depth, and pose."""
     from ray import serve
 
     bad = tmp_path_factory.mktemp("bad-loras")
@@ -89,9 +94,10 @@ def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
                      "webhook_backoff_s": 0.2, "queue_poll_interval_s": 1,
                      "consumer_autoscaling": {"min_replicas": 1, "max_replicas": 1}},
             "loras": {"broken": str(bad), "fast-style": fast_style},
-            "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")}}
+            "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")},
+            "safety": {"mode": "block", "allow_request_disable": True}}
     options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),
-               "JobConsumer": jobs_options}
+               "JobConsumer": jobs_options, "SafetyChecker": SAFETY_OPTIONS}
     live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}
     app = deploy(ray_instance, "instantid", "/", args, _new_bucket("serve"), tiny_root, options=options,
                  user_config=live)
@@ -110,8 +116,9 @@ def api_keys() -> dict[str, str]:
 def keyed_app(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
     """The app under /keyed with keys from a file, a per-key rate limit (30/min, a burst of 12), a 4 s stage
-    timeout, a Denoiser that takes one request at a time with a queue of one and batches of one, and URL inputs
-    from 127.0.0.1; no jobs API, no pose ControlNet."""
+    timeout, a Denoiser that takes one request at a time with a queue of one and batches of one, URL inputs
+    from 127.0.0.1 and the safety checker in blur mode (requests may not turn it off); no jobs API, no pose
+    ControlNet."""
     from ray import serve
 
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
@@ -125,9 +132,9 @@ def keyed_app(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
     live = {"Denoiser": {"max_batch_size": 1},
             "Ingress": {"stage_timeout_s": 4, "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
                                                          "rate_limit_burst": 12}}}
-    args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"]}
-    app = deploy(ray_instance, "keyed", "/keyed", args, _new_bucket("keyed"), tiny_root, options=stages,
-                 user_config=live)
+    args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"], "safety": {"mode": "blur"}}
+    app = deploy(ray_instance, "keyed", "/keyed", args, _new_bucket("keyed"), tiny_root,
+                 options={**stages, "SafetyChecker": SAFETY_OPTIONS}, user_config=live)
     yield app
     serve.delete(app.name)
 

@@ -267,5 +267,6 @@ def test_readyz_answers_from_health_state_while_the_denoiser_is_saturated(keyed_
         assert {busy.result().status_code, queued.result().status_code} <= {200, 504}
     assert saturated, "the denoiser finished before the probe: the test proved nothing"
     assert ready.status_code == 200, ready.text
-    assert ready.json() == {"ready": True, "stages": dict.fromkeys(("face", "prompt", "denoiser", "writer"), True)}
+    assert ready.json() == {"ready": True,
+                            "stages": dict.fromkeys(("face", "prompt", "denoiser", "writer", "safety"), True)}
     assert took < 1.0, took  # no model pass, no queue

@@ -127,7 +127,7 @@ def test_health_readiness_metrics_and_openapi(served_app, astronaut_bytes):
     assert httpx.get(f"{served_app.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{served_app.url}/readyz").json()
     # served_app has the jobs API on, so the JobConsumer's health is part of readiness too.
-    assert ready["ready"] and set(ready["stages"]) == {"face", "prompt", "denoiser", "writer", "jobs"}
+    assert ready["ready"] and set(ready["stages"]) == {"face", "prompt", "denoiser", "writer", "safety", "jobs"}
     for face in (astronaut_bytes, astronaut_bytes):  # a miss or a hit, then surely a hit
         assert post(served_app, {"face_image": b64(face), "prompt": "metrics", **FAST}).status_code == 200
     blank = io.BytesIO()

@@ -94,6 +94,20 @@ def test_build_app_binds_the_five_stages_and_the_job_consumer_from_the_file():
     assert policy.policy_function == "deployments.jobs.task_queue:JobQueuePolicy"
 
 
+
+def test_safety_in_args_binds_a_safety_checker_that_answers_a_full_queue_with_retry_after():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from deployments.app import build_app
+
+    config = validate_serve_config(yaml.safe_load(SERVE_CONFIG_PATH.read_text()))
+    args = {**config.args.model_dump(mode="json"), "jobs": None, "safety": {"mode": "flag"}}
+    built = serve_build(build_app(args), name="instantid")
+    assert {d.name for d in built.deployments} == {"Ingress", "FaceAnalysis", "PromptEncoder", "Denoiser",
+                                                   "OutputWriter", "SafetyChecker"}
+    (safety,) = [d for d in built.deployments if d.name == "SafetyChecker"]
+    assert safety.backpressure_config.retry_after_s == config.ingress.retry_after_s
+
 def test_url_inputs_need_an_allow_list_of_hosts():
     import pytest
     from pydantic import ValidationError

@@ -226,13 +226,16 @@ function renderSizePresets(container) {
   container.insertBefore(pair, wrap.nextSibling);
 }
 
+// The safety checker's off switch is offered only where the operator allows it (elsewhere the server answers 400).
+const offered = (name) => name !== "safety_checker" || Boolean(state.options.safety?.allow_request_disable);
+
 function buildForm() {
   const props = state.schema.properties;
   const required = state.schema.required || [];
   const main = $("fields"), more = $("advanced-fields");
   for (const [name] of LAYOUT) if (props[name]) main.append(renderField(name, props[name], required.includes(name)));
   for (const [name, schema] of Object.entries(props)) {
-    if (!LABELS[name]) more.append(renderField(name, schema, required.includes(name)));
+    if (!LABELS[name] && offered(name)) more.append(renderField(name, schema, required.includes(name)));
   }
   $("advanced").hidden = !more.children.length;
   renderSizePresets(main);
