@@ -4,7 +4,15 @@ first: the serve package's Ray is shut down (its fixtures are package-scoped) be
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# One torch (OpenMP) thread in this process and the ones it starts (CLI and bench subprocesses, Ray's workers, which
+# Ray gives one already): the suite's models are tiny, so a second thread buys nothing and its barrier spins while
+# the other process on a 2-core runner wants the core (test_denoise, test_accel and test_img2img: 34.5 s with two
+# threads, 31.3 s with one, on a quiet machine). Set before anything imports torch; a caller's own value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = ["tests.fixtures_tiny", "tests.fixtures_s3", "tests.fixtures_redis"]
 
