@@ -9,6 +9,7 @@ awaits once, at the end. The same `generate` method serves HTTP and Python `Depl
 
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -186,8 +187,11 @@ class Ingress:
         ttl_s = link_ttl(request.output.url_ttl_s, self.settings.links)  # before any work: a 400 costs nothing
         written = await self._written_before(job_id, request.output.prefix) if rerun and not inline else None
         if written is None:
-            with self.metrics.track():  # HTTP and handle callers alike, by outcome code
-                written = await self._generate(request, inline, request_id, job_id, new_id)
+            holding = (self.jobs.lease_held(job_id, attempt) if self.jobs.enabled and job_id is not None
+                       and attempt is not None else contextlib.nullcontext())
+            async with holding:
+                with self.metrics.track():  # HTTP and handle callers alike, by outcome code
+                    written = await self._generate(request, inline, request_id, job_id, new_id)
         if ttl_s:  # presigning is local work, but boto3's first client loads its models: off the event loop
             written.urls, written.urls_expire_at = await asyncio.to_thread(self.links.make, written.images, ttl_s)
         written.notice = self.config.notice

@@ -15,10 +15,11 @@ A full backlog (`jobs.max_queued` jobs waiting) answers 429 `jobs_backlog_full`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -109,6 +110,27 @@ class JobsAPI:
             await self._redis(lambda: self.store.complete(job_id, attempt, result))
         except JobsUnavailable:
             logger.warning("job %s: done, but not recorded by the Ingress (Redis unavailable)", job_id)
+
+    @contextlib.asynccontextmanager
+    async def lease_held(self, job_id: str, attempt: int) -> AsyncIterator[None]:
+        """While a job's run is in this process, renew its lease as its consumer does (fenced by `attempt`): a
+        consumer that died leaves the run here, and the job's redelivery then waits for it instead of running the
+        job a second time beside it. A Redis error only skips a renewal; it never fails the run."""
+        period_s = self.config.jobs.lease_s / 3
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(period_s)
+                try:
+                    await self._redis(lambda: self.store.renew_lease(job_id, attempt))
+                except JobsUnavailable:
+                    pass  # logged by _redis; the next period tries again
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewer.cancel()
 
     async def status(self, job_id: str) -> JobStatus:
         return await self._existing(job_id, lambda: self.store.get(job_id))

@@ -125,7 +125,13 @@ class JobStore:
             _index(pipe, status)
             pipe.execute()
 
-    def renew_lease(self, job_id: str) -> None:
+    def renew_lease(self, job_id: str, attempt: int | None = None) -> None:
+        """Refresh the running job's lease; with `attempt`, only while the job still runs as that attempt (the
+        Ingress's renewals stop mattering once the job is done, cancelled or taken over)."""
+        if attempt is not None:
+            status = self.get(job_id)
+            if status is None or status.status != "running" or status.attempts != attempt:
+                return
         key = job_key(job_id)
         now = time.time()
         with self.redis.pipeline() as pipe:

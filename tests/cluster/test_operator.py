@@ -27,7 +27,7 @@ import httpx
 import pytest
 import yaml
 
-from instantid_app.config import DEFAULT_OPTIONS, SERVE_CONFIG_PATH, app_entry
+from instantid_app.config import DEFAULT_OPTIONS, SERVE_CONFIG_PATH, app_entry, app_spec
 from testkit.api import FAST, b64
 from testkit.net import free_port
 
@@ -120,10 +120,11 @@ def operator_config(tiny_dir: Path, out_dir: Path, http_port: int, broker_url: s
     app["args"]["output_uri"] = out_dir.as_uri()
     app["args"]["jobs"].update(broker_url=broker_url, broker_url_env=None)
     app["args"]["jobs"]["consumer_autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
+    deployed = {name for name, _ in app_spec(config).stages()}  # the file's app: no SafetyChecker without `safety`
     app["deployments"] = [{"name": name, "ray_actor_options": {**options.get("ray_actor_options", {}), "num_cpus": 0.1},
                            **({} if name == "JobConsumer" else {"autoscaling_config": {
                                **options["autoscaling_config"], "min_replicas": 1, "max_replicas": 1}})}
-                          for name, options in DEFAULT_OPTIONS.items()]
+                          for name, options in DEFAULT_OPTIONS.items() if name in deployed]
     return config
 
 
