@@ -35,9 +35,10 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_tiny_quick_run_reports_every_configuration(tmp_path, tiny_root):
-    # Batch 1 only: a CPU runner is shared, and the batch loop is the same code for every size. The session's tiny
-    # preset: the bench reads it as it is (ensure_tiny_preset writes only a folder that is not complete).
-    report, stdout = _run_bench(tmp_path, "--tiny", "--models-dir", str(tiny_root), "--batches", "1")
+    # Batch 1 and one timed call only: a CPU runner is shared, and the loops are the same code for every size and
+    # repeat. The session's tiny preset: the bench reads it as it is (ensure_tiny_preset writes only a folder that
+    # is not complete).
+    report, stdout = _run_bench(tmp_path, "--tiny", "--models-dir", str(tiny_root), "--batches", "1", "--repeats", "1")
     from bench import gpu
 
     assert report["schema"] == gpu.SCHEMA and report["plan"]["models"] == "tiny"

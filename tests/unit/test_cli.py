@@ -32,14 +32,15 @@ def blank_png(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_weights_tiny_check_and_generate_write_a_png_and_sidecar(tmp_path: Path) -> None:
-    """As a user runs it: the console script, three fresh processes."""
+    """As a user runs it: `weights tiny` and `weights check` through main(), then `generate` as the console script in
+    a fresh process (imports, warnings and exit code as a user meets them)."""
     weights, out = tmp_path / "weights", tmp_path / "out"
 
-    tiny = run_cli_subprocess("weights", "tiny", weights, cwd=tmp_path)
+    tiny = run_cli("weights", "tiny", weights)
     assert tiny.returncode == 0, tiny.stderr
     assert f"wrote the tiny preset to {weights}" in tiny.stdout
 
-    check = run_cli_subprocess("weights", "check", weights, cwd=tmp_path)
+    check = run_cli("weights", "check", weights)
     assert check.returncode == 0, check.stderr
     assert check.stdout.startswith("ok: ") and str(weights / "sdxl") in check.stdout
 
