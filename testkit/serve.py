@@ -26,10 +26,11 @@ def small_stage_options(**denoiser) -> dict[str, dict]:
 
 
 def deploy(port: int, name: str, route_prefix: str, args: dict, bucket: str, tiny_dir: Path,
-           options: dict[str, dict] | None = None, user_config: dict[str, dict] | None = None) -> ServedApp:
-    """Deploy the app under `name` and wait until it is ready: `args` over the test's (tiny preset, the S3 bucket),
-    `options` (deployment name -> Serve options, default small_stage_options()) and `user_config` (deployment name
-    -> its live settings). Delete it with `serve.delete(app.name)`."""
+           options: dict[str, dict] | None = None, user_config: dict[str, dict] | None = None,
+           wait: bool = True) -> ServedApp:
+    """Deploy the app under `name` and (with `wait`) wait until it is ready: `args` over the test's (tiny preset,
+    the S3 bucket), `options` (deployment name -> Serve options, default small_stage_options()) and `user_config`
+    (deployment name -> its live settings). Delete it with `serve.delete(app.name)`."""
     from ray import serve
 
     from deployments.app import build_app_from_spec
@@ -44,7 +45,8 @@ def deploy(port: int, name: str, route_prefix: str, args: dict, bucket: str, tin
         "allowed_input_buckets": [bucket], **args}, "deployments": entries})
     serve.run(build_app_from_spec(config), name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
-    wait_ready(url)
+    if wait:
+        wait_ready(url)
     return ServedApp(name, url, bucket, tiny_dir, config)
 
 

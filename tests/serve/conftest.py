@@ -11,8 +11,8 @@ it, both on the session's tiny preset, writing to the S3 test server:
 Both apps' tiny safety checker flags only images close to its pattern (tests/serve/test_safety.py); the tiny
 pipeline's ordinary outputs score far below its threshold (tests/unit/test_safety.py), so no other test is flagged.
 
-Package-scoped: both apps are deleted and Ray is shut down when the last serve test has run, before any cluster
-test starts a Ray of its own.
+Package-scoped: both apps are deployed together (the first serve test waits for both) and deleted, and Ray shut
+down, when the last serve test has run, before any cluster test starts a Ray of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from testkit.net import free_port
+from testkit.net import free_port, wait_ready
 from testkit.serve import ServedApp, deploy, small_stage_options
 
 WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer environment
@@ -50,7 +50,10 @@ def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
     # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
     # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
     assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    # Metrics reach the scrape endpoint every second instead of Ray's default 10 s: the tests that read a counter
+    # or gauge (jobs backlog, safety flags, access) wait for the export, not for the app.
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1",
+             _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -69,16 +72,13 @@ def webhook_secret() -> str:
     return WEBHOOK_SECRET
 
 
-@pytest.fixture(scope="package")
-def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+def _deploy_served(ray_instance: int, tiny_root: Path, redis_url: str,
+                   tmp_path_factory: pytest.TempPathFactory) -> ServedApp:
     """The app with batching that waits long enough for concurrent clients to meet; the safety checker in block mode
     (a request may turn it off); async jobs on the session's Redis (short visibility timeout and lease: a consumer
     killed in a test is replaced in seconds; webhooks to a receiver on loopback, signed); LoRAs: the preset's
     tiny-style, `fast-style` (tiny-style with steps and guidance of its own) and two files that are not LoRAs for
     this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the preset's canny and depth, and pose."""
-    from ray import serve
-
     bad = tmp_path_factory.mktemp("bad-loras")
     save_file({"foo.weight": torch.zeros(2, 2)}, str(bad / "not-a-lora.safetensors"))
     # A LoRA for the real SDXL UNet (1280-wide attention) does not fit the tiny one.
@@ -99,10 +99,8 @@ def served_app(ray_instance: int, tiny_root: Path, redis_url: str,
     options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),
                "JobConsumer": jobs_options, "SafetyChecker": SAFETY_OPTIONS}
     live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}
-    app = deploy(ray_instance, "instantid", "/", args, _new_bucket("serve"), tiny_root, options=options,
-                 user_config=live)
-    yield app
-    serve.delete(app.name)
+    return deploy(ray_instance, "instantid", "/", args, _new_bucket("serve"), tiny_root, options=options,
+                  user_config=live, wait=False)
 
 
 @pytest.fixture(scope="package")
@@ -112,15 +110,12 @@ def api_keys() -> dict[str, str]:
     return {name: f"{name}-{secrets.token_hex(16)}" for name in ("full", "poller", "load", "play", "unknown")}
 
 
-@pytest.fixture(scope="package")
-def keyed_app(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedApp]:
+def _deploy_keyed(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
+                  tmp_path_factory: pytest.TempPathFactory) -> ServedApp:
     """The app under /keyed with keys from a file, a per-key rate limit (30/min, a burst of 12), a 4 s stage
     timeout, a Denoiser that takes one request at a time with a queue of one and batches of one, URL inputs
     from 127.0.0.1 and the safety checker in blur mode (requests may not turn it off); no jobs API, no pose
     ControlNet."""
-    from ray import serve
-
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys.yaml"
     keys_file.write_text(yaml.safe_dump({"keys": [
         {"name": "full", "key": api_keys["full"], "actions": ["generate", "jobs"]},
@@ -133,10 +128,34 @@ def keyed_app(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
             "Ingress": {"stage_timeout_s": 4, "access": {"api_keys_file": str(keys_file), "rate_limit_per_minute": 30,
                                                          "rate_limit_burst": 12}}}
     args = {"allow_url_inputs": True, "allowed_url_hosts": ["127.0.0.1"], "safety": {"mode": "blur"}}
-    app = deploy(ray_instance, "keyed", "/keyed", args, _new_bucket("keyed"), tiny_root,
-                 options={**stages, "SafetyChecker": SAFETY_OPTIONS}, user_config=live)
-    yield app
-    serve.delete(app.name)
+    return deploy(ray_instance, "keyed", "/keyed", args, _new_bucket("keyed"), tiny_root,
+                  options={**stages, "SafetyChecker": SAFETY_OPTIONS}, user_config=live, wait=False)
+
+
+@pytest.fixture(scope="package")
+def session_apps(ray_instance: int, tiny_root: Path, redis_url: str, api_keys: dict[str, str],
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServedApp]]:
+    """Both apps, deployed together so that their replicas start side by side (the package's longest wait), both
+    ready before a test uses either; deleted when the package ends."""
+    from ray import serve
+
+    apps = {"served": _deploy_served(ray_instance, tiny_root, redis_url, tmp_path_factory),
+            "keyed": _deploy_keyed(ray_instance, tiny_root, api_keys, tmp_path_factory)}
+    for app in apps.values():
+        wait_ready(app.url)
+    yield apps
+    for app in apps.values():
+        serve.delete(app.name)
+
+
+@pytest.fixture(scope="package")
+def served_app(session_apps: dict[str, ServedApp]) -> ServedApp:
+    return session_apps["served"]
+
+
+@pytest.fixture(scope="package")
+def keyed_app(session_apps: dict[str, ServedApp]) -> ServedApp:
+    return session_apps["keyed"]
 
 
 @pytest.fixture(scope="package")

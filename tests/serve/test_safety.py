@@ -43,6 +43,7 @@ def _metric(name: str, app: str) -> float:
 def test_block_mode_writes_nothing_of_a_flagged_request_and_answers_422_naming_the_images(served_app,
                                                                                           astronaut_bytes):
     flagged_before = _metric("ray_instantid_safety_flagged_images_total", served_app.name)
+    checked_before = _metric("ray_instantid_safety_checked_images_total", served_app.name)
     request_id = f"unsafe-{uuid.uuid4().hex[:8]}"
     response = post(served_app, _flagged_request(astronaut_bytes, num_images=2),
                     headers={"x-request-id": request_id})
@@ -51,8 +52,9 @@ def test_block_mode_writes_nothing_of_a_flagged_request_and_answers_422_naming_t
     assert error["code"] == "unsafe_content" and error["images"] == [0, 1]
     assert not [key for key in s3_keys(served_app.bucket) if request_id in key]  # no image, no sidecar
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
-    while _metric("ray_instantid_safety_flagged_images_total", served_app.name) < flagged_before + 2:
-        assert time.monotonic() < deadline, "the flag counter never counted the two images"
+    while (_metric("ray_instantid_safety_flagged_images_total", served_app.name) < flagged_before + 2
+           or _metric("ray_instantid_safety_checked_images_total", served_app.name) < checked_before + 2):
+        assert time.monotonic() < deadline, "the flag and checked counters never counted the two images"
         time.sleep(0.5)
 
 
