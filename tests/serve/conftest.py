@@ -50,10 +50,7 @@ def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
     # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
     # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
     assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
-    # Metrics reach the scrape endpoint every second instead of Ray's default 10 s: the tests that read a counter
-    # or gauge (jobs backlog, safety flags, access) wait for the export, not for the app.
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1",
-             _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
