@@ -8,9 +8,10 @@ died to another one after the visibility timeout (`jobs.redelivery_bound_s` stat
 lease decides who runs it: a delivery that finds the job running under a fresh lease waits, and takes it over
 only once that lease goes stale. The consumer renews the lease while it waits on the Ingress, and the Ingress
 renews it while the run is in its hands (JobsAPI.lease_held), so a consumer that dies mid-run leaves a run whose
-redelivery waits for it rather than running it a second time beside it. Outputs are written once: the Ingress marks the job done as soon as its run
-writes them (fenced by the attempt number), so a consumer that dies after that leaves a finished job, and its
-redelivery only sends the webhook, under a claim that keeps a second delivery from calling it again.
+redelivery waits for it rather than running it a second time beside it. Outputs are written once: the Ingress
+marks the job done as soon as its run writes them (fenced by the attempt number), so a consumer that dies after
+that leaves a finished job, and its redelivery only sends the webhook, under a claim that keeps a second delivery
+from calling it again.
 
 A graceful stop (scale-down, redeploy, node drain) waits for the replica's running jobs (`__del__`, within the
 deployment's graceful_shutdown_timeout_s, which must reach `jobs.run_timeout_s`): a stop never abandons a job
