@@ -12,7 +12,7 @@ from typing import Any
 from instantid_app.cache import LRUCache
 from instantid_core.config import GenerateParams, SafetyMode, Scheduler
 from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
-from instantid_core.safety import NOT_CONFIGURED, SafetyReport, apply_safety
+from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
 from instantid_core.storage import OutputStore
 
 from .pairs import INPUT_PHOTO, BatchSettings, pair_id, pair_seed, resolve_models
@@ -137,7 +137,8 @@ class WriteStage:
                 try:
                     arrays = pickle.loads(batch["images"][i])
                     height, width = arrays.shape[1:3]
-                    kept, safety = self._apply_safety(arrays, json.loads(batch["flagged"][i]))
+                    kept, safety = safety_outcome(arrays, json.loads(batch["flagged"][i]), self.safety_mode,
+                                                  NOT_CONFIGURED)
                     record["safety"] = safety.model_dump(mode="json", exclude_none=True)
                     meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
                                                                                 self.base_seed[prompt_id]),
@@ -158,8 +159,3 @@ class WriteStage:
                 record["message"] = batch["message"][i]
             records.append(json.dumps(record))
         return {"record": records}
-
-    def _apply_safety(self, arrays: Any, flagged: list[bool] | None) -> tuple[list[Any], SafetyReport]:
-        if flagged is None or self.safety_mode is None:
-            return list(arrays), SafetyReport.unchecked(NOT_CONFIGURED)
-        return apply_safety(arrays, flagged, self.safety_mode)

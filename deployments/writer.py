@@ -13,7 +13,7 @@ import numpy as np
 from instantid_app.config import AppConfig
 from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
-from instantid_core.safety import SafetyReport, apply_safety
+from instantid_core.safety import safety_outcome
 from instantid_core.sidecar import build_sidecar
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
@@ -45,17 +45,13 @@ class OutputWriter:
         with self.metrics.track():
             return await self._write(result, request_id, seed, params, recorded, fmt, prefix, inline, unchecked)
 
-    def _apply_safety(self, result: DenoiseResult, unchecked: str | None) -> tuple[list[Any], SafetyReport]:
-        safety = self.config.safety
-        if result.flagged is None or safety is None:
-            return list(result.images), SafetyReport.unchecked(unchecked or "no safety checker looked at the images")
-        return apply_safety(result.images, result.flagged, safety.mode)
-
     async def _write(self, result: DenoiseResult, request_id: str, seed: int, params: GenerateParams,
                      recorded: dict[str, Any], fmt: str, prefix: str | None, inline: bool,
                      unchecked: str | None) -> GenerateResponse:
         start = time.perf_counter()
-        images, safety = await asyncio.to_thread(self._apply_safety, result, unchecked)  # blurring takes a while
+        mode = self.config.safety.mode if self.config.safety is not None else None
+        images, safety = await asyncio.to_thread(  # blurring takes a while
+            safety_outcome, result.images, result.flagged, mode, unchecked or "no safety checker looked at the images")
         encoded = await asyncio.to_thread(lambda: [encode_image(image, fmt) for image in images])
         timings = {**result.timings, "encode": time.perf_counter() - start}
         # as_run: what ran (a LoRA's preset may have chosen it), so the sidecar replays exactly.

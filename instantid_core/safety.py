@@ -116,3 +116,12 @@ def apply_safety(images: np.ndarray, flagged: list[bool], mode: SafetyMode) -> t
     if mode == SafetyMode.blur:
         return [blur(image) if f else image for image, f in zip(images, flagged, strict=True)], report
     return list(images), report
+
+
+def safety_outcome(images: np.ndarray, flagged: list[bool] | None, mode: SafetyMode | None,
+                   unchecked_reason: str) -> tuple[list[np.ndarray], SafetyReport]:
+    """What the writers (serving app, batch job) write and record: `apply_safety` when a checker ran under a
+    mode, otherwise the images as they are and why no checker looked at them."""
+    if flagged is None or mode is None:
+        return list(images), SafetyReport.unchecked(unchecked_reason)
+    return apply_safety(images, flagged, mode)
