@@ -60,9 +60,10 @@ demo-cli: setup $(TINY)/.done
 		--prompt "an astronaut portrait, watercolor" --style Watercolor --steps 8 --width 512 --height 512 \
 		--seed 42 --out $(OUT)
 
-# tests/unit, then tests/serve (one Ray, two apps), then tests/cluster (clusters of their own): see tests/conftest.py.
+# Two workers: one runs tests/serve (one Ray, two apps) then tests/cluster (clusters of their own), the other
+# tests/unit, tests/batch and the rest, a module at a time (tests/conftest.py). `pytest` alone runs them in one process.
 test: setup redis-server promtool
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadgroup
 
 lint: setup
 	$(PY) -m ruff check instantid_core instantid_app instantid_cli deployments batch bench testkit tests

@@ -3,9 +3,11 @@ models loaded once."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from instantid_core.config import PipelineSettings
 from testkit.api import FACE
@@ -13,10 +15,17 @@ from testkit.api import FACE
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny preset (its LoRAs, extra ControlNets and depth model included), marked complete as the apps expect."""
+    """The tiny preset (its LoRAs, extra ControlNets and depth model included), marked complete as the apps expect.
+
+    Under pytest-xdist, one for the run: the first worker writes it into the run's shared temp folder under a file
+    lock, the other finds it complete (ensure_tiny_preset writes only a folder that is not)."""
     from instantid_core.tiny import ensure_tiny_preset
 
-    return ensure_tiny_preset(tmp_path_factory.mktemp("weights") / "tiny")
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return ensure_tiny_preset(tmp_path_factory.mktemp("weights") / "tiny")
+    run_root = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    with FileLock(str(run_root / "tiny-preset.lock")):
+        return ensure_tiny_preset(run_root / "weights" / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,11 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
 def test_tiny_quick_run_reports_every_configuration(tmp_path, tiny_root):
     # Batch 1 and one timed call only: a CPU runner is shared, and the loops are the same code for every size and
     # repeat. The session's tiny preset: the bench reads it as it is (ensure_tiny_preset writes only a folder that
-    # is not complete).
-    report, stdout = _run_bench(tmp_path, "--tiny", "--models-dir", str(tiny_root), "--batches", "1", "--repeats", "1")
+    # is not complete). The cold-start children run the eager baseline: the harness (a fresh process per cache
+    # state, ready and first-image times) is the same for every configuration, and the default's compile (its rows
+    # above compile it already) cost each child ~10 s here.
+    report, stdout = _run_bench(tmp_path, "--tiny", "--models-dir", str(tiny_root), "--batches", "1", "--repeats", "1",
+                                "--cold-config", "baseline")
     from bench import gpu
 
     assert report["schema"] == gpu.SCHEMA and report["plan"]["models"] == "tiny"
@@ -58,7 +61,8 @@ def test_tiny_quick_run_reports_every_configuration(tmp_path, tiny_root):
     baseline = [row for row in report["rows"] if row["config"] == "baseline"]
     assert all(row["max_abs_diff"] == 0 and row["psnr_db"] is None for row in baseline)
     assert report["matmul"]["tflops"] > 0 and report["flops"]["per_step"] > 0 and report["flops"]["fixed"] > 0
-    assert [c["cache"] for c in report["cold_start"]] == ["empty_cache", "warm_cache"]
+    assert [(c["config"], c["cache"]) for c in report["cold_start"]] == [("baseline", "empty_cache"),
+                                                                          ("baseline", "warm_cache")]
     assert all(c["status"] == "ok" and c["first_image_s"] >= c["ready_s"] > 0 for c in report["cold_start"])
     assert report["chosen"] is not None and report["chosen"]["batch"] == 1
     assert "| config | batch | status |" in stdout and "not evaluated" in stdout

@@ -106,7 +106,7 @@ def check_outputs_match_manifest(bucket: str, expected: dict[str, str]) -> None:
 
 
 def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again(
-        s3_bucket, astronaut_bytes, batch_settings, prompts_file, ray_instance):
+        s3_bucket, astronaut_bytes, batch_settings, prompts_file, batch_ray):
     expected = upload_image_set(s3_bucket, astronaut_bytes)
     summary = run_batch(f"s3://{s3_bucket}/faces/", load_prompts(prompts_file), f"s3://{s3_bucket}/out/",
                         batch_settings, PARAMS, progress=False)
@@ -142,16 +142,14 @@ def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again
 
 
 def test_killed_batch_job_resumes_without_duplicates_or_losses(s3_bucket, astronaut_bytes, batch_settings,
-                                                                prompts_file, ray_instance, tmp_path):
+                                                                prompts_file, batch_ray, tmp_path):
     expected = upload_image_set(s3_bucket, astronaut_bytes)
     command = [sys.executable, "-m", "instantid_cli", "batch", "--input", f"s3://{s3_bucket}/faces/", "--prompts",
                str(prompts_file), "--output", f"s3://{s3_bucket}/out/", "--params", json.dumps(PARAMS),
                "--weights", str(batch_settings.sources.sdxl).removesuffix("/sdxl"), "--no-progress"]
-    # The job's driver joins the session's Ray (as `ray job submit` would run it on a cluster), so the kill below
+    # The job's driver joins the package's Ray (as `ray job submit` would run it on a cluster), so the kill below
     # takes a driver and its actors away from a cluster that stays up.
-    import ray
-
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": batch_ray}
     job = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=open(tmp_path / "job.log", "wb"))
     deadline = time.monotonic() + 240

@@ -17,7 +17,7 @@ from instantid_core.errors import InvalidParameter
 
 
 def test_batch_inpaint_face_keeps_each_photo_outside_its_face(tmp_path, astronaut_bytes, tiny_root,
-                                                              ray_instance):
+                                                              batch_ray):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     photo = Image.open(io.BytesIO(astronaut_bytes)).convert("RGB").resize((128, 128))
