@@ -89,10 +89,10 @@ class RequestPhotos:
     init: bytes | None = None  # img2img / inpainting
     mask: bytes | None = None
     face_names: list[str] | None = None  # default face_image[i]
-    identities: list[list[bytes]] | None = None  # issue 23: each identity's photos (then `faces` is empty)
     pose_name: str = "pose_image"
     init_name: str = "init_image"
     mask_name: str = "mask_image"
+    identities: list[list[bytes]] | None = None  # issue 23: each identity's photos (then `faces` is empty)
 
 
 def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: GenerateParams, settings: PipelineSettings,
@@ -322,6 +322,7 @@ class GenerationResult:
     height: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
+    face: FaceCondition | None = None  # where the faces went (the identities form records it in the sidecar)
 
 
 class InstantIDPipeline:
@@ -342,9 +343,11 @@ class InstantIDPipeline:
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
                  pose_name: str = "pose_image", init_image: bytes | None = None, mask_image: bytes | None = None,
-                 init_name: str = "init_image", mask_name: str = "mask_image") -> GenerationResult:
+                 init_name: str = "init_image", mask_name: str = "mask_image",
+                 identity_images: list[list[bytes]] | None = None) -> GenerationResult:
         """Run face analysis, prompt encoding and denoising for one request; with `init_image` (and `mask_image`
-        or `params.inpaint_face`) as img2img / inpainting.
+        or `params.inpaint_face`) as img2img / inpainting; with `params.identities`, `identity_images` holds each
+        identity's photos (and `face_images` is empty).
 
         `face_names` / `pose_name` / `init_name` / `mask_name` name the inputs in error messages (default the API
         field names); the CLI passes the file paths."""
@@ -353,7 +356,7 @@ class InstantIDPipeline:
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
         photos = RequestPhotos(face_images, pose_image, init_image, mask_image, face_names, pose_name, init_name,
-                               mask_name)
+                               mask_name, identities=identity_images)
         face = face_condition(self.face, photos, params, self.settings)
         timings["face"] = time.perf_counter() - start
 
@@ -364,11 +367,12 @@ class InstantIDPipeline:
         start = time.perf_counter()
         controls = self.denoiser.controls.prepare(
             params.controls, [_control_image(c) for c in params.controls],
-            pose_image if pose_image is not None else face_images[0], (face.width, face.height))
+            pose_image if pose_image is not None else (face_images or identity_images[0])[0],
+            (face.width, face.height))
         request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler, controls)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
-        return GenerationResult(images, seed, face.width, face.height, timings, params)
+        return GenerationResult(images, seed, face.width, face.height, timings, params, face)
 
 
 def _control_image(control: ControlParams) -> bytes | None:

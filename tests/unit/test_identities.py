@@ -12,6 +12,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from PIL import Image, ImageOps
 from pydantic import ValidationError
+from skimage import data as skimage_data
 from torch import nn
 
 from instantid_core.adapter import NUM_FACE_TOKENS, IdentityAttnProcessor
@@ -180,6 +181,22 @@ def test_two_identities_are_placed_in_their_boxes_with_their_own_faces(analyzer)
     np.testing.assert_allclose(b.keypoints, preset_keypoints(PosePreset.profile_left, (130, 40, 250, 160)))
     assert not np.array_equal(a.embedding, b.embedding)
 
+
+
+def test_identities_without_boxes_take_the_pose_photos_faces_left_to_right(analyzer):
+    # The astronaut large on the right, mirrored and smaller bottom left: largest-first would pick the right one.
+    crop = skimage_data.astronaut()[0:320, 96:352]
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(crop[:, ::-1])).resize((179, 224)))
+    canvas = np.full((480, 256 + 179, 3), 128, np.uint8)
+    canvas[480 - 224:, :179] = small
+    canvas[:320, 179:] = crop
+    photo = FACE.read_bytes()
+    placed = face_condition(analyzer, RequestPhotos([], pose=png_bytes(Image.fromarray(canvas)),
+                                                    identities=[[photo], [photo]]),
+                            GenerateParams(prompt="x", width=256, height=256, identities=[{}, {}]), PipelineSettings())
+    left, right = placed.identities
+    assert left.face_box[2] <= right.face_box[0]  # the first identity on the left face, apart from the second
+    assert (left.face_box[2] - left.face_box[0]) < (right.face_box[2] - right.face_box[0])  # the smaller one
 
 
 @pytest.mark.parametrize(("identities", "field"), [
