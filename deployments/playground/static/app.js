@@ -237,7 +237,11 @@ function boxPreview(set) {
   };
   set.addEventListener("input", draw);
   set.addEventListener("click", () => setTimeout(draw));  // rows added or removed
-  setTimeout(draw);
+  setTimeout(() => {  // the size fields are rendered after this list
+    for (const side of ["width", "height"]) $(fieldId(side))?.addEventListener("input", draw);
+    $("size-preset")?.addEventListener("change", draw);
+    draw();
+  });
   return el("div", { class: "field" }, el("p", { class: "help", text: "Boxes on the image:" }), canvas);
 }
 
@@ -386,7 +390,10 @@ function checkFiles() {
     }
   }
   const face = document.querySelector('[name="face_image"]');
-  if (face && !face.files.length) throw new FieldError("face_image", "Add a face photo: the image is made from it.");
+  const people = document.querySelectorAll('[name="identities"] .list-rows > fieldset').length;
+  if (face && !face.files.length && !people) {
+    throw new FieldError("face_image", "Add a face photo (or people): the image is made from it.");
+  }
   const prompt = document.querySelector('[name="prompt"]');
   if (prompt && !prompt.value.trim()) throw new FieldError("prompt", "Write a prompt: describe the picture you want.");
   const seed = document.querySelector('[name="seed"]');
