@@ -135,8 +135,10 @@ class InputReader:
             if missing:
                 raise InvalidParameter(f"identities[{missing[0]}].face_image: params.identities has no entry "
                                        f"{missing[0]}", field=f"identities[{missing[0]}].face_image")
-            encoded["identities"] = [{**entry, "face_image": identity_photos.get(i, [])} if isinstance(entry, dict)
-                                     else entry for i, entry in enumerate(given)]
+            # an entry without parts keeps the face_image its params give (base64 or s3://)
+            encoded["identities"] = [{**entry, "face_image": identity_photos[i]}
+                                     if isinstance(entry, dict) and i in identity_photos else entry
+                                     for i, entry in enumerate(given)]
         if pose is not None and hasattr(pose, "read"):
             encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
         for name in ("init_image", "mask_image"):  # img2img / inpainting photos
