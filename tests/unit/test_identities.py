@@ -16,6 +16,7 @@ from skimage import data as skimage_data
 from torch import nn
 
 from instantid_core.adapter import NUM_FACE_TOKENS, IdentityAttnProcessor
+from instantid_core.batching import run_grouped
 from instantid_core.config import GenerateParams, PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.denoise_types import OtherIdentity
@@ -144,6 +145,22 @@ def test_changing_identity_b_changes_its_region_and_barely_touches_a(denoiser, p
     assert in_a < 0.5 * in_b
     assert in_a < 0.25 * a_own
     assert in_a < unmasked
+
+
+def test_requests_with_as_many_identities_share_a_batch_and_each_equals_its_run_alone(denoiser, prompt_encoder):
+    prompt = prompt_encoder.encode("two people", "")
+    rng = np.random.default_rng(5)
+    pairs = [_two_people(rng.standard_normal(512).astype(np.float32), prompt) for _ in range(2)]
+    single = DenoiseRequest(prompt=prompt, face_embedding=rng.standard_normal(512).astype(np.float32),
+                            kps_image=pairs[0].kps_image, face_box=LEFT, seed=9)
+    two, one = (BatchKey(WIDTH, HEIGHT, 2, Scheduler.euler, identities=k) for k in (2, 1))
+    calls = []
+    outcomes = run_grouped(denoiser, [(pairs[0], two), (single, one), (pairs[1], two)],
+                           on_group=lambda key, indices, *_: calls.append((key.identities, indices)))
+    assert calls == [(2, [0, 2]), (1, [1])]  # the batch key keeps the counts apart, joins the equal ones
+    for outcome, (request, key) in zip(outcomes, [(pairs[0], two), (single, one), (pairs[1], two)], strict=True):
+        alone = denoiser([request], key)[0]
+        assert np.abs(outcome.astype(int) - alone.astype(int)).max() <= 1  # float rounding, as test_denoise's
 
 
 def condition(analyzer, photos: RequestPhotos, **params):
