@@ -86,3 +86,21 @@ def test_batch_params_place_each_row_beside_a_fixed_second_person(tmp_path, astr
     meta = json.loads(meta_path.read_text())
     assert [who["box"] for who in meta["identities"]] == [LEFT, RIGHT]
     assert meta["identities"][0]["face_image_sha256"] == [hashlib.sha256(astronaut_bytes).hexdigest()]
+
+
+def test_the_handle_takes_identities_and_the_sidecar_replays_in_the_library(served_app, astronaut_bytes, library):
+    from ray import serve
+
+    from deployments.schemas import GenerateRequest
+    from instantid_core.config import GenerateParams
+
+    mirrored = png_bytes(ImageOps.mirror(Image.open(FACE)))
+    request = GenerateRequest(prompt="two people", **FAST, identities=[
+        {"face_image": b64(astronaut_bytes), "box": LEFT},
+        {"face_image": b64(mirrored), "box": RIGHT, "identitynet_strength": 0.5}])
+    response = serve.get_app_handle(served_app.name).generate.remote(request).result(timeout_s=180)
+    meta = json.loads(s3_read(response.metadata))
+    replay = library.generate([], GenerateParams.model_validate(meta["params"]), seed=meta["seed"],
+                              identity_images=[[astronaut_bytes], [mirrored]])
+    served = png_pixels(s3_read(response.images[0]))
+    assert np.abs(served.astype(int) - replay.images[0].astype(int)).max() <= 1  # float rounding across processes
