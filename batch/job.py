@@ -35,7 +35,8 @@ from .stages import DenoiseStage, FaceStage, WriteStage
 def split_photo_params(params: dict[str, Any], store: OutputStore,
                        pipeline: PipelineSettings) -> tuple[dict[str, Any], dict[str, bytes]]:
     """--params minus `init_image` / `mask_image` (a path or s3:// URI, read here once, or "$input" for
-    init_image), and those photos' bytes, checked to decode before the job starts."""
+    init_image) and each `identities[i].face_image` (a path or s3:// URI, or "$input", the default: the row's photo),
+    and those photos' bytes, checked to decode before the job starts."""
     from instantid_core.images import load_image
 
     params, photos = dict(params), {}
@@ -56,6 +57,25 @@ def split_photo_params(params: dict[str, Any], store: OutputStore,
         load_image(data, name=f"--params {name}", max_pixels=pipeline.max_image_pixels,
                    max_side=pipeline.max_image_side)
         photos[name] = data
+    if isinstance(params.get("identities"), list):  # several people: each identity's photo, or the row's ("$input")
+        entries = []
+        for i, entry in enumerate(params["identities"]):
+            entry = dict(entry) if isinstance(entry, dict) else entry
+            source = entry.pop("face_image", "$input") if isinstance(entry, dict) else "$input"
+            field = f"identities[{i}].face_image"
+            if not isinstance(source, str):
+                raise InvalidParameter(f"--params {field}: a path or s3:// URI, or \"$input\"", field=field)
+            if source == "$input":
+                photos[field] = INPUT_PHOTO
+            else:
+                try:
+                    photos[field] = store.read_bytes(as_uri(source))
+                except Exception as exc:  # a missing file or object, no access: one line naming the parameter
+                    raise InvalidParameter(f"--params {field}: cannot read {source}: {exc}", field=field) from exc
+                load_image(photos[field], name=f"--params {field}", max_pixels=pipeline.max_image_pixels,
+                           max_side=pipeline.max_image_side)
+            entries.append(entry)
+        params["identities"] = entries
     return params, photos
 
 

@@ -4,6 +4,7 @@ the same actor, writing with the one sidecar builder and the serving app's safet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from datetime import datetime, timezone
@@ -13,6 +14,7 @@ from instantid_app.cache import LRUCache
 from instantid_core.config import GenerateParams, SafetyMode, Scheduler
 from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
 from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
+from instantid_core.sidecar import identities_record
 from instantid_core.storage import OutputStore
 
 from .pairs import INPUT_PHOTO, BatchSettings, pair_id, pair_seed, resolve_models
@@ -33,16 +35,27 @@ class FaceStage:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from instantid_core.pipeline import RequestPhotos, face_condition
 
-        out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": []}
+        out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": [], "layout": []}
         cache = self.cache  # one analysis per (image, output size, face index), across batches
         for image_uri, prompt_id in zip(batch["image"], batch["prompt_id"], strict=False):
             params = self.params[prompt_id]
-            status, message, face = "ok", "", b""
+            status, message, face, layout = "ok", "", b"", ""
             try:
                 key = (image_uri, params.width, params.height, params.face_index, params.pose_face_index,
                        params.inpaint_face)
-                face = cache.get(key) if not self.photos else None  # img2img rows carry the photo: not cached
-                if face is None:
+                # img2img rows and rows of several people carry photos: not cached
+                face = cache.get(key) if not self.photos and not params.identities else None
+                if face is None and params.identities:  # several people: the row's photo is one of them
+                    data = self.store.read_bytes(image_uri)
+                    people = [[self._photo(f"identities[{i}].face_image", data) or data]
+                              for i in range(len(params.identities))]
+                    condition = face_condition(self.analyzer, RequestPhotos([], identities=people), params,
+                                               self.settings.pipeline)
+                    face = pickle.dumps(condition)
+                    layout = json.dumps(identities_record(
+                        params, [(p.face_box, p.keypoints) for p in condition.identities],
+                        [[hashlib.sha256(photo).hexdigest() for photo in photos] for photos in people]))
+                elif face is None:
                     data = self.store.read_bytes(image_uri)
                     photos = RequestPhotos([data], init=self._photo("init_image", data),
                                            mask=self._photo("mask_image", data), face_names=[image_uri])
@@ -56,12 +69,13 @@ class FaceStage:
             except Exception as exc:  # one bad input never stops the job: recorded, retried next run
                 status, message = "error", f"{type(exc).__name__}: {exc}"
             for name, value in (("image", image_uri), ("prompt_id", prompt_id), ("status", status),
-                                ("message", message), ("face", face)):
+                                ("message", message), ("face", face), ("layout", layout)):
                 out[name].append(value)
         return out
 
     def _photo(self, name: str, row_photo: bytes) -> bytes | None:
-        """`init_image: "$input"` is each row's own photo (restyle it, or swap its face: inpaint_face)."""
+        """`init_image: "$input"` is each row's own photo (restyle it, or swap its face: inpaint_face); so is an
+        identity's photo given as "$input"."""
         photo = self.photos.get(name)
         return row_photo if photo == INPUT_PHOTO else photo
 
@@ -111,7 +125,7 @@ class DenoiseStage:
                 if self.checker is not None:
                     flagged[i] = json.dumps(self.checker.check(output).flagged)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
-                "images": images, "flagged": flagged}
+                "images": images, "flagged": flagged, "layout": batch["layout"]}
 
 
 class WriteStage:
@@ -144,7 +158,8 @@ class WriteStage:
                                                                                 self.base_seed[prompt_id]),
                                          width=width, height=height, inputs={"face": [image_uri]},
                                          default_scheduler=self.default_scheduler, prompt_id=prompt_id,
-                                         safety=record["safety"])
+                                         safety=record["safety"], **({"identities": json.loads(batch["layout"][i])}
+                                                                     if batch["layout"][i] else {}))
                     stored = self.store.write_request(record["request_id"],
                                                       [encode_image(a, self.fmt) for a in kept], self.fmt, meta,
                                                       now=self.now)

@@ -2,7 +2,8 @@
 batch key as one IdentityDenoiser batch. Returns uint8 images only.
 
 The batch key (`instantid_core.denoise.BatchKey`) is what requests must share to run in one forward pass:
-output width and height, steps, scheduler and LoRA set. Everything else (prompt, seed, guidance, strengths, number of
+output width and height, steps, scheduler, LoRA set and the number of identities (each adds an IdentityNet pass and
+face tokens per layer). Everything else (prompt, seed, guidance, strengths, number of
 images, face region) is per sample. A request without a size gets the SDXL bucket nearest its photo's aspect
 ratio (`PipelineSettings.size_buckets`), so requests from different photos can share a key.
 
@@ -157,8 +158,10 @@ class Denoiser:
         cache_hits = {"face": face.cache_hit, "prompt": prompt.cache_hit}
         run = params.resolved(self.config.pipeline.default_scheduler)
         as_run = {"scheduler": run.scheduler.value, "steps": run.steps, "guidance": run.guidance}
+        layout = [([float(v) for v in person.face_box], person.keypoints.tolist())
+                  for person in face.condition.identities] if params.identities else None
         return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits,
-                             replica_id=self.replica_id, as_run=as_run)
+                             replica_id=self.replica_id, as_run=as_run, layout=layout)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LORA_SETS_PER_REPLICA)
     async def load_lora_set(self, model_id: str) -> tuple[str, ...]:

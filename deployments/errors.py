@@ -7,6 +7,7 @@ timeouts, access) are defined here too. Every error answers `{"error": {code, me
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -181,6 +182,11 @@ def internal_error_response(request_id: str, route: str, exc: BaseException) -> 
 def validation_error(exc: ValidationError | RequestValidationError) -> InvalidParameter:
     first = exc.errors()[0]
     field = ".".join(str(part) for part in first["loc"] if part not in ("body", "query", "path")) or None
+    if field is None and first["type"] == "value_error":
+        # A check across fields (a model validator) has no location; its message starts with the field it names.
+        named = re.match(r"Value error, ([A-Za-z_][\w.\[\]]*): ", first["msg"])
+        if named:
+            return InvalidParameter(first["msg"].removeprefix("Value error, "), field=named.group(1))
     return InvalidParameter(f"{field or 'body'}: {first['msg']}", field=field)
 
 

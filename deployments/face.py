@@ -68,18 +68,22 @@ class FaceAnalysis:
         self.cache.resize(self.live.cache_bytes)
 
     async def analyze(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
-                      init_image: bytes | None = None, mask_image: bytes | None = None) -> FaceResult:
+                      init_image: bytes | None = None, mask_image: bytes | None = None,
+                      identity_images: list[list[bytes]] | None = None) -> FaceResult:
+        """`identity_images`: the identities form's photos, per identity (`face_images` is then empty)."""
         with self.metrics.track():
-            result = await self._analyze_cached(face_images, pose_image, params, init_image, mask_image)
+            result = await self._analyze_cached(face_images, pose_image, params, init_image, mask_image,
+                                                identity_images)
         self.cache_metrics.lookup(result.cache_hit)
         return result
 
     async def _analyze_cached(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
-                              init_image: bytes | None, mask_image: bytes | None) -> FaceResult:
+                              init_image: bytes | None, mask_image: bytes | None,
+                              identity_images: list[list[bytes]] | None) -> FaceResult:
         start = time.perf_counter()
         lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.
-        photos = RequestPhotos(face_images, pose_image, init_image, mask_image)
+        photos = RequestPhotos(face_images, pose_image, init_image, mask_image, identities=identity_images)
         condition = await asyncio.to_thread(face_condition, self.analyzer, photos, params, self.settings, lookups)
         return FaceResult(condition, time.perf_counter() - start, cache_hit=lookups.misses == 0)
 

@@ -45,7 +45,7 @@ from .errors import (
     install_error_handlers,
     internal_error_response,
 )
-from .inputs import InputReader, RequestInputs
+from .inputs import MAX_FACE_IMAGES, InputReader, RequestInputs
 from .jobs.api import JobsAPI
 from .links import OutputLinks, link_ttl, public_url
 from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
@@ -60,9 +60,12 @@ app = FastAPI(
 
 MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["face_image", "params"],
+    "required": ["params"],
     "properties": {
         "face_image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "identities[0].face_image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                     "description": "The identities form: identity i's photos as parts "
+                                     "`identities[i].face_image` (i < 4), its box and strengths in params.identities"},
         "pose_image": {"type": "string", "format": "binary"},
         "init_image": {"type": "string", "format": "binary"},
         "mask_image": {"type": "string", "format": "binary"},
@@ -246,9 +249,22 @@ class Ingress:
     async def _read_inputs(self, request: GenerateRequest, params: GenerateParams) -> RequestInputs:
         """Every image the request names, read and checked (sizes, formats, allowed sources) before any stage runs,
         and what its sidecar records of them (digests, hashed in a worker thread, never on the event loop)."""
-        face_sources = request.face_image if isinstance(request.face_image, list) else [request.face_image]
-        if not 1 <= len(face_sources) <= 8:
-            raise InvalidParameter("face_image: give 1 to 8 images", field="face_image")
+        identities = None
+        if request.identities is not None:  # several people: each identity's photos, all read concurrently
+            groups = [who.face_image if isinstance(who.face_image, list) else [who.face_image]
+                      for who in request.identities]
+            for i, group in enumerate(groups):
+                if not 1 <= len(group) <= MAX_FACE_IMAGES:
+                    raise InvalidParameter(f"identities[{i}].face_image: give 1 to {MAX_FACE_IMAGES} images",
+                                           field=f"identities[{i}].face_image")
+            flat = await asyncio.gather(*(self.inputs.read_image(src, f"identities[{i}].face_image[{j}]")
+                                          for i, group in enumerate(groups) for j, src in enumerate(group)))
+            offsets = [sum(len(g) for g in groups[:i]) for i in range(len(groups))]
+            identities = [list(flat[start:start + len(group)]) for start, group in zip(offsets, groups, strict=True)]
+        face_sources = [] if request.face_image is None else (
+            request.face_image if isinstance(request.face_image, list) else [request.face_image])
+        if identities is None and not 1 <= len(face_sources) <= MAX_FACE_IMAGES:
+            raise InvalidParameter(f"face_image: give 1 to {MAX_FACE_IMAGES} images", field="face_image")
         faces = await asyncio.gather(*(self.inputs.read_image(src, f"face_image[{i}]")
                                        for i, src in enumerate(face_sources)))
         pose = await self.inputs.read_image(request.pose_image, "pose_image") if request.pose_image else None
@@ -256,7 +272,7 @@ class Ingress:
         init = await self.inputs.read_image(request.init_image, "init_image") if request.init_image else None
         mask = await self.inputs.read_image(request.mask_image, "mask_image") if request.mask_image else None
         control_images, params = await self._read_control_images(params)
-        inputs = RequestInputs(params, list(faces), pose, init, mask, control_images)
+        inputs = RequestInputs(params, list(faces), pose, init, mask, control_images, identities=identities)
         inputs.recorded = await asyncio.to_thread(inputs.sidecar_record)
         return inputs
 
@@ -266,13 +282,15 @@ class Ingress:
         and every stage still running cancelled when the caller goes away or the request times out."""
         params = inputs.params
         try:
-            face = self.face.analyze.remote(inputs.faces, inputs.pose, params, inputs.init, inputs.mask)
+            # Several identities: one call places them all (a pose photo's faces are shared out left to right).
+            face = self.face.analyze.remote(inputs.faces, inputs.pose, params, inputs.init, inputs.mask,
+                                            identity_images=inputs.identities)
             prompt = self.prompt.encode.remote(params.prompt, params.negative_prompt, params.style)
             # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
             denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)
                         else self.denoiser)
             images = denoiser.generate.remote(face, prompt, params, seed, inputs.control_images,
-                                             inputs.pose or inputs.faces[0], job_id=job_id)
+                                             inputs.pose or (inputs.faces or inputs.identities[0])[0], job_id=job_id)
             checked, unchecked = self._check_safety(images, request.safety_checker)
             written = self.writer.write.remote(checked, request_id, seed, params, inputs.recorded,
                                                request.output.format, request.output.prefix, inline, unchecked)

@@ -8,6 +8,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +19,16 @@ from starlette.datastructures import FormData
 
 from instantid_app.config import AppConfig
 from instantid_app.settings import IngressSettings
-from instantid_core.config import GenerateParams
+from instantid_core.config import MAX_IDENTITIES, GenerateParams
 from instantid_core.errors import ImageTooLarge, InputNotAllowed, InstantIDError, InvalidParameter
 from instantid_core.fetch import fetch_url, read_uri
 from instantid_core.storage import make_s3_client
 
 from .errors import validation_error
 from .schemas import GenerateRequest
+
+MAX_FACE_IMAGES = 8  # photos per person (face_image, or each identity's)
+IDENTITY_PART = re.compile(r"identities\[(\d)\]\.face_image")  # a multipart part holding an identity's photo
 
 
 class InputReader:
@@ -104,8 +108,16 @@ class InputReader:
             raise InvalidParameter(f"malformed multipart body: {exc}") from exc
 
     async def _parse_multipart(self, request: Request, body: bytes, model: type[GenerateRequest]) -> Any:
-        form = await self.read_form(request, body, max_files=11, max_fields=4)
+        form = await self.read_form(request, body, max_files=MAX_FACE_IMAGES * MAX_IDENTITIES + 3, max_fields=4)
         faces = [await f.read() for f in form.getlist("face_image") if hasattr(f, "read")]
+        # The identities form: parts `identities[i].face_image` (repeated for several photos) beside `params`,
+        # whose `identities` list gives each one's box and strengths.
+        identity_photos: dict[int, list[str]] = {}
+        for name, part in form.multi_items():
+            matched = IDENTITY_PART.fullmatch(name)
+            if matched and hasattr(part, "read"):
+                encoded_photo = base64.b64encode(await part.read()).decode()
+                identity_photos.setdefault(int(matched.group(1)), []).append(encoded_photo)
         pose = form.get("pose_image")
         try:
             params = json.loads(form.get("params") or "{}")
@@ -113,9 +125,20 @@ class InputReader:
             raise InvalidParameter("params: not a JSON object", field="params") from exc
         if not isinstance(params, dict):
             raise InvalidParameter("params: not a JSON object", field="params")
-        if not faces:
+        if not faces and not identity_photos:
             raise InvalidParameter("face_image: upload at least one file", field="face_image")
-        encoded = {"face_image": [base64.b64encode(f).decode() for f in faces]}
+        encoded: dict[str, Any] = {"face_image": [base64.b64encode(f).decode() for f in faces]} if faces else {}
+        if identity_photos:
+            given = params.get("identities")
+            given = given if isinstance(given, list) else [{} for _ in range(max(identity_photos) + 1)]
+            missing = sorted(set(identity_photos) - set(range(len(given))))
+            if missing:
+                raise InvalidParameter(f"identities[{missing[0]}].face_image: params.identities has no entry "
+                                       f"{missing[0]}", field=f"identities[{missing[0]}].face_image")
+            # an entry without parts keeps the face_image its params give (base64 or s3://)
+            encoded["identities"] = [{**entry, "face_image": identity_photos[i]}
+                                     if isinstance(entry, dict) and i in identity_photos else entry
+                                     for i, entry in enumerate(given)]
         if pose is not None and hasattr(pose, "read"):
             encoded["pose_image"] = base64.b64encode(await pose.read()).decode()
         for name in ("init_image", "mask_image"):  # img2img / inpainting photos
@@ -139,6 +162,7 @@ class RequestInputs:
     mask: bytes | None
     control_images: list[bytes | None]
     recorded: dict[str, Any] = field(default_factory=dict)  # sidecar_record(): what the writer records
+    identities: list[list[bytes]] | None = None  # the identities form: each identity's photos (`faces` is empty)
 
     def sidecar_record(self) -> dict[str, Any]:
         """Digests of every input image (never the images) for the sidecar, and each control's type, strength and
@@ -148,6 +172,8 @@ class RequestInputs:
 
         controls = [{**control.model_dump(mode="json", exclude={"image"}), "image_sha256": digest(data)}
                     for control, data in zip(self.params.controls, self.control_images, strict=True)]
-        return {"inputs": {"face_image_sha256": [digest(f) for f in self.faces], "pose_image_sha256": digest(self.pose),
-                           "init_image_sha256": digest(self.init), "mask_image_sha256": digest(self.mask)},
-                "params_extra": {"controls": controls} if controls else {}}
+        inputs = {"face_image_sha256": [digest(f) for f in self.faces], "pose_image_sha256": digest(self.pose),
+                  "init_image_sha256": digest(self.init), "mask_image_sha256": digest(self.mask)}
+        if self.identities is not None:
+            inputs["identities_face_image_sha256"] = [[digest(f) for f in photos] for photos in self.identities]
+        return {"inputs": inputs, "params_extra": {"controls": controls} if controls else {}}

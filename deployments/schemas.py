@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from instantid_core.config import GenerateParams
+from instantid_core.config import MAX_IDENTITIES, GenerateParams, IdentityParams
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition, PromptEmbeds
 from instantid_core.safety import SafetyReport
@@ -38,13 +38,25 @@ class OutputSpec(BaseModel):
         return value
 
 
+class IdentityInput(IdentityParams):
+    """One identity of `GenerateRequest.identities`: its photos plus where it goes and how strongly."""
+
+    face_image: str | list[str] = Field(..., description="Base64 image or s3:// URI; a list averages several "
+                                        "photos of this person.")
+
+
 class GenerateRequest(GenerateParams):
     """POST /v1/generate body and the handle API's argument: the parameters plus the images."""
 
     model_config = ConfigDict(extra="forbid")
 
-    face_image: str | list[str] = Field(
-        ..., description="Base64 image, or an s3:// URI in an allowed bucket; a list averages several photos.")
+    face_image: str | list[str] | None = Field(
+        None, description="Base64 image, or an s3:// URI in an allowed bucket; a list averages several photos. "
+        "Required unless `identities` is given.")
+    identities: list[IdentityInput] | None = Field(None, min_length=1, max_length=MAX_IDENTITIES, description=(
+        f"Several people in one image (up to {MAX_IDENTITIES}), instead of face_image: each with its photos and a "
+        "box (x1, y1, x2, y2 output pixels, not overlapping), a pose or keypoints, or none (then the pose photo's "
+        "faces, left to right); each acts only in its region. Optional identitynet_strength/adapter_strength."))
     pose_image: str | None = Field(None, description="Take the face keypoints (pose) from this image.")
     init_image: str | None = Field(None, description="img2img / inpainting: start from this photo (base64 or s3://); "
                                    "the output takes its size unless width/height are given.")
@@ -54,9 +66,18 @@ class GenerateRequest(GenerateParams):
     safety_checker: bool = Field(True, description="false: skip the safety checker for this request; only where "
                                  "the operator allows it (`safety.allow_request_disable`), otherwise a 400.")
 
+    @model_validator(mode="after")
+    def _one_face_form(self) -> GenerateRequest:
+        if self.face_image is not None and self.identities is not None:
+            raise ValueError("identities: give face_image (one person) or identities, not both")
+        if self.face_image is None and self.identities is None:
+            raise ValueError("face_image: required (or identities, for several people)")
+        return self
+
     def params(self) -> GenerateParams:
         return GenerateParams.model_validate(self.model_dump(
-            exclude={"face_image", "pose_image", "init_image", "mask_image", "output", "safety_checker"}))
+            exclude={"face_image": True, "pose_image": True, "init_image": True, "mask_image": True, "output": True,
+                     "safety_checker": True, "identities": {"__all__": {"face_image"}}}))
 
 
 class GenerateResponse(BaseModel):
@@ -160,4 +181,6 @@ class DenoiseResult:
     cache_hits: dict[str, bool] = field(default_factory=dict)  # face, prompt
     replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)
     as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)
+    # the identities form: (box, keypoints) per identity as placed on the output, for the sidecar
+    layout: list[tuple[list[float], list[list[float]]]] | None = None
     flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them

@@ -14,7 +14,7 @@ from instantid_app.config import AppConfig
 from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
 from instantid_core.safety import safety_outcome
-from instantid_core.sidecar import build_sidecar
+from instantid_core.sidecar import build_sidecar, identities_record
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
 from .metrics import StageMetrics
@@ -58,7 +58,10 @@ class OutputWriter:
         meta = build_sidecar(params, seed=seed, width=result.width, height=result.height, inputs=recorded["inputs"],
                              default_scheduler=self.config.pipeline.default_scheduler, as_run=result.as_run,
                              params_extra=recorded.get("params_extra"), batch_size=result.batch_size,
-                             timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True))
+                             timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True),
+                             **({"identities": identities_record(
+                                 params, result.layout, recorded["inputs"]["identities_face_image_sha256"])}
+                                if result.layout is not None else {}))
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]

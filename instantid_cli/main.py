@@ -10,6 +10,7 @@ clear line on stderr; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 import typing
@@ -21,8 +22,8 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
-from instantid_core.errors import InstantIDError, WeightsError
+from instantid_core.config import MAX_IDENTITIES, GenerateParams, ModelSources, PipelineSettings
+from instantid_core.errors import InstantIDError, InvalidParameter, WeightsError
 from instantid_core.poses import PosePreset
 from instantid_core.quiet import silence_known_noise
 
@@ -67,7 +68,9 @@ def _generate(args: argparse.Namespace) -> None:
     # Everything cheap is checked before torch and diffusers are imported: a typo costs no model load.
     params = params_from_args(args)
     settings = PipelineSettings(device=args.device, dtype=args.dtype, styles_file=args.styles_file)
-    faces = [_read_image(path, settings) for path in args.face]
+    faces = [_read_image(path, settings) for path in args.face or []]
+    identity_images = [[_read_image(path, settings) for path in paths] for paths, _ in args.identity] \
+        if args.identity else None
     pose = _read_image(args.pose, settings) if args.pose else None
     init = _read_image(args.init_image, settings) if args.init_image else None
     mask = _read_image(args.mask, settings) if args.mask else None
@@ -80,19 +83,27 @@ def _generate(args: argparse.Namespace) -> None:
     sources = _sources(args)
 
     from instantid_core.pipeline import InstantIDPipeline
-    from instantid_core.sidecar import build_sidecar
+    from instantid_core.sidecar import build_sidecar, identities_record
     from instantid_core.storage import OutputStore, encode_image
 
     pipeline = InstantIDPipeline(sources, settings)
-    result = pipeline.generate(faces, params, pose, face_names=list(args.face), pose_name=args.pose or "pose_image",
-                               init_image=init, mask_image=mask, init_name=args.init_image or "init_image",
-                               mask_name=args.mask or "mask_image")
+    result = pipeline.generate(faces, params, pose, face_names=list(args.face or []) or None,
+                               pose_name=args.pose or "pose_image", init_image=init, mask_image=mask,
+                               init_name=args.init_image or "init_image", mask_name=args.mask or "mask_image",
+                               identity_images=identity_images)
     request_id = uuid.uuid4().hex
+    identities = {}
+    if identity_images is not None and result.face is not None:
+        identities["identities"] = identities_record(
+            params, [(person.face_box, person.keypoints) for person in result.face.identities],
+            [[hashlib.sha256(data).hexdigest() for data in photos] for photos in identity_images])
     meta = build_sidecar(result.params or params, seed=result.seed, width=result.width, height=result.height,
-                         inputs={"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None,
-                                 "init_image": args.init_image, "mask": args.mask},
+                         inputs={"face": [str(p) for p in args.face or []],
+                                 "pose": str(args.pose) if args.pose else None,
+                                 "init_image": args.init_image, "mask": args.mask,
+                                 **({"identities": [paths for paths, _ in args.identity]} if args.identity else {})},
                          default_scheduler=settings.default_scheduler, weights=pipeline.weights.revisions,
-                         timings_s=result.timings)
+                         timings_s=result.timings, **identities)
     stored = OutputStore(args.out).write_request(
         request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
     for uri in stored.image_uris:
@@ -182,7 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="one face photo + prompt -> images and a sidecar")
     gen.add_argument("--weights", help="a weights folder (tiny or downloaded); default: the sources below")
     _add_source_flags(gen)
-    gen.add_argument("--face", action="append", required=True, help="face photo; repeat to average identities")
+    gen.add_argument("--face", action="append", help="face photo; repeat to average photos of one person")
+    gen.add_argument("--identity", action="append", type=_identity, metavar="PHOTO[+PHOTO...][@X1,Y1,X2,Y2]",
+                     help="several people in one image (instead of --face): one person's photos and the box of "
+                     f"output pixels it acts in; repeat, up to {MAX_IDENTITIES} (without boxes: --pose's faces, left "
+                     "to right)")
     gen.add_argument("--pose", help="take the face keypoints (pose) from this photo")
     for name in PARAM_FLAGS:
         _param_flag(gen, name)
@@ -224,12 +239,25 @@ PARAM_FLAGS = ("prompt", "negative_prompt", "style", "seed", "steps", "guidance"
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
     """A flag left out is left out of the params too: GenerateParams' own default applies (one home)."""
     given = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
+    if bool(args.face) == bool(args.identity):
+        raise InvalidParameter("give --face (one person) or --identity (several), one of them", field="identity")
+    if args.identity:
+        given["identities"] = [{"box": box} if box is not None else {} for _, box in args.identity]
     if args.pose_preset is not None or args.pose_box is not None:
         given["pose"] = {"preset": args.pose_preset or PosePreset.frontal, "box": args.pose_box}
     if args.keypoints is not None:
         given["keypoints"] = [args.keypoints[i:i + 2] for i in range(0, 10, 2)]
     return GenerateParams(**given, enhance_face_region=not args.no_enhance_face_region,
                           inpaint_face=args.inpaint_face)
+
+
+def _identity(text: str) -> tuple[list[str], list[float] | None]:
+    """An argparse type: `photo.jpg[+other.jpg...][@x1,y1,x2,y2]` -> (photo paths, box or None)."""
+    photos, at, box = text.rpartition("@") if "@" in text else (text, "", "")
+    paths = [path for path in photos.split("+") if path]
+    if not paths:
+        raise argparse.ArgumentTypeError(f"give a photo path before '@', got {text!r}")
+    return paths, _numbers(4)(box) if at else None
 
 
 def _numbers(count: int):

@@ -24,6 +24,8 @@ from .errors import WeightsError
 from .regions import AttentionMasks
 
 NUM_FACE_TOKENS = 16
+# A further identity's face tokens (B, 16, C), its per-sample strength (B,) and its region masks (issue 23).
+OtherFaces = tuple[torch.Tensor, torch.Tensor, AttentionMasks]
 ADAPTER_KEYS = ("image_proj", "ip_adapter")
 
 
@@ -60,7 +62,7 @@ class SelfAttnProcessor(AttnProcessor2_0):
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  ip_adapter_scale: torch.Tensor | None = None, face_region: AttentionMasks | None = None,
-                 ) -> torch.Tensor:
+                 other_faces: list[OtherFaces] | None = None) -> torch.Tensor:
         if attn.fused_projections:
             return _FUSED(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -86,10 +88,11 @@ class IdentityAttnProcessor(nn.Module):
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  ip_adapter_scale: torch.Tensor | None = None, face_region: AttentionMasks | None = None,
-                 ) -> torch.Tensor:
+                 other_faces: list[OtherFaces] | None = None) -> torch.Tensor:
         """`ip_adapter_scale`: (B,) strength of the face tokens per sample; `face_region`: per-sample face-box
         masks by token count (see `regions.attention_masks`), multiplied into the face tokens' attention output
-        at this layer's resolution; None leaves it unmasked."""
+        at this layer's resolution; None leaves it unmasked. `other_faces`: further identities, each added the
+        same way with its own tokens, strength and region: `sum_k scale_k * mask_k * attn(face_tokens_k)`."""
         # Same operations, in the same order, as AttnProcessor2_0 for the text part: at scale 0 the output is
         # bit-identical to plain SDXL attention.
         residual = hidden_states
@@ -132,19 +135,10 @@ class IdentityAttnProcessor(nn.Module):
         hidden_states = hidden_states.to(query.dtype)
 
         if ip_adapter_scale is not None:
-            if self.to_kv_ip is not None:
-                face_key, face_value = self.to_kv_ip(face_states).chunk(2, dim=-1)
-            else:
-                face_key, face_value = self.to_k_ip(face_states), self.to_v_ip(face_states)
-            face_key = face_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, 16, d)
-            face_value = face_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            face_hidden = F.scaled_dot_product_attention(query, face_key, face_value, dropout_p=0.0, is_causal=False)
-            face_hidden = face_hidden.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-            face_hidden = face_hidden.to(query.dtype)
-            if face_region is not None:
-                face_hidden = face_hidden * face_region[face_hidden.shape[1]]  # (B, N, C) * (B, N, 1)
-            scale = ip_adapter_scale.to(face_hidden.dtype).view(batch_size, 1, 1)  # one strength per sample
-            hidden_states = hidden_states + scale * face_hidden
+            hidden_states = hidden_states + self.face_attention(attn, query, face_states, ip_adapter_scale,
+                                                                face_region)
+        for tokens, scale, region in other_faces or ():  # issue 23: identities 2..K, each in its own region
+            hidden_states = hidden_states + self.face_attention(attn, query, tokens, scale, region)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -153,6 +147,23 @@ class IdentityAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def face_attention(self, attn: Attention, query: torch.Tensor, face_states: torch.Tensor, scale: torch.Tensor,
+                       region: AttentionMasks | None) -> torch.Tensor:
+        """`scale * mask * attn(face tokens)`: (B, N, C) for query (B, heads, N, d), face_states (B, 16, C)."""
+        batch_size, heads, _, head_dim = query.shape
+        if self.to_kv_ip is not None:
+            face_key, face_value = self.to_kv_ip(face_states).chunk(2, dim=-1)
+        else:
+            face_key, face_value = self.to_k_ip(face_states), self.to_v_ip(face_states)
+        face_key = face_key.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (B, heads, 16, d)
+        face_value = face_value.view(batch_size, -1, heads, head_dim).transpose(1, 2)
+        face_hidden = F.scaled_dot_product_attention(query, face_key, face_value, dropout_p=0.0, is_causal=False)
+        face_hidden = face_hidden.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+        face_hidden = face_hidden.to(query.dtype)
+        if region is not None:
+            face_hidden = face_hidden * region[face_hidden.shape[1]]  # (B, N, C) * (B, N, 1)
+        return scale.to(face_hidden.dtype).view(batch_size, 1, 1) * face_hidden  # one strength per sample
 
 
 def install_identity_adapter(unet: UNet2DConditionModel, ip_adapter: dict[str, torch.Tensor]) -> None:

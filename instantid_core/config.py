@@ -133,6 +133,33 @@ class PoseParams(BaseModel):
                                                    f"square fits the box's shorter side (at least {MIN_BOX_SIDE} px).")
 
 
+MAX_IDENTITIES = 4  # issue 23: each identity adds an IdentityNet pass and a face-token attention per layer
+
+
+class IdentityParams(BaseModel):
+    """One of several identities in one image (`GenerateParams.identities`); its photos travel beside the parameters.
+    Where it goes: `box` (its region; without `pose`/`keypoints` a frontal face is placed in it), `pose`,
+    `keypoints`, or else the next face, left to right, of the pose photo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    box: tuple[float, float, float, float] | None = Field(None, description="x1, y1, x2, y2 in output pixels: the "
+                                                          "region this identity acts in (boxes must not overlap).")
+    identitynet_strength: float | None = Field(None, ge=0.0, le=1.5, description="Default: the request's.")
+    adapter_strength: float | None = Field(None, ge=0.0, le=1.5, description="Default: the request's.")
+    pose: PoseParams | None = Field(None, description="A pose preset in a box (its box is the region unless `box` is "
+                                    "given).")
+    keypoints: list[tuple[float, float]] | None = Field(None, min_length=5, max_length=5, description="Five points in "
+                                                        "output pixels, as the request-level `keypoints`.")
+
+    @field_validator("identitynet_strength", "adapter_strength")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
 class ControlParams(BaseModel):
     """One extra ControlNet a request asks for."""
 
@@ -318,6 +345,10 @@ class GenerateParams(BaseModel):
                                                         "in output pixels (left eye, right eye, nose tip, left and "
                                                         "right mouth corner, as the image shows them) instead of a "
                                                         "pose photo's.")
+    # --- issue 23: several identities in one image (their photos travel beside the parameters)
+    identities: list[IdentityParams] | None = Field(None, min_length=1, max_length=MAX_IDENTITIES, description=(
+        f"Up to {MAX_IDENTITIES} identities, each acting only in its own region, instead of the single face (then "
+        "not with pose, keypoints, face_index or an init image); one identity gives exactly the single-face image."))
 
     @field_validator("loras")
     @classmethod
@@ -382,4 +413,12 @@ class GenerateParams(BaseModel):
     def _both_sides_or_none(self) -> GenerateParams:
         if (self.width is None) != (self.height is None):
             raise ValueError("give both width and height, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _identities_alone(self) -> GenerateParams:
+        if self.identities is not None:
+            single = [name for name in ("pose", "keypoints", "face_index") if getattr(self, name) is not None]
+            if single:
+                raise ValueError(f"identities: give {single[0]} per identity, not beside identities")
         return self

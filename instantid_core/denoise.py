@@ -1,7 +1,9 @@
 """IdentityDenoiser: SDXL UNet + IdentityNet + Resampler + VAE + scheduler, over a batch of independent requests.
 
-One call takes requests that share size, steps and scheduler; everything else (prompt, seed, guidance, strengths,
-number of images, face-region masking) is per sample. Every sample draws its noise from its own seeded generator,
+One call takes requests that share size, steps, scheduler and number of identities (`BatchKey`); everything else
+(prompt, seed, guidance, strengths, number of images, face-region masking) is per sample. Identities after the first
+(`Conditioning.other_identities`) each get an IdentityNet pass whose residuals are masked to their region and
+summed, and their own face tokens in every cross-attention layer, masked the same way (`adapter.face_attention`). Every sample draws its noise from its own seeded generator,
 so a batched result equals the same requests run one by one.
 
 Speed switches (fused projections, channels_last, SDPA backend, torch.compile, CUDA graphs) live in `accel` and are
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ from . import identity, img2img
 from .adapter import build_resampler, install_identity_adapter, load_adapter_state
 from .config import PipelineSettings, Scheduler
 from .controls import ExtraControlNets
-from .denoise_types import BatchKey, Conditioning, DenoiseRequest, StepCallback
+from .denoise_types import BatchKey, Conditioning, DenoiseRequest, IdentityConditioning, StepCallback
 from .errors import InvalidParameter, WeightsError
 from .handoff import PromptEmbeds
 from .loras import LoraLibrary, LoraSet
@@ -275,6 +277,15 @@ class IdentityDenoiser:
                     raise InvalidParameter(f"controls: no {control.type.value} ControlNet for a "
                                            f"{control.image.shape} map", field="controls")
             img2img.check_request(request, key)
+            if 1 + len(request.other_identities) != key.identities or (
+                    request.other_identities and request.face_box is None):
+                raise InvalidParameter(f"identities: the request has {1 + len(request.other_identities)}, the batch "
+                                       f"{key.identities}, each with its region", field="identities")
+            for other in request.other_identities:
+                if other.kps_image.shape != (key.height, key.width, 3) or other.face_embedding.shape != (
+                        self.resampler.proj_in.in_features,):
+                    raise InvalidParameter("identities: a keypoint image or face embedding of the wrong shape",
+                                           field="identities")
 
     @staticmethod
     def expand_samples(requests: list[DenoiseRequest]) -> _Samples:
@@ -330,7 +341,30 @@ class IdentityDenoiser:
             identity_window=identity.windows([(r.identity_start, r.identity_end) for r in per_sample]),
             **img2img.prepare_init_latents(self.vae, per_sample, size, self.vae_scale_factor, self.dtype,
                                            generators),
+            other_identities=tuple(self.prepare_other_identity(per_sample, k, negative_face, size)
+                                   for k in range(key.identities - 1)),
         )
+
+    def prepare_other_identity(self, per_sample: list[DenoiseRequest], k: int, negative_face: torch.Tensor,
+                               size: tuple[int, int]) -> IdentityConditioning:
+        """Identity k + 2 of every sample (issue 23): face tokens (its negative face is the first identity's),
+        keypoint images, strengths and region masks, laid out as Conditioning's."""
+        others = [r.other_identities[k] for r in per_sample]
+        face = torch.from_numpy(np.stack([o.face_embedding.astype(np.float32) for o in others]))
+        face = face.to(self.device, self.dtype)[:, None, :]  # (B, 1, 512)
+        control = self.control_processor.preprocess(
+            [Image.fromarray(o.kps_image) for o in others], height=size[0], width=size[1]
+        ).to(self.device, self.dtype)  # (B, 3, H, W) in [0, 1]
+        strength = torch.tensor([o.identitynet_strength for o in others], device=self.device,
+                                dtype=torch.float32).to(self.dtype)[:, None, None, None]
+        adapter = torch.tensor([o.adapter_strength for o in others], device=self.device, dtype=torch.float32)
+        masks = torch.stack([face_box_mask(o.face_box, size, device=self.device, dtype=self.dtype) for o in others])
+        masks = torch.cat([masks, masks])  # (2B, 1, H, W): uncond, cond
+        levels = latent_levels(*size, self.vae_scale_factor, len(self.unet.config.block_out_channels))
+        return IdentityConditioning(
+            face_tokens=self.resampler(torch.cat([negative_face, face])), control=torch.cat([control, control]),
+            identitynet_scale=torch.cat([strength, strength]), adapter_scale=torch.cat([adapter, adapter]),
+            region_masks=masks, attention_masks=attention_masks(masks, levels))
 
     def prepare_face_region(self, per_sample: list[DenoiseRequest], size: tuple[int, int]) -> dict:
         """Region control (`regions`): per-sample face-box masks at image size for IdentityNet's residuals and by
@@ -403,6 +437,8 @@ class IdentityDenoiser:
                 return {name: pick(item) for name, item in value.items()}
             if isinstance(value, list | tuple):
                 return type(value)(pick(item) for item in value)
+            if is_dataclass(value):  # an IdentityConditioning
+                return replace(value, **{f.name: pick(getattr(value, f.name)) for f in fields(value)})
             return value
 
         for name in _SCHEDULER_SAMPLE_STATE:
@@ -449,9 +485,21 @@ class IdentityDenoiser:
             masks = pick(cond.region_masks)
             down = [residual * residual_mask(masks, residual) for residual in down]
             mid = mid * residual_mask(masks, mid)
+        for other in cond.other_identities:  # issue 23: IdentityNet once per identity, masked to its region, summed
+            other_down, other_mid = self.identitynet(
+                model_input, t, encoder_hidden_states=pick(other.face_tokens), controlnet_cond=pick(other.control),
+                conditioning_scale=pick(other.identitynet_scale), added_cond_kwargs=added, return_dict=False,
+            )
+            masks = pick(other.region_masks)
+            down = [d + r * residual_mask(masks, r) for d, r in zip(down, other_down, strict=True)]
+            mid = mid + other_mid * residual_mask(masks, other_mid)
         region = cond.attention_masks
         attention_kwargs = {"ip_adapter_scale": pick(cond.adapter_scale),
                             "face_region": None if region is None else {n: pick(m) for n, m in region.items()}}
+        if cond.other_identities:
+            attention_kwargs["other_faces"] = [
+                (pick(o.face_tokens), pick(o.adapter_scale), {n: pick(m) for n, m in o.attention_masks.items()})
+                for o in cond.other_identities]
         if cond.extra_controls:  # canny/depth/pose ControlNets, on the text embeddings, scaled per sample
             down, mid = self.controls.add_residuals(down, mid, model_input, t, pick(cond.text), added,
                                                     cond.extra_controls, pick)

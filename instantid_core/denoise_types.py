@@ -22,6 +22,18 @@ the call (in the call's order), whether that request is still wanted."""
 
 
 @dataclass(frozen=True)
+class OtherIdentity:
+    """A second, third or fourth identity of a request (issue 23): its own face, keypoint image, region and
+    strengths. The request's own fields hold the first identity, so a one-identity request is today's request."""
+
+    face_embedding: np.ndarray  # (512,) raw ArcFace embedding (mean over its photos)
+    kps_image: np.ndarray  # (H, W, 3) uint8 its keypoints drawn at the output size
+    face_box: tuple[float, float, float, float]  # output pixels: its region (required: regions keep faces apart)
+    identitynet_strength: float = _PARAMS["identitynet_strength"].default
+    adapter_strength: float = _PARAMS["adapter_strength"].default
+
+
+@dataclass(frozen=True)
 class DenoiseRequest:
     """One request's conditioning; all arrays are plain numpy so it can cross a process boundary."""
 
@@ -44,6 +56,8 @@ class DenoiseRequest:
     negative_face_noise: float = _PARAMS["negative_face_noise"].default
     init_image: np.ndarray | None = None  # (H, W, 3) uint8: img2img / inpainting starts from this photo
     mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (inpainting); needs init_image
+    # issue 23: identities 2..K, each in its own region; with any, `face_box` (the first identity's region) is set
+    other_identities: tuple[OtherIdentity, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,20 @@ class BatchKey:
     text_tokens: int = 77  # prompt length: 77 per chunk of a long prompt (longer prompts attend over more tokens)
     loras: LoraSet = ()  # sorted (name, scale): one forward activates one LoRA set
     strength: float = 1.0  # img2img strength (the steps skipped are shared); 1: from noise, any mode may join
+    identities: int = 1  # faces in the image: each adds an IdentityNet pass and face tokens, the same for a batch
+
+
+@dataclass(frozen=True)
+class IdentityConditioning:
+    """One further identity's per-sample tensors (layout as Conditioning's): its face tokens, keypoint images,
+    strengths and region masks. Identity 1 lives in Conditioning's own fields."""
+
+    face_tokens: torch.Tensor  # (2B, 16, C) Resampler of the negative face (uncond) then of this face
+    control: torch.Tensor  # (2B, 3, H, W) its keypoint images in [0, 1]
+    identitynet_scale: torch.Tensor  # (2B, 1, 1, 1)
+    adapter_scale: torch.Tensor  # (2B,)
+    region_masks: torch.Tensor  # (2B, 1, H, W) its region
+    attention_masks: dict[int, torch.Tensor]  # its region per cross-attention token count: (2B, h * w, 1)
 
 
 @dataclass(frozen=True)
@@ -81,3 +109,4 @@ class Conditioning:
     init_latents: torch.Tensor | None = None  # (B, 4, h, w) VAE latents of the init photos (zeros without one)
     inpaint_mask: torch.Tensor | None = None  # (B, 1, h, w) 1 = generate, 0 = follow the init photo's latents
     noise: torch.Tensor | None = None  # (B, 4, h, w) the initial noise, re-added to the init latents every step
+    other_identities: tuple[IdentityConditioning, ...] = ()  # identities 2..K (BatchKey.identities - 1 of them)

@@ -142,6 +142,23 @@ class FaceAnalyzer:
         embedding = self._recogniser.get(bgr, face)
         return FaceInfo(embedding, face.kps, face.bbox, face.det_score, image.size)
 
+    def analyze_all(self, image: Image.Image, *, name: str = "image") -> list[FaceInfo]:
+        """Every face of a photo, left to right by box centre, each embedded (a pose photo of several people, issue
+        23: identities without a box take its faces in this order).
+
+        Raises:
+            NoFaceDetected: No face at any detection size.
+        """
+        bgr = image_to_bgr(image)
+        boxes, kpss = self._detect(bgr)
+        if len(boxes) == 0:
+            raise NoFaceDetected(f"{name}: no face found; use a photo with a clear, frontal face", field=name)
+        faces = []
+        for i in sorted(range(len(boxes)), key=lambda i: float(boxes[i, 0] + boxes[i, 2])):
+            face = Face(bbox=boxes[i, :4], kps=kpss[i], det_score=boxes[i, 4])
+            faces.append(FaceInfo(self._recogniser.get(bgr, face), face.kps, face.bbox, face.det_score, image.size))
+        return faces
+
     def probe(self) -> None:
         """One detector forward pass on a small blank image (a health check: raises if the session is broken)."""
         self._detector.detect(np.zeros((64, 64, 3), np.uint8), input_size=(self.det_sizes[-1],) * 2)

@@ -10,6 +10,16 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class IdentityFace:
+    """One identity of a request with several (issue 23), placed on the output."""
+
+    embedding: np.ndarray  # (512,) mean over its photos
+    kps_image: np.ndarray  # (H, W, 3) uint8 its keypoints drawn at the output size
+    keypoints: np.ndarray  # (5, 2) float32 output pixels (recorded in the sidecar)
+    face_box: tuple[float, float, float, float]  # output pixels: its region
+
+
+@dataclass(frozen=True)
 class FaceCondition:
     """What the denoiser needs from the face stage: plain arrays, small enough to cross processes."""
 
@@ -21,6 +31,8 @@ class FaceCondition:
     det_score: float
     init_image: np.ndarray | None = None  # (H, W, 3) uint8 img2img / inpainting photo at the output size
     mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
+    # issue 23, the `identities` form: every identity in request order; the fields above are the first one's
+    identities: tuple[IdentityFace, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,12 @@ def at_step(cond: Conditioning, index: int, steps: int) -> Conditioning:
         return cond
     both = torch.cat([keep, keep]).to(cond.adapter_scale.device)  # (2B,): uncond, cond halves
     net_scale = cond.identitynet_scale * both.to(cond.identitynet_scale.dtype)[:, None, None, None]
+    others = tuple(replace(o, adapter_scale=o.adapter_scale * both.to(o.adapter_scale.dtype),
+                           identitynet_scale=o.identitynet_scale * both.to(o.identitynet_scale.dtype)[:, None, None,
+                                                                                                       None])
+                   for o in cond.other_identities)  # identities 2..K follow the sample's window too
     return replace(cond, adapter_scale=cond.adapter_scale * both.to(cond.adapter_scale.dtype),
-                   identitynet_scale=net_scale)
+                   identitynet_scale=net_scale, other_identities=others)
 
 
 def negative_faces(noise: list[float], seeds: list[int], face: torch.Tensor) -> torch.Tensor:

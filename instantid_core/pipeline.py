@@ -19,15 +19,16 @@ import numpy as np
 from PIL import Image
 
 from . import img2img
-from .config import MAX_SIDE, ControlParams, GenerateParams, ModelSources, PipelineSettings, Scheduler
+from .config import MAX_SIDE, ControlParams, GenerateParams, IdentityParams, ModelSources, PipelineSettings, Scheduler
 from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from .denoise_types import OtherIdentity
 from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
-from .handoff import FaceCondition, PromptEmbeds
+from .handoff import FaceCondition, IdentityFace, PromptEmbeds
 from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
-from .poses import place_face
+from .poses import PosePreset, place_face
 from .request_rules import check_init_inputs, draw_seed
 from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
@@ -91,6 +92,7 @@ class RequestPhotos:
     pose_name: str = "pose_image"
     init_name: str = "init_image"
     mask_name: str = "mask_image"
+    identities: list[list[bytes]] | None = None  # issue 23: each identity's photos (then `faces` is empty)
 
 
 def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: GenerateParams, settings: PipelineSettings,
@@ -104,6 +106,8 @@ def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: Genera
     With `init_image` (img2img / inpainting, see `with_init_photo`) the keypoints come from the pose photo, else
     from the init photo's face when it has one, else from the first face photo; `params.pose_face_index` picks
     the pose (or init) photo's face."""
+    if params.identities is not None:
+        return identities_condition(analyzer, photos, params, settings, cache)
     if not photos.faces:
         raise InvalidParameter("at least one face image is required", field="face_image")
     names = photos.face_names or [f"face_image[{i}]" for i in range(len(photos.faces))]
@@ -122,19 +126,7 @@ def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: Genera
               for i, (data, name) in enumerate(zip(photos.faces, names, strict=True))]
     if photos.pose is not None:
         wanted.append((photos.pose, photos.pose_name, params.pose_face_index))
-    keys = [(hashlib.sha256(data).hexdigest(), face_index) for data, _, face_index in wanted]
-    known = {key: cache.get(key) for key in keys} if cache is not None else {}
-    # Every photo not analysed before is decoded first: a broken file is reported before any analysis runs.
-    decoded = {key: load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
-               for key, (data, name, _) in zip(keys, wanted, strict=True) if known.get(key) is None}
-    analyses = []
-    for key, (_, name, face_index) in zip(keys, wanted, strict=True):
-        face = known.get(key)
-        if face is None:
-            face = known[key] = analyzer.analyze(decoded[key], face_index=face_index, name=name)
-            if cache is not None:
-                cache[key] = face
-        analyses.append(face)
+    analyses = _analyze_photos(analyzer, wanted, settings, cache)
     faces, pose = (analyses[:-1], analyses[-1]) if photos.pose is not None else (analyses, None)
     if init_image is None:
         return condition_from_faces(faces, params, pose, buckets=settings.size_buckets)
@@ -152,6 +144,119 @@ def face_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: Genera
             if params.inpaint_face or params.pose_face_index is not None:
                 raise  # the init photo's face is what was asked for
     return with_init_photo(faces, params, pose, init, init_face, mask, mask_name, max_side=MAX_SIDE)
+
+
+def _analyze_photos(analyzer: FaceAnalyzer, wanted: list[tuple[bytes, str, int | None]], settings: PipelineSettings,
+                    cache: FaceCache | None) -> list[FaceInfo]:
+    """(bytes, name, face index) -> FaceInfo each, from `cache` (sha256 of the bytes, face index) or analysed."""
+    keys = [(hashlib.sha256(data).hexdigest(), face_index) for data, _, face_index in wanted]
+    known = {key: cache.get(key) for key in keys} if cache is not None else {}
+    # Every photo not analysed before is decoded first: a broken file is reported before any analysis runs.
+    decoded = {key: load_image(data, name=name, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side)
+               for key, (data, name, _) in zip(keys, wanted, strict=True) if known.get(key) is None}
+    analyses = []
+    for key, (_, name, face_index) in zip(keys, wanted, strict=True):
+        face = known.get(key)
+        if face is None:
+            face = known[key] = analyzer.analyze(decoded[key], face_index=face_index, name=name)
+            if cache is not None:
+                cache[key] = face
+        analyses.append(face)
+    return analyses
+
+
+def identities_condition(analyzer: FaceAnalyzer, photos: RequestPhotos, params: GenerateParams,
+                         settings: PipelineSettings, cache: FaceCache | None = None) -> FaceCondition:
+    """The `identities` form (issue 23): each identity's photos analysed and averaged, placed by its box, pose or
+    keypoints, or else on the next face, left to right, of the pose photo (one identity: its largest face, as the
+    single-face form); regions must not overlap. One identity gives the single-face form's FaceCondition.
+
+    Raises:
+        InvalidParameter: the field named `identities[i].<field>` (a box outside the output or overlapping
+            another, keypoints outside the output, an identity with no place), or `identities` with an init image.
+        NoFaceDetected: a photo without a face, or a pose photo with fewer faces than identities to place on it.
+    """
+    identities = params.identities or []
+    groups = photos.identities or []
+    if len(groups) != len(identities):
+        raise InvalidParameter(f"identities: {len(identities)} given, photos for {len(groups)}", field="identities")
+    if photos.init is not None or photos.mask is not None or params.inpaint_face:
+        raise InvalidParameter("identities: img2img and inpainting take one face; not with identities",
+                               field="identities")
+    for i, group in enumerate(groups):
+        if not group:
+            raise InvalidParameter(f"identities[{i}].face_image: give at least one photo",
+                                   field=f"identities[{i}].face_image")
+    wanted = [(data, f"identities[{i}].face_image[{j}]", None) for i, group in enumerate(groups)
+              for j, data in enumerate(group)]
+    analyses = iter(_analyze_photos(analyzer, wanted, settings, cache))
+    faces = [[next(analyses) for _ in group] for group in groups]
+    unplaced = [i for i, who in enumerate(identities) if who.box is None and who.pose is None and who.keypoints is None]
+    pose_faces: list[FaceInfo] = []
+    if photos.pose is not None:
+        if len(identities) == 1:  # the single-face form's rule: the largest face
+            pose_faces = _analyze_photos(analyzer, [(photos.pose, photos.pose_name, None)], settings, cache)
+        else:
+            image = load_image(photos.pose, name=photos.pose_name, max_pixels=settings.max_image_pixels,
+                               max_side=settings.max_image_side)
+            pose_faces = analyzer.analyze_all(image, name=photos.pose_name)
+        if len(pose_faces) < len(unplaced):
+            raise NoFaceDetected(f"{photos.pose_name}: {len(pose_faces)} face(s) found for {len(unplaced)} "
+                                 "identities without a box", field=photos.pose_name)
+    elif len(identities) > 1 and unplaced:
+        field = f"identities[{unplaced[0]}].box"
+        raise InvalidParameter(f"{field}: with several identities each needs a box, pose or keypoints, or a pose "
+                               "photo to take its face from", field=field)
+    first = pose_faces[0] if pose_faces else faces[0][0]
+    width, height = output_size(params, first.image_size, settings.size_buckets)
+    next_pose_face = iter(pose_faces)
+    placed: list[IdentityFace] = []
+    for i, (who, own) in enumerate(zip(identities, faces, strict=True)):
+        kps, box = _place_identity(i, who, (width, height))
+        if kps is None:
+            layout = next(next_pose_face) if pose_faces else own[0]
+            kps = map_kps_to_output(layout.kps, layout.image_size, (width, height))
+            box = who.box or _box(layout, (width, height))
+        embedding = np.mean(np.stack([face.embedding for face in own]), axis=0).astype(np.float32)
+        kps_image = np.asarray(draw_kps((width, height), kps), dtype=np.uint8)
+        placed.append(IdentityFace(embedding, kps_image, np.asarray(kps, np.float32), tuple(float(v) for v in box)))
+    _check_no_overlap([p.face_box for p in placed])
+    return FaceCondition(placed[0].embedding, placed[0].kps_image, placed[0].face_box, width, height,
+                         float(first.det_score), identities=tuple(placed))
+
+
+def _place_identity(index: int, who: IdentityParams, size: tuple[int, int]
+                    ) -> tuple[np.ndarray | None, tuple[float, float, float, float] | None]:
+    """An identity's keypoints and region from its box, pose or keypoints (place_face's rules); (None, None) when
+    it gives none. Errors name `identities[index].<field>`."""
+    def placing(preset, box, keypoints, what: str | None = None):
+        try:
+            return place_face(preset, box, keypoints, size)
+        except InvalidParameter as exc:
+            field = what or exc.field
+            message = f"{field}:{exc.message.split(':', 1)[1]}" if what else exc.message
+            raise InvalidParameter(f"identities[{index}].{message}", field=f"identities[{index}].{field}") from None
+
+    if who.box is not None:
+        placing(PosePreset.frontal, who.box, None, "box")  # the region lies inside the output
+    if who.pose is not None:
+        kps, box = placing(who.pose.preset, who.pose.box, who.keypoints)
+    elif who.keypoints is not None:
+        kps, box = placing(None, None, who.keypoints)
+    elif who.box is not None:  # a box alone: a frontal face fills it
+        kps, box = placing(PosePreset.frontal, who.box, None, "box")
+    else:
+        return None, None
+    return kps, who.box or box
+
+
+def _check_no_overlap(boxes: list[tuple[float, float, float, float]]) -> None:
+    """Regions must not overlap: where two did, one pixel would get two identities."""
+    for j, (x1, y1, x2, y2) in enumerate(boxes):
+        for i, (a1, b1, a2, b2) in enumerate(boxes[:j]):
+            if min(x2, a2) > max(x1, a1) and min(y2, b2) > max(y1, b1):
+                raise InvalidParameter(f"identities[{j}].box: overlaps identities[{i}].box ({list(boxes[j])} and "
+                                       f"{list(boxes[i])}); regions must be apart", field=f"identities[{j}].box")
 
 
 def with_init_photo(faces: list[FaceInfo], params: GenerateParams, pose: FaceInfo | None, init: Image.Image,
@@ -184,19 +289,28 @@ def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateP
 
     `controls`: the request's extra ControlNet maps (`ExtraControlNets.prepare`), at the output size."""
     params = params.resolved(default_scheduler)  # unset steps/guidance: the scheduler's preset
+    strengths = [(params.identitynet_strength if who.identitynet_strength is None else who.identitynet_strength,
+                  params.adapter_strength if who.adapter_strength is None else who.adapter_strength)
+                 for who in params.identities or [params]]
+    others = tuple(OtherIdentity(person.embedding, person.kps_image, person.face_box, *strength)
+                   for person, strength in zip(face.identities[1:], strengths[1:], strict=True))
     request = DenoiseRequest(
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
-        num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
-        adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
+        num_images=params.num_images, guidance=params.guidance, identitynet_strength=strengths[0][0],
+        adapter_strength=strengths[0][1],
+        # several identities are always held to their regions: that is what keeps them apart
+        face_box=face.face_box if params.enhance_face_region or others else None,
         controls=controls, identity_start=params.identity_start, identity_end=params.identity_end,
         negative_face_noise=params.negative_face_noise, init_image=face.init_image, mask=face.mask,
+        other_identities=others,
     )
     strength = 1.0  # text-to-image; img2img and inpainting at their strength (default per mode)
     if face.init_image is not None:
         default = img2img.INPAINT_STRENGTH if face.mask is not None else img2img.IMG2IMG_STRENGTH
         strength = params.strength if params.strength is not None else default
     key = BatchKey(face.width, face.height, params.steps, params.scheduler,
-                   text_tokens=prompt.prompt_embeds.shape[0], loras=lora_set(params.loras), strength=strength)
+                   text_tokens=prompt.prompt_embeds.shape[0], loras=lora_set(params.loras), strength=strength,
+                   identities=1 + len(others))
     return request, key
 
 
@@ -208,6 +322,7 @@ class GenerationResult:
     height: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
+    face: FaceCondition | None = None  # where the faces went (the identities form records it in the sidecar)
 
 
 class InstantIDPipeline:
@@ -228,9 +343,11 @@ class InstantIDPipeline:
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
                  pose_name: str = "pose_image", init_image: bytes | None = None, mask_image: bytes | None = None,
-                 init_name: str = "init_image", mask_name: str = "mask_image") -> GenerationResult:
+                 init_name: str = "init_image", mask_name: str = "mask_image",
+                 identity_images: list[list[bytes]] | None = None) -> GenerationResult:
         """Run face analysis, prompt encoding and denoising for one request; with `init_image` (and `mask_image`
-        or `params.inpaint_face`) as img2img / inpainting.
+        or `params.inpaint_face`) as img2img / inpainting; with `params.identities`, `identity_images` holds each
+        identity's photos (and `face_images` is empty).
 
         `face_names` / `pose_name` / `init_name` / `mask_name` name the inputs in error messages (default the API
         field names); the CLI passes the file paths."""
@@ -239,7 +356,7 @@ class InstantIDPipeline:
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
         photos = RequestPhotos(face_images, pose_image, init_image, mask_image, face_names, pose_name, init_name,
-                               mask_name)
+                               mask_name, identities=identity_images)
         face = face_condition(self.face, photos, params, self.settings)
         timings["face"] = time.perf_counter() - start
 
@@ -250,11 +367,12 @@ class InstantIDPipeline:
         start = time.perf_counter()
         controls = self.denoiser.controls.prepare(
             params.controls, [_control_image(c) for c in params.controls],
-            pose_image if pose_image is not None else face_images[0], (face.width, face.height))
+            pose_image if pose_image is not None else (face_images or identity_images[0])[0],
+            (face.width, face.height))
         request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler, controls)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
-        return GenerationResult(images, seed, face.width, face.height, timings, params)
+        return GenerationResult(images, seed, face.width, face.height, timings, params, face)
 
 
 def _control_image(control: ControlParams) -> bytes | None:

@@ -186,17 +186,45 @@ def test_a_pose_preset_is_sent_only_with_its_box_and_places_the_face(page, serve
     fill_request(page, {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}, steps=2)
     page.click("#advanced summary")
     page.select_option("[name='pose.preset']", "profile_left")
-    page.fill("[name='pose.box']", "[16, 16, 240, 240]")
+    fill_box(page, "pose.box", [16, 16, 240, 240])
     with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
         page.get_by_role("button", name="Generate").click()
     assert sent.value.post_data_json["pose"] == {"preset": "profile_left", "box": [16, 16, 240, 240]}
     page.wait_for_function("() => { const i = document.querySelector('#results img'); "
                            "return i && i.complete && i.naturalWidth > 0; }")
     assert page.is_hidden("[role=alert]"), page.inner_text("[role=alert]")
-    page.fill("[name='pose.box']", "")
+    fill_box(page, "pose.box", ["", "", "", ""])
     with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
         page.get_by_role("button", name="Generate").click()
     assert "pose" not in sent.value.post_data_json
+    assert not page.js_errors
+
+
+def fill_box(page, name: str, box: list) -> None:
+    """A box is four number fields (x1, y1, x2, y2)."""
+    for part, value in enumerate(box):
+        page.fill(f"[name='{name}'] input[data-part='{part}']", str(value))
+
+
+def test_people_are_rows_with_their_box_as_numbers_and_a_preview(page, served_app, astronaut_bytes):
+    open_playground(page, served_app.url)
+    page.fill("textarea[name=prompt]", "two people")
+    page.select_option("#size-preset", label="256 x 256 (preview)")
+    page.fill("input[name=steps]", "2")
+    photo = {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": astronaut_bytes}
+    for index, box in enumerate(([0, 64, 128, 192], [128, 64, 256, 192])):
+        page.get_by_role("button", name="Add Person").click()
+        page.set_input_files(f"input[name='identities.{index}.face_image']", files=[photo])
+        fill_box(page, f"identities.{index}.box", box)
+    assert page.locator("#identity-preview").is_visible()
+    with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as sent:
+        page.get_by_role("button", name="Generate").click()
+    body = sent.value.post_data_json
+    assert [who["box"] for who in body["identities"]] == [[0, 64, 128, 192], [128, 64, 256, 192]]
+    assert all(who["face_image"] for who in body["identities"]) and "face_image" not in body
+    page.wait_for_function("() => { const i = document.querySelector('#results img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }")
+    assert page.is_hidden("[role=alert]"), page.inner_text("[role=alert]")
     assert not page.js_errors
 
 

@@ -168,3 +168,25 @@ def test_the_console_script_ends_a_usage_mistake_with_exit_2_and_one_error_line(
     """As a user runs it: the installed script's exit code is main()'s (here argparse's, through our parser)."""
     result = run_cli_subprocess("generate", "--face", ASTRONAUT, "--prompt", "x", "--steps", "ten", cwd=tmp_path)
     assert "invalid int value" in result.error_line() and "usage:" not in result.stderr
+
+
+@pytest.mark.slow
+def test_generate_with_two_identities_records_their_layout(tiny_root: Path, tmp_path: Path) -> None:
+    mirrored = tmp_path / "mirrored.png"
+    Image.open(ASTRONAUT).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    gen = run_cli("generate", "--weights", tiny_root, "--identity", f"{ASTRONAUT}@0,0,64,64",
+                  "--identity", f"{mirrored}@64,0,128,64", "--prompt", "two people", "--steps", "2", "--width",
+                  "128", "--height", "64", "--out", tmp_path / "out")
+    assert gen.returncode == 0, gen.stderr
+    meta = json.loads(uri_path(gen.stdout.split()[1]).read_text())
+    assert [who["box"] for who in meta["identities"]] == [[0, 0, 64, 64], [64, 0, 128, 64]]
+    assert all(len(who["keypoints"]) == 5 and len(who["face_image_sha256"]) == 1 for who in meta["identities"])
+    assert meta["inputs"]["identities"] == [[str(ASTRONAUT)], [str(mirrored)]]
+
+
+@pytest.mark.slow
+def test_generate_with_overlapping_identities_exits_2_naming_the_box(tiny_root: Path, tmp_path: Path) -> None:
+    result = run_cli("generate", "--weights", tiny_root, "--identity", f"{ASTRONAUT}@0,0,80,64",
+                     "--identity", f"{ASTRONAUT}@64,0,128,64", "--prompt", "x", "--steps", "2", "--width", "128",
+                     "--height", "64", "--out", tmp_path / "out")
+    assert result.error_line().startswith("error: identities[1].box: overlaps identities[0].box")

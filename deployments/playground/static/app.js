@@ -7,13 +7,15 @@
 // Where the well-known fields go and what they are called; any other field of the request model lands in
 // "More options", rendered from its schema, so new server fields appear without changes here.
 const LAYOUT = [
-  ["face_image", "Face photo(s)"], ["pose_image", "Pose photo (optional)"],
+  ["face_image", "Face photo(s)"], ["identities", "People (several, instead of the face photo)"],
+  ["pose_image", "Pose photo (optional)"],
   ["prompt", "Prompt"], ["negative_prompt", "Negative prompt"], ["style", "Style"],
   ["width", "Width"], ["height", "Height"],
   ["identitynet_strength", "IdentityNet strength"], ["adapter_strength", "Adapter strength"],
   ["steps", "Steps"], ["guidance", "Guidance"], ["scheduler", "Scheduler"], ["seed", "Seed"],
   ["num_images", "Number of images"], ["enhance_face_region", "Enhance face region"],
 ];
+const ROW_LABELS = { identities: "Person" };  // one row of a list, where the label's plural is not "s"
 const MORE_LABELS = { output: "Output", loras: "LoRAs", controls: "ControlNets", face_index: "Face index" };
 const LABELS = Object.fromEntries(LAYOUT);
 const SLIDERS = new Set(["identitynet_strength", "adapter_strength", "steps", "guidance"]);
@@ -38,6 +40,8 @@ function resolve(node) {
 }
 function withoutKey(obj, key) { const copy = { ...obj }; delete copy[key]; return copy; }
 const isImageField = (name) => /(^|_)image$/.test(name.split(".").pop());
+const isNumberTuple = (schema) => schema.type === "array" && Array.isArray(schema.prefixItems)
+  && schema.prefixItems.every((item) => ["number", "integer"].includes(resolve(item).type));
 const humanize = (name) => name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
 
 // ---------------------------------------------------------------------------------------------- rendering
@@ -95,6 +99,17 @@ function renderField(name, rawSchema, required) {
     return set;
   }
   if (schema.type === "array" && resolve(schema.items).type === "object") return renderList(name, schema, label, help);
+  if (isNumberTuple(schema)) {
+    // A box (x1, y1, x2, y2) and the like: one number box per element, in a row.
+    const names = schema.prefixItems.length === 4 ? ["x1", "y1", "x2", "y2"] : schema.prefixItems.map((_, i) => i);
+    const group = el("div", { class: "row numbers", name, "data-kind": "numbers", role: "group",
+                              "aria-label": label });
+    names.forEach((part, i) => group.append(el("input", { id: i ? null : id, type: "number", step: "any",
+                                                          "aria-label": `${label} ${part}`, placeholder: String(part),
+                                                          "data-part": String(i) })));
+    wrap.append(el("label", { for: id, text: label }), group, help);
+    return wrap;
+  }
   if (schema.enum) {
     const select = el("select", { ...common, "data-kind": "enum" });
     if (schema.nullable) {
@@ -173,11 +188,13 @@ function renderList(name, schema, label, help) {
   const item = resolve(schema.items);
   const set = el("fieldset", { name, "data-kind": "list" }, el("legend", { text: label }));
   const rows = el("div", { class: "list-rows" });
-  const add = el("button", { type: "button", text: `Add ${label.replace(/s$/, "")}` });
+  const one = ROW_LABELS[name] || label.replace(/s$/, "");
+  const add = el("button", { type: "button", text: `Add ${one}` });
   let count = 0;
   const addRow = () => {
     const index = count++;
-    const row = el("fieldset", { "data-item": String(index) }, el("legend", { text: `${label} ${index + 1}` }));
+    const row = el("fieldset", { "data-item": String(index) },
+                   el("legend", { text: `${ROW_LABELS[name] || label} ${index + 1}` }));
     for (const [sub, subSchema] of Object.entries(item.properties || {})) {
       row.append(renderField(`${name}.${index}.${sub}`, subSchema, (item.required || []).includes(sub)));
     }
@@ -191,7 +208,41 @@ function renderList(name, schema, label, help) {
   set.addRow = addRow;  // "Use these settings" rebuilds the rows of a sidecar
   set.clearRows = () => { rows.replaceChildren(); count = 0; };
   set.append(rows, add, help);
+  if (name === "identities") set.append(boxPreview(set));
   return set;
+}
+
+function boxPreview(set) {
+  // Where each person's box lies on the output (the width and height fields, else a 1024 square), redrawn as the
+  // numbers change; overlapping boxes show red (the server refuses them).
+  const canvas = el("canvas", { id: "identity-preview", width: 160, height: 160, role: "img",
+                                "aria-label": "Preview of the people's boxes on the image" });
+  const draw = () => {
+    const width = Number($(fieldId("width"))?.value) || 1024, height = Number($(fieldId("height"))?.value) || 1024;
+    const scale = 160 / Math.max(width, height);
+    canvas.width = Math.round(width * scale); canvas.height = Math.round(height * scale);
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#eee"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+    const boxes = [...set.querySelectorAll('[data-kind="numbers"][name$=".box"]')].map((group) =>
+      [...group.querySelectorAll("input")].map((input) => Number(input.value))).filter((b) => b.every(isFinite)
+        && b[2] > b[0] && b[3] > b[1]);
+    const overlaps = (a, b) => Math.min(a[2], b[2]) > Math.max(a[0], b[0]) && Math.min(a[3], b[3]) > Math.max(a[1], b[1]);
+    boxes.forEach((box, i) => {
+      ctx.strokeStyle = boxes.some((other, j) => j !== i && overlaps(box, other)) ? "#c00" : "#06c";
+      ctx.lineWidth = 2;
+      ctx.strokeRect(box[0] * scale, box[1] * scale, (box[2] - box[0]) * scale, (box[3] - box[1]) * scale);
+      ctx.fillStyle = ctx.strokeStyle; ctx.font = "12px sans-serif";
+      ctx.fillText(String(i + 1), box[0] * scale + 4, box[1] * scale + 14);
+    });
+  };
+  set.addEventListener("input", draw);
+  set.addEventListener("click", () => setTimeout(draw));  // rows added or removed
+  setTimeout(() => {  // the size fields are rendered after this list
+    for (const side of ["width", "height"]) $(fieldId(side))?.addEventListener("input", draw);
+    $("size-preset")?.addEventListener("change", draw);
+    draw();
+  });
+  return el("div", { class: "field" }, el("p", { class: "help", text: "Boxes on the image:" }), canvas);
 }
 
 function showThumbs(input, thumbs) {
@@ -290,6 +341,12 @@ async function readValue(name, rawSchema) {
     const encoded = await Promise.all(files.map(fileToBase64));
     return node.multiple && encoded.length > 1 ? encoded : encoded[0];
   }
+  if (kind === "numbers") {
+    const values = [...node.querySelectorAll("input")].map((input) => input.value.trim());
+    if (values.every((v) => v === "")) return undefined;
+    if (values.some((v) => v === "")) throw new FieldError(name, `${name}: fill in all ${values.length} numbers`);
+    return values.map(Number);
+  }
   if (kind === "boolean") return node.checked;
   if (kind === "seed") return node.value.trim() === "" ? undefined : node.value.trim();
   if (kind === "number") return node.value === "" ? undefined : Number(node.value);
@@ -333,7 +390,10 @@ function checkFiles() {
     }
   }
   const face = document.querySelector('[name="face_image"]');
-  if (face && !face.files.length) throw new FieldError("face_image", "Add a face photo: the image is made from it.");
+  const people = document.querySelectorAll('[name="identities"] .list-rows > fieldset').length;
+  if (face && !face.files.length && !people) {
+    throw new FieldError("face_image", "Add a face photo (or people): the image is made from it.");
+  }
   const prompt = document.querySelector('[name="prompt"]');
   if (prompt && !prompt.value.trim()) throw new FieldError("prompt", "Write a prompt: describe the picture you want.");
   const seed = document.querySelector('[name="seed"]');
@@ -574,6 +634,12 @@ function fill(prefix, params) {
     const kind = node.dataset.kind;
     if (kind === "object" && value && typeof value === "object") { fill(name + ".", value); continue; }
     if (kind === "boolean") node.checked = Boolean(value);
+    else if (kind === "numbers") {
+      const parts = Array.isArray(value) ? value : [];
+      node.querySelectorAll("input").forEach((input, i) => { input.value = parts[i] ?? ""; });
+      node.dispatchEvent(new Event("input", { bubbles: true }));  // the box preview redraws
+      continue;
+    }
     else if (kind === "json") node.value = value === null ? "" : JSON.stringify(value);
     else if (kind === "list") {
       node.clearRows();

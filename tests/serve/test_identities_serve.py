@@ -1,0 +1,106 @@
+"""Several identities in one image (issue 23) through real HTTP: one identity via `identities` is the single-face
+request bit for bit; two identities with boxes answer images whose sidecar records the layout (multipart); bad
+layouts are 400s naming the field while the app keeps serving (the good requests run after the bad ones); and the
+batch job's --params place each row's photo beside a fixed second person."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageOps
+
+from batch.job import run_batch
+from batch.pairs import BatchSettings, load_prompts
+from instantid_core.config import ModelSources, PipelineSettings
+from testkit.api import FACE, b64, png_bytes, png_pixels, post, s3_read
+
+FAST = {"steps": 2, "width": 128, "height": 128, "seed": 77}
+LEFT, RIGHT = [0, 32, 64, 96], [64, 32, 128, 96]
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"identities": [{"box": [0, 0, 80, 80]}, {"box": [60, 60, 128, 128]}]}, "identities[1].box"),  # overlap
+    ({"identities": [{"box": [0, 0, 40, 40]}] * 5}, "identities"),  # more than 4
+    ({"identities": [{}], "face_image": "photo"}, "identities"),  # both forms
+    ({"identities": [{"box": LEFT}, {"keypoints": [[70, 40], [90, 40], [80, 50], [72, 60], [400, 60]]}]},
+     "identities[1].keypoints"),  # a point outside the 128 px output
+])
+def test_bad_layouts_are_400s_naming_the_field_and_the_app_keeps_serving(served_app, astronaut_bytes, body, field):
+    photo = b64(astronaut_bytes)
+    body = {**body, "identities": [{**who, "face_image": photo} for who in body["identities"]], "prompt": "x", **FAST}
+    if "face_image" in body:
+        body["face_image"] = photo
+    response = post(served_app, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and error["message"].startswith(field)
+    assert httpx.get(f"{served_app.url}/healthz", timeout=10).status_code == 200
+
+
+def test_one_identity_equals_the_single_face_request_and_two_record_their_layout(served_app, astronaut_bytes):
+    classic = post(served_app, {"face_image": b64(astronaut_bytes), "prompt": "a portrait", **FAST})
+    through = post(served_app, {"identities": [{"face_image": b64(astronaut_bytes)}], "prompt": "a portrait",
+                                **FAST})
+    assert classic.status_code == 200, classic.text
+    assert through.status_code == 200, through.text
+    np.testing.assert_array_equal(png_pixels(s3_read(classic.json()["images"][0])),
+                                  png_pixels(s3_read(through.json()["images"][0])))
+
+    mirrored = png_bytes(ImageOps.mirror(Image.open(FACE)))
+    params = {"prompt": "two people", **FAST, "identities": [
+        {"box": LEFT, "adapter_strength": 0.6}, {"pose": {"preset": "three_quarter_left", "box": RIGHT}}]}
+    response = httpx.post(f"{served_app.url}/v1/generate", timeout=180, data={"params": json.dumps(params)},
+                          files=[("identities[0].face_image", ("a.jpg", astronaut_bytes, "image/jpeg")),
+                                 ("identities[1].face_image", ("b.png", mirrored, "image/png"))])
+    assert response.status_code == 200, response.text
+    meta = json.loads(s3_read(response.json()["metadata"]))
+    first, second = meta["identities"]
+    assert first["box"] == LEFT and second["box"] == RIGHT
+    assert first["adapter_strength"] == 0.6 and second["adapter_strength"] == meta["params"]["adapter_strength"]
+    assert len(first["face_image_sha256"]) == 1 and first["face_image_sha256"] != second["face_image_sha256"]
+    for entry, box in ((first, LEFT), (second, RIGHT)):
+        points = np.array(entry["keypoints"])
+        assert points.shape == (5, 2)
+        assert (points[:, 0] > box[0]).all() and (points[:, 0] < box[2]).all()
+    assert [who["box"] for who in meta["params"]["identities"]] == [LEFT, None]  # the request as given
+
+
+def test_batch_params_place_each_row_beside_a_fixed_second_person(tmp_path, astronaut_bytes, tiny_root,
+                                                                  ray_instance):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    (inputs / "a.jpg").write_bytes(astronaut_bytes)
+    ImageOps.mirror(Image.open(FACE)).save(tmp_path / "friend.png")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump([{"id": "p", "prompt": "two people"}]))
+    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings())
+    params = {**FAST, "identities": [{"box": LEFT}, {"face_image": str(tmp_path / "friend.png"), "box": RIGHT}]}
+    summary = run_batch(str(inputs), load_prompts(prompts), str(out), settings, params, progress=False)
+    assert summary["status"] == {"ok": 1}, summary
+    (meta_path,) = out.rglob("meta.json")
+    meta = json.loads(meta_path.read_text())
+    assert [who["box"] for who in meta["identities"]] == [LEFT, RIGHT]
+    assert meta["identities"][0]["face_image_sha256"] == [hashlib.sha256(astronaut_bytes).hexdigest()]
+
+
+def test_the_handle_takes_identities_and_the_sidecar_replays_in_the_library(served_app, astronaut_bytes, library):
+    from ray import serve
+
+    from deployments.schemas import GenerateRequest
+    from instantid_core.config import GenerateParams
+
+    mirrored = png_bytes(ImageOps.mirror(Image.open(FACE)))
+    request = GenerateRequest(prompt="two people", **FAST, identities=[
+        {"face_image": b64(astronaut_bytes), "box": LEFT},
+        {"face_image": b64(mirrored), "box": RIGHT, "identitynet_strength": 0.5}])
+    response = serve.get_app_handle(served_app.name).generate.remote(request).result(timeout_s=180)
+    meta = json.loads(s3_read(response.metadata))
+    replay = library.generate([], GenerateParams.model_validate(meta["params"]), seed=meta["seed"],
+                              identity_images=[[astronaut_bytes], [mirrored]])
+    served = png_pixels(s3_read(response.images[0]))
+    assert np.abs(served.astype(int) - replay.images[0].astype(int)).max() <= 1  # float rounding across processes
