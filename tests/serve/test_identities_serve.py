@@ -1,22 +1,17 @@
 """Several identities in one image (issue 23) through real HTTP: one identity via `identities` is the single-face
 request bit for bit; two identities with boxes answer images whose sidecar records the layout (multipart); bad
-layouts are 400s naming the field while the app keeps serving (the good requests run after the bad ones); and the
-batch job's --params place each row's photo beside a fixed second person."""
+layouts are 400s naming the field while the app keeps serving (the good requests run after the bad ones); the
+handle takes them too (tests/batch/test_batch_identities.py: the batch job's --params)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image, ImageOps
 
-from batch.job import run_batch
-from batch.pairs import BatchSettings, load_prompts
-from instantid_core.config import ModelSources, PipelineSettings
 from testkit.api import FACE, b64, png_bytes, png_pixels, post, s3_read
 
 FAST = {"steps": 2, "width": 128, "height": 128, "seed": 77}
@@ -68,24 +63,6 @@ def test_one_identity_equals_the_single_face_request_and_two_record_their_layout
         assert points.shape == (5, 2)
         assert (points[:, 0] > box[0]).all() and (points[:, 0] < box[2]).all()
     assert [who["box"] for who in meta["params"]["identities"]] == [LEFT, None]  # the request as given
-
-
-def test_batch_params_place_each_row_beside_a_fixed_second_person(tmp_path, astronaut_bytes, tiny_root,
-                                                                  ray_instance):
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    (inputs / "a.jpg").write_bytes(astronaut_bytes)
-    ImageOps.mirror(Image.open(FACE)).save(tmp_path / "friend.png")
-    prompts = tmp_path / "prompts.yaml"
-    prompts.write_text(yaml.safe_dump([{"id": "p", "prompt": "two people"}]))
-    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings())
-    params = {**FAST, "identities": [{"box": LEFT}, {"face_image": str(tmp_path / "friend.png"), "box": RIGHT}]}
-    summary = run_batch(str(inputs), load_prompts(prompts), str(out), settings, params, progress=False)
-    assert summary["status"] == {"ok": 1}, summary
-    (meta_path,) = out.rglob("meta.json")
-    meta = json.loads(meta_path.read_text())
-    assert [who["box"] for who in meta["identities"]] == [LEFT, RIGHT]
-    assert meta["identities"][0]["face_image_sha256"] == [hashlib.sha256(astronaut_bytes).hexdigest()]
 
 
 def test_the_handle_takes_identities_and_the_sidecar_replays_in_the_library(served_app, astronaut_bytes, library):
