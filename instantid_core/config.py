@@ -23,6 +23,8 @@ MAX_SIDE = 2048
 LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
 LORAS_DIR, CONTROLNETS_DIR, DEPTH_ESTIMATOR_DIR = "loras", "controlnets", "depth-estimator"  # extensions, same root
 SAFETY_CHECKER_DIR = "safety-checker"  # the CompVis checker's layout (config.json, weights, preprocessor_config.json)
+SCORING_FACE_PACK_DIR = "buffalo_l"  # the identity scorer's insightface pack (issue 26), beside antelopev2/
+MAX_BEST_OF = 8  # candidates one request may ask for (`best_of`); an operator may allow fewer
 DEFAULT_CONTROLS = ("canny", "depth")
 
 
@@ -180,6 +182,11 @@ class ModelSources(BaseModel):
     safety_checker: str | None = Field(None, description="diffusers' StableDiffusionSafetyChecker with its "
                                        "CLIPImageProcessor (config.json, weights, preprocessor_config.json), e.g. "
                                        "CompVis/stable-diffusion-safety-checker; read only when the app has `safety`.")
+    scoring_face_pack: str | None = Field(None, description="The insightface pack (a detector and a recogniser, "
+                                          "e.g. buffalo_l) that scores each output's identity against the "
+                                          "reference; unset: the conditioning face_pack, which flatters itself "
+                                          "(responses say `same_model: true`). Read only when the app has "
+                                          "`scoring`.")
 
     @classmethod
     def from_root(cls, root: str, **overrides: str) -> ModelSources:
@@ -200,9 +207,9 @@ class ModelSources(BaseModel):
 
 
 def extension_sources(root: str) -> dict:
-    """The LoRAs, extra ControlNets, depth estimator and safety checker a local root holds (the tiny preset writes
-    them): `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`,
-    `safety-checker/`. `pose` is left
+    """The LoRAs, extra ControlNets, depth estimator, safety checker and scoring pack a local root holds (the tiny
+    preset writes them): `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`,
+    `safety-checker/`, `buffalo_l/`. `pose` is left
     out: the issue's default offer is tiny-style, canny and depth; a config adds pose by naming its folder."""
     out: dict = {}
     if Path(f"{root}/{LORAS_DIR}").is_dir():
@@ -215,6 +222,8 @@ def extension_sources(root: str) -> dict:
         out["depth_estimator"] = f"{root}/{DEPTH_ESTIMATOR_DIR}"
     if Path(f"{root}/{SAFETY_CHECKER_DIR}").is_dir():
         out["safety_checker"] = f"{root}/{SAFETY_CHECKER_DIR}"
+    if Path(f"{root}/{SCORING_FACE_PACK_DIR}").is_dir():
+        out["scoring_face_pack"] = f"{root}/{SCORING_FACE_PACK_DIR}"
     return out
 
 
@@ -318,6 +327,12 @@ class GenerateParams(BaseModel):
                                                         "in output pixels (left eye, right eye, nose tip, left and "
                                                         "right mouth corner, as the image shows them) instead of a "
                                                         "pose photo's.")
+    # --- issue 26: identity score, best of N, a floor (needs the app's `scoring`)
+    best_of: int = Field(1, ge=1, le=MAX_BEST_OF, description="Generate this many candidates (consecutive seeds, "
+                         "at least num_images) and return the num_images with the highest identity scores.")
+    min_identity: float | None = Field(None, ge=-1.0, le=1.0, description="A floor on the identity score: while a "
+                                       "returned image scores below it, more candidates run with the next seeds, "
+                                       "up to the server's bound; then the best found, flagged below the floor.")
 
     @field_validator("loras")
     @classmethod
@@ -339,7 +354,7 @@ class GenerateParams(BaseModel):
         return value
 
     @field_validator("guidance", "identitynet_strength", "adapter_strength", "strength", "negative_face_noise",
-                     "identity_start", "identity_end")
+                     "identity_start", "identity_end", "min_identity")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -377,6 +392,11 @@ class GenerateParams(BaseModel):
         if start is not None and start >= value:
             raise ValueError(f"must be above identity_start ({start}), got {value}")
         return value
+
+    @property
+    def candidates(self) -> int:
+        """Images one round generates: `best_of`, and never fewer than the images returned."""
+        return max(self.best_of, self.num_images)
 
     @model_validator(mode="after")
     def _both_sides_or_none(self) -> GenerateParams:

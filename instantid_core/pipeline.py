@@ -29,6 +29,16 @@ from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
 from .poses import place_face
 from .request_rules import check_init_inputs, draw_seed
+from .scoring import (
+    DEFAULT_MAX_CANDIDATES,
+    IdentityReport,
+    IdentityScorer,
+    below_floor,
+    keep_best,
+    mean_embedding,
+    next_round,
+    scorer_for,
+)
 from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
 from .weights import resolve_weights
@@ -186,7 +196,7 @@ def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateP
     params = params.resolved(default_scheduler)  # unset steps/guidance: the scheduler's preset
     request = DenoiseRequest(
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
-        num_images=params.num_images, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
+        num_images=params.candidates, guidance=params.guidance, identitynet_strength=params.identitynet_strength,
         adapter_strength=params.adapter_strength, face_box=face.face_box if params.enhance_face_region else None,
         controls=controls, identity_start=params.identity_start, identity_end=params.identity_end,
         negative_face_noise=params.negative_face_noise, init_image=face.init_image, mask=face.mask,
@@ -208,22 +218,42 @@ class GenerationResult:
     height: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
+    identity: IdentityReport | None = None  # with a scorer: each image's score and seed, candidates run
+
+
+def reference_embedding(scorer: IdentityScorer, photos: list[Image.Image],
+                        face_index: int | None = None) -> np.ndarray | None:
+    """The scorer's reference: the mean of its embeddings of the face photos (face_index picks the first one's)."""
+    return mean_embedding([scorer.embed(photo, face_index=face_index if i == 0 else None)
+                           for i, photo in enumerate(photos)])
+
+
+def identity_report(scores: list[float | None], seeds: list[int], candidates: int, params: GenerateParams,
+                    same_model: bool) -> IdentityReport:
+    return IdentityReport(scores=scores, seeds=seeds, candidates=candidates, same_model=same_model,
+                          min_identity=params.min_identity, below_floor=below_floor(scores, params.min_identity))
 
 
 class InstantIDPipeline:
     """All three stages in one process."""
 
     def __init__(self, sources: ModelSources, settings: PipelineSettings | None = None,
-                 weights: ResolvedWeights | None = None) -> None:
+                 weights: ResolvedWeights | None = None, *, scoring: bool = False,
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
+        """`scoring`: score every image (the sources' scoring_face_pack, else the conditioning pack) and allow
+        best_of / min_identity, whose rounds stop at `max_candidates` images in all."""
         self.settings = settings or PipelineSettings()
         self.weights = weights or resolve_weights(sources, dtype=self.settings.dtype)
         self.face = FaceAnalyzer(self.weights.face_pack, self.settings)
         self.text = PromptEncoder(self.weights.sdxl, self.settings)
         self.denoiser = IdentityDenoiser.from_weights(self.weights, self.settings)
+        self.scorer = (scorer_for(self.weights.face_pack, self.weights.scoring_face_pack, self.settings)
+                       if scoring else None)
+        self.max_candidates = max_candidates
 
     @classmethod
-    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> InstantIDPipeline:
-        return cls(ModelSources.from_root(str(root)), settings)
+    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None, **options) -> InstantIDPipeline:
+        return cls(ModelSources.from_root(str(root)), settings, **options)
 
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
@@ -235,6 +265,7 @@ class InstantIDPipeline:
         `face_names` / `pose_name` / `init_name` / `mask_name` name the inputs in error messages (default the API
         field names); the CLI passes the file paths."""
         timings: dict[str, float] = {}
+        check_scoring_params(params, self.scorer is not None, self.max_candidates)
         params = self.denoiser.loras.with_presets(params).resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
@@ -254,7 +285,45 @@ class InstantIDPipeline:
         request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler, controls)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
-        return GenerationResult(images, seed, face.width, face.height, timings, params)
+        if self.scorer is None:
+            return GenerationResult(images, seed, face.width, face.height, timings, params)
+
+        start = time.perf_counter()
+        photos = [load_image(data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side)
+                  for data in face_images]
+        reference = reference_embedding(self.scorer, photos, params.face_index)
+        box = face.face_box
+        scores = self.scorer.score(images, reference, box)
+        seeds = [(seed + i) % 2**63 for i in range(len(images))]
+        kept = keep_best(scores, params.num_images)
+        while next_round([scores[i] for i in kept], params.min_identity, len(seeds), params.candidates,
+                         self.max_candidates):
+            request = replace(request, seed=(seed + len(seeds)) % 2**63)
+            more = self.denoiser([request], key)[0]
+            seeds += [(request.seed + i) % 2**63 for i in range(len(more))]
+            scores += self.scorer.score(more, reference, box)
+            images = np.concatenate([images, more])
+            kept = keep_best(scores, params.num_images)
+        timings["score"] = time.perf_counter() - start
+        identity = identity_report([scores[i] for i in kept], [seeds[i] for i in kept], len(seeds), params,
+                                   self.scorer.same_model)
+        return GenerationResult(images[kept], seed, face.width, face.height, timings, params, identity)
+
+
+def check_scoring_params(params: GenerateParams, scoring: bool, max_candidates: int) -> None:
+    """best_of / min_identity need a scorer, and best_of stays within the candidates allowed.
+
+    Raises:
+        InvalidParameter: naming `best_of` or `min_identity`.
+    """
+    if not scoring and params.best_of > 1:
+        raise InvalidParameter("best_of: this server scores no identities (no `scoring` configured)", field="best_of")
+    if not scoring and params.min_identity is not None:
+        raise InvalidParameter("min_identity: this server scores no identities (no `scoring` configured)",
+                               field="min_identity")
+    if params.candidates > max_candidates:
+        raise InvalidParameter(f"best_of: at most {max_candidates} candidates per request on this server, got "
+                               f"{params.candidates}", field="best_of")
 
 
 def _control_image(control: ControlParams) -> bytes | None:
