@@ -13,6 +13,7 @@ from instantid_core.config import GenerateParams
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition, PromptEmbeds
 from instantid_core.safety import SafetyReport
+from instantid_core.scoring import IdentityReport
 from instantid_core.storage import check_prefix
 
 
@@ -84,6 +85,9 @@ class GenerateResponse(BaseModel):
     safety: SafetyReport | None = Field(None, description="The safety stage: per generated image `flagged` (block "
                                         "mode: flagged ones are `withheld`, not in `images`), or `checked: false` "
                                         "and the reason.")
+    identity: IdentityReport | None = Field(None, description="With the server's `scoring`: per image its identity "
+                                            "score (cosine to the reference; null: no face found) and seed, and how "
+                                            "many candidates ran (best_of, min_identity).")
 
 
 class ErrorDetail(BaseModel):
@@ -161,3 +165,4 @@ class DenoiseResult:
     replica_id: str | None = None  # the Denoiser replica that ran it (LoRA sets route by replica)
     as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)
     flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them
+    identity: IdentityReport | None = None  # per image score and seed, set by FaceAnalysis.score (with `scoring`)

@@ -14,6 +14,7 @@ from instantid_app.config import AppConfig
 from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
 from instantid_core.safety import safety_outcome
+from instantid_core.scoring import identity_record
 from instantid_core.sidecar import build_sidecar
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
@@ -58,7 +59,8 @@ class OutputWriter:
         meta = build_sidecar(params, seed=seed, width=result.width, height=result.height, inputs=recorded["inputs"],
                              default_scheduler=self.config.pipeline.default_scheduler, as_run=result.as_run,
                              params_extra=recorded.get("params_extra"), batch_size=result.batch_size,
-                             timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True))
+                             timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True),
+                             **identity_record(result.identity))
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]
@@ -68,7 +70,7 @@ class OutputWriter:
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
             batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
-            safety=safety,
+            safety=safety, identity=result.identity,
         )
 
     async def live_settings(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ class FaceCondition:
     det_score: float
     init_image: np.ndarray | None = None  # (H, W, 3) uint8 img2img / inpainting photo at the output size
     mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
+    identity_reference: np.ndarray | None = None  # (512,) the scoring recogniser's mean embedding (with scoring)
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,15 @@ from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
 from .poses import place_face
 from .request_rules import check_init_inputs, draw_seed
+from .scorer import IdentityScorer, scorer_for
 from .scoring import (
     DEFAULT_MAX_CANDIDATES,
     IdentityReport,
-    IdentityScorer,
     below_floor,
+    check_scoring_params,
     keep_best,
     mean_embedding,
     next_round,
-    scorer_for,
 )
 from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
@@ -308,22 +308,6 @@ class InstantIDPipeline:
         identity = identity_report([scores[i] for i in kept], [seeds[i] for i in kept], len(seeds), params,
                                    self.scorer.same_model)
         return GenerationResult(images[kept], seed, face.width, face.height, timings, params, identity)
-
-
-def check_scoring_params(params: GenerateParams, scoring: bool, max_candidates: int) -> None:
-    """best_of / min_identity need a scorer, and best_of stays within the candidates allowed.
-
-    Raises:
-        InvalidParameter: naming `best_of` or `min_identity`.
-    """
-    if not scoring and params.best_of > 1:
-        raise InvalidParameter("best_of: this server scores no identities (no `scoring` configured)", field="best_of")
-    if not scoring and params.min_identity is not None:
-        raise InvalidParameter("min_identity: this server scores no identities (no `scoring` configured)",
-                               field="min_identity")
-    if params.candidates > max_candidates:
-        raise InvalidParameter(f"best_of: at most {max_candidates} candidates per request on this server, got "
-                               f"{params.candidates}", field="best_of")
 
 
 def _control_image(control: ControlParams) -> bytes | None:

@@ -1,30 +1,27 @@
 """The identity score (issue 26): how much each output looks like the reference person, and best-of-N on it.
 
-`IdentityScorer` runs a recogniser of its own (`scoring_face_pack`, insightface's layout; by default the
+`scorer.IdentityScorer` runs a recogniser of its own (`scoring_face_pack`, insightface's layout; by default the
 conditioning face_pack, which flatters itself: the report says `same_model`). It detects the face in each output,
 inside the face region when the request has one, and reports the cosine similarity of its embedding to the
 reference's (the mean embedding when several photos were given), or None when no face is found.
 
 `best_of` / `min_identity`: a round generates `params.candidates` images on consecutive seeds; `keep_best` picks the
 `num_images` to return, `below_floor` says which of them miss the floor (another round runs on the next seeds while
-the operator's bound on candidates allows).
+the operator's bound on candidates allows). This module loads no model: the Ingress chooses with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, Field
 
-from .config import PipelineSettings
-from .errors import NoFaceDetected
-from .face import FaceAnalyzer
+from .config import MAX_BEST_OF, GenerateParams
+from .errors import InvalidParameter
 
-SCORING_PART = "scoring_face_pack"
 REGION_MARGIN = 0.5  # the face box grown by half its width and height on each side: a face drawn a little off its box
+DEFAULT_MAX_CANDIDATES = 16  # candidates one request may cost in all (best_of x rounds) unless the operator says
 NO_FACE = -2.0  # sorts below every cosine: an image without a face is the last choice
 
 
@@ -42,56 +39,6 @@ class IdentityReport(BaseModel):
     min_identity: float | None = Field(None, description="The floor the request asked for.")
     below_floor: list[bool] | None = Field(None, description="With min_identity: per returned image, whether it "
                                            "stayed below the floor after every candidate the server allows.")
-
-
-class IdentityScorer:
-    """A detector + recogniser pack that scores outputs against a reference embedding (CPU, thread-safe)."""
-
-    def __init__(self, face_pack_dir: Path, settings: PipelineSettings, *, same_model: bool = False) -> None:
-        """Load the pack (insightface's model_zoo routes its ONNX files).
-
-        Args:
-            face_pack_dir: The scoring pack's folder (or the conditioning pack's, with `same_model`).
-            settings: det_size, face_providers, face_threads as for the conditioning pack.
-            same_model: Whether this is the conditioning pack (reported with every score).
-
-        Raises:
-            WeightsError: The pack lacks a keypoint detector or a recogniser (names `scoring_face_pack`).
-        """
-        self.analyzer = FaceAnalyzer(face_pack_dir, settings, part=SCORING_PART)
-        self.same_model = same_model
-
-    def embed(self, photo: Image.Image, *, face_index: int | None = None) -> np.ndarray | None:
-        """The scoring recogniser's embedding of a reference photo's face (None when it finds none)."""
-        try:
-            return self.analyzer.analyze(photo, face_index=face_index).embedding
-        except NoFaceDetected:
-            return None
-
-    def score(self, images: np.ndarray, reference: np.ndarray | None,
-              face_box: Sequence[float] | None = None) -> list[float | None]:
-        """Cosine similarity of each image's face to `reference`.
-
-        Args:
-            images: (N, H, W, 3) uint8 outputs.
-            reference: (512,) the reference embedding (a mean of several is fine); None: nothing to compare to.
-            face_box: x1, y1, x2, y2 in output pixels where the face should be; the search is limited to it, grown
-                by REGION_MARGIN. None: the whole image (the largest face).
-
-        Returns:
-            Per image the cosine in [-1, 1], or None when no face was found (or there is no reference).
-        """
-        if reference is None:
-            return [None] * len(images)
-        return [self._score_one(np.asarray(image), reference, face_box) for image in images]
-
-    def _score_one(self, image: np.ndarray, reference: np.ndarray, face_box: Sequence[float] | None) -> float | None:
-        crop = image[region_slices(face_box, image.shape[1], image.shape[0])] if face_box is not None else image
-        try:
-            face = self.analyzer.analyze(Image.fromarray(np.ascontiguousarray(crop)), name="output")
-        except NoFaceDetected:
-            return None
-        return cosine(face.embedding, reference)
 
 
 def region_slices(face_box: Sequence[float], width: int, height: int) -> tuple[slice, slice]:
@@ -133,9 +80,6 @@ def below_floor(scores: Sequence[float | None], floor: float | None) -> list[boo
     return [score is None or score < floor for score in scores]
 
 
-DEFAULT_MAX_CANDIDATES = 16  # candidates one request may cost in all (best_of x rounds) unless the operator says
-
-
 def next_round(scores: Sequence[float | None], floor: float | None, ran: int, per_round: int,
                max_candidates: int) -> bool:
     """Whether `min_identity` asks for another round: a returned image misses the floor, and another round of
@@ -144,8 +88,33 @@ def next_round(scores: Sequence[float | None], floor: float | None, ran: int, pe
     return bool(misses and any(misses)) and ran + per_round <= max_candidates
 
 
-def scorer_for(face_pack: Path, scoring_face_pack: Path | None, settings: PipelineSettings) -> IdentityScorer:
-    """The scorer on the scoring pack, or on the conditioning pack (then its reports say `same_model`)."""
-    if scoring_face_pack is None:
-        return IdentityScorer(face_pack, settings, same_model=True)
-    return IdentityScorer(scoring_face_pack, settings)
+def check_scoring_params(params: GenerateParams, scoring: bool, max_candidates: int) -> None:
+    """best_of / min_identity need a scorer, and best_of stays within the candidates allowed.
+
+    Raises:
+        InvalidParameter: naming `best_of` or `min_identity`.
+    """
+    if not scoring and params.best_of > 1:
+        raise InvalidParameter("best_of: this server scores no identities (no `scoring` configured)", field="best_of")
+    if not scoring and params.min_identity is not None:
+        raise InvalidParameter("min_identity: this server scores no identities (no `scoring` configured)",
+                               field="min_identity")
+    bound = min(max_candidates, MAX_BEST_OF)
+    if params.candidates > bound:
+        raise InvalidParameter(f"best_of: at most {bound} candidates per request on this server, got "
+                               f"{params.candidates}", field="best_of")
+
+
+def merge_rounds(first: IdentityReport, more: IdentityReport, keep: int) -> tuple[list[int], IdentityReport]:
+    """Two rounds' kept candidates (first's then more's, as one list) -> which of them to keep, and the report."""
+    scores, seeds = [*first.scores, *more.scores], [*first.seeds, *more.seeds]
+    kept = keep_best(scores, keep)
+    chosen = [scores[i] for i in kept]
+    return kept, first.model_copy(update={
+        "scores": chosen, "seeds": [seeds[i] for i in kept], "candidates": first.candidates + more.candidates,
+        "below_floor": below_floor(chosen, first.min_identity)})
+
+
+def identity_record(report: IdentityReport | None) -> dict:
+    """The sidecar's (and batch manifest's) `identity` entry: nothing when no scorer ran."""
+    return {"identity": report.model_dump(mode="json", exclude_none=True)} if report is not None else {}
