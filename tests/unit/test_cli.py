@@ -168,3 +168,16 @@ def test_the_console_script_ends_a_usage_mistake_with_exit_2_and_one_error_line(
     """As a user runs it: the installed script's exit code is main()'s (here argparse's, through our parser)."""
     result = run_cli_subprocess("generate", "--face", ASTRONAUT, "--prompt", "x", "--steps", "ten", cwd=tmp_path)
     assert "invalid int value" in result.error_line() and "usage:" not in result.stderr
+
+
+def test_generate_best_of_records_each_images_score_and_seed_and_refuses_above_the_bound(
+        tiny_root: Path, tmp_path: Path) -> None:
+    gen = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", *SMALL, "--seed", "9",
+                  "--best-of", "2", "--out", tmp_path / "out")
+    assert gen.returncode == 0, gen.stderr
+    meta = json.loads(uri_path(gen.stdout.split()[1]).read_text())
+    assert meta["identity"]["candidates"] == 2 and meta["identity"]["seeds"][0] in (9, 10)
+    assert meta["identity"]["same_model"] is False and "identity: " in gen.stderr  # the preset's own scoring pack
+    line = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", *SMALL,
+                   "--best-of", "3", "--max-candidates", "2", "--out", tmp_path / "o2").error_line()
+    assert line.startswith("error: best_of: at most 2"), line
