@@ -273,6 +273,10 @@ class PipelineSettings(BaseModel):
     styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "
                                            "win over styles_file and the built-ins.")
     max_loaded_loras: int = Field(8, ge=3, le=256, description="LoRA adapters kept loaded per denoiser (LRU).")
+    face_detail_below: int = Field(256, ge=8, le=MAX_SIDE, description="face_detail: auto runs the detail pass "
+                                   "when the face box's larger side is below this (output pixels).")
+    face_detail_size: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="The side the face "
+                                  "crop is regenerated at (SDXL works best near 1024).")
 
 
 class GenerateParams(BaseModel):
@@ -330,6 +334,10 @@ class GenerateParams(BaseModel):
     # --- issue 26: identity score, best of N, a floor (needs the app's `scoring`)
     best_of: int = Field(1, ge=1, le=MAX_BEST_OF, description="Generate this many candidates (consecutive seeds, "
                          "at least num_images) and return the num_images with the highest identity scores.")
+    face_detail: Literal["off", "auto", "on"] = Field("off", description="A detail pass for small faces: the face "
+                                                      "cropped, upscaled, regenerated (same identity, prompt, seed) "
+                                                      "and pasted back feathered; `auto`: only for a face smaller "
+                                                      "than the server's face_detail_below.")
     min_identity: float | None = Field(None, ge=-1.0, le=1.0, description="A floor on the identity score: while a "
                                        "returned image scores below it, more candidates run with the next seeds, "
                                        "up to the server's bound; then the best found, flagged below the floor.")

@@ -22,6 +22,7 @@ from . import img2img
 from .config import MAX_SIDE, ControlParams, GenerateParams, ModelSources, PipelineSettings, Scheduler
 from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
+from .detail import FaceDetailReport, crop_box, detail_condition, detail_params, face_side, paste_back, wants_detail
 from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .handoff import FaceCondition, PromptEmbeds
@@ -219,6 +220,7 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
     identity: IdentityReport | None = None  # with a scorer: each image's score and seed, candidates run
+    face_detail: FaceDetailReport | None = None  # with face_detail auto | on: whether it ran, scores before/after
 
 
 def reference_embedding(scorer: IdentityScorer, photos: list[Image.Image],
@@ -272,6 +274,7 @@ class InstantIDPipeline:
         photos = RequestPhotos(face_images, pose_image, init_image, mask_image, face_names, pose_name, init_name,
                                mask_name)
         face = face_condition(self.face, photos, params, self.settings)
+        detail = wants_detail(params, face, self.settings.face_detail_below)  # face_detail: on without a face: 4xx
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -286,7 +289,9 @@ class InstantIDPipeline:
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
         if self.scorer is None:
-            return GenerationResult(images, seed, face.width, face.height, timings, params)
+            seeds = [(seed + i) % 2**63 for i in range(len(images))]
+            images, report = self._face_detail(images, face, prompt, params, seeds, detail, timings)
+            return GenerationResult(images, seed, face.width, face.height, timings, params, face_detail=report)
 
         start = time.perf_counter()
         photos = [load_image(data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side)
@@ -307,7 +312,34 @@ class InstantIDPipeline:
         timings["score"] = time.perf_counter() - start
         identity = identity_report([scores[i] for i in kept], [seeds[i] for i in kept], len(seeds), params,
                                    self.scorer.same_model)
-        return GenerationResult(images[kept], seed, face.width, face.height, timings, params, identity)
+        images, report = self._face_detail(images[kept], face, prompt, params, identity.seeds, detail, timings,
+                                           (reference, identity.scores))
+        return GenerationResult(images, seed, face.width, face.height, timings, params, identity, report)
+
+    def _face_detail(self, images: np.ndarray, face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams,
+                     seeds: list[int], run: bool, timings: dict[str, float],
+                     scored: tuple[np.ndarray | None, list[float | None]] | None = None
+                     ) -> tuple[np.ndarray, FaceDetailReport | None]:
+        """The detail pass on each image (its own seed), when `run`; the report whenever face_detail is not off."""
+        if params.face_detail == "off":
+            return images, None
+        report = FaceDetailReport(mode=params.face_detail, ran=[run] * len(images), face_side=face_side(face))
+        if not run:
+            return images, report
+        start = time.perf_counter()
+        box, size = crop_box(face), self.settings.face_detail_size
+        detailed = []
+        for image, image_seed in zip(images, seeds, strict=True):
+            request, key = denoise_request(detail_condition(face, image, box, size), prompt, detail_params(params),
+                                           image_seed, self.settings.default_scheduler)
+            detailed.append(paste_back(image, self.denoiser([request], key)[0][0], face, box))
+        images = np.stack(detailed)
+        if scored is not None and self.scorer is not None:
+            reference, before = scored
+            report.identity_before, report.identity_after = before, self.scorer.score(images, reference,
+                                                                                      face.face_box)
+        timings["face_detail"] = time.perf_counter() - start
+        return images, report
 
 
 def _control_image(control: ControlParams) -> bytes | None:
