@@ -83,6 +83,9 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     if any(p.controls for p in per_prompt.values()):  # the face actors keep no photo bytes for canny/depth maps
         raise InvalidParameter("controls: the batch job does not run extra ControlNets (the HTTP API and the "
                                "library do); LoRAs (`loras`) work here", field="controls")
+    if any(p.face_detail != "off" for p in per_prompt.values()):
+        raise InvalidParameter("face_detail: the batch job does not run the detail pass (the HTTP API, the library "
+                               "and the CLI do)", field="face_detail")
     scoring = settings.app.scoring if settings.app is not None else None
     for prompt_params in per_prompt.values():  # best_of / min_identity need the config's `scoring`, within its bound
         check_scoring_params(prompt_params, scoring is not None,

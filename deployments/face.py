@@ -22,6 +22,7 @@ from instantid_app.config import AppConfig
 from instantid_app.settings import FaceSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import GenerateParams
+from instantid_core.detail import wants_detail
 from instantid_core.face import FaceAnalyzer, FaceInfo
 from instantid_core.images import load_image
 from instantid_core.pipeline import RequestPhotos, face_condition
@@ -95,6 +96,7 @@ class FaceAnalysis:
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.
         photos = RequestPhotos(face_images, pose_image, init_image, mask_image)
         condition = await asyncio.to_thread(face_condition, self.analyzer, photos, params, self.settings, lookups)
+        wants_detail(params, condition, self.settings.face_detail_below)  # face_detail: on without a face: 400
         if self.scorer is not None:
             reference = await asyncio.to_thread(self._reference, face_images, params.face_index)
             condition = dataclasses.replace(condition, identity_reference=reference)
@@ -115,6 +117,15 @@ class FaceAnalysis:
                     self.references.put(key, embedding)
             embeddings.append(embedding)
         return mean_embedding(embeddings)
+
+    async def score_detail(self, result: DenoiseResult, face: FaceResult) -> DenoiseResult:
+        """The identity score of the images after the detail pass (beside the report's score before)."""
+        if self.scorer is None or result.face_detail is None or not any(result.face_detail.ran):
+            return result
+        scores = await asyncio.to_thread(self.scorer.score, result.images, face.condition.identity_reference,
+                                         face.condition.face_box)
+        report = result.face_detail.model_copy(update={"identity_after": scores})
+        return dataclasses.replace(result, face_detail=report)
 
     async def score(self, result: DenoiseResult, face: FaceResult, keep: int, seed: int,
                     min_identity: float | None = None) -> DenoiseResult:

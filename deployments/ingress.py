@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from instantid_app.config import AppConfig
 from instantid_app.settings import IngressSettings
 from instantid_core.config import GenerateParams
+from instantid_core.detail import FaceDetailReport
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.request_rules import check_init_inputs, draw_seed
@@ -227,9 +228,10 @@ class Ingress:
             meta = await asyncio.to_thread(self.outputs.get_json, uri)
             safety = SafetyReport.model_validate(meta["safety"]) if meta.get("safety") else None
             identity = IdentityReport.model_validate(meta["identity"]) if meta.get("identity") else None
+            detail = FaceDetailReport.model_validate(meta["face_detail"]) if meta.get("face_detail") else None
             return GenerateResponse(request_id=job_id, seed=meta["seed"], width=meta["width"], height=meta["height"],
                                     images=meta["images"], metadata=uri, batch_size=meta.get("batch_size", 1),
-                                    safety=safety, identity=identity)
+                                    safety=safety, identity=identity, face_detail=detail)
         except (InstantIDError, KeyError, TypeError) as exc:
             logger.warning("job %s: the outputs of an earlier run are unreadable (%s); running it again", job_id, exc)
             return None
@@ -305,6 +307,10 @@ class Ingress:
             if params.min_identity is not None:
                 images = await asyncio.wait_for(self._rounds(images, candidates, params, seed),
                                                 timeout=self.settings.stage_timeout_s)
+            if params.face_detail != "off":  # the face crops regenerated on the Denoiser, then scored again
+                images = denoiser.detail.remote(images, face, prompt, params, seed, job_id=job_id)
+                if self.config.scoring is not None:
+                    images = self.face.score_detail.remote(images, face)
             checked, unchecked = self._check_safety(images, request.safety_checker)
             written = self.writer.write.remote(checked, request_id, seed, params, inputs.recorded,
                                                request.output.format, request.output.prefix, inline, unchecked)

@@ -10,6 +10,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from instantid_core.config import GenerateParams
+from instantid_core.detail import FaceDetailReport
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition, PromptEmbeds
 from instantid_core.safety import SafetyReport
@@ -88,6 +89,9 @@ class GenerateResponse(BaseModel):
     identity: IdentityReport | None = Field(None, description="With the server's `scoring`: per image its identity "
                                             "score (cosine to the reference; null: no face found) and seed, and how "
                                             "many candidates ran (best_of, min_identity).")
+    face_detail: FaceDetailReport | None = Field(None, description="With face_detail auto | on: whether the detail "
+                                                 "pass ran per image, and (with scoring) the identity score before "
+                                                 "and after.")
 
 
 class ErrorDetail(BaseModel):
@@ -166,3 +170,4 @@ class DenoiseResult:
     as_run: dict = field(default_factory=dict)  # scheduler/steps/guidance as run (a LoRA preset may set them)
     flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them
     identity: IdentityReport | None = None  # per image score and seed, set by FaceAnalysis.score (with `scoring`)
+    face_detail: FaceDetailReport | None = None  # set by Denoiser.detail (face_detail auto | on)

@@ -60,7 +60,9 @@ class OutputWriter:
                              default_scheduler=self.config.pipeline.default_scheduler, as_run=result.as_run,
                              params_extra=recorded.get("params_extra"), batch_size=result.batch_size,
                              timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True),
-                             **identity_record(result.identity))
+                             **identity_record(result.identity),
+                             **({"face_detail": result.face_detail.model_dump(mode="json", exclude_none=True)}
+                                if result.face_detail is not None else {}))
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]
@@ -70,7 +72,7 @@ class OutputWriter:
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
             batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
-            safety=safety, identity=result.identity,
+            safety=safety, identity=result.identity, face_detail=result.face_detail,
         )
 
     async def live_settings(self) -> dict[str, Any]:

@@ -96,7 +96,9 @@ def _generate(args: argparse.Namespace) -> None:
                          inputs={"face": [str(p) for p in args.face], "pose": str(args.pose) if args.pose else None,
                                  "init_image": args.init_image, "mask": args.mask},
                          default_scheduler=settings.default_scheduler, weights=pipeline.weights.revisions,
-                         timings_s=result.timings, **identity_record(result.identity))
+                         timings_s=result.timings, **identity_record(result.identity),
+                         **({"face_detail": result.face_detail.model_dump(mode="json", exclude_none=True)}
+                            if result.face_detail is not None else {}))
     stored = OutputStore(args.out).write_request(
         request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
     for uri in stored.image_uris:
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--out", required=True, help="output prefix: a folder, file:// or s3:// URI")
+    gen.add_argument("--face-detail", dest="face_detail", choices=("off", "auto", "on"),
+                     help=_field_help("face_detail"))
     gen.add_argument("--score", action="store_true", help="score each image's identity (on with --best-of > 1 or "
                      "--min-identity) with --scoring-face-pack, else the weights folder's, else the conditioning pack")
     gen.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,
@@ -236,6 +240,8 @@ PARAM_FLAGS = ("prompt", "negative_prompt", "style", "seed", "steps", "guidance"
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
     """A flag left out is left out of the params too: GenerateParams' own default applies (one home)."""
     given = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}
+    if getattr(args, "face_detail", None) is not None:
+        given["face_detail"] = args.face_detail
     if args.pose_preset is not None or args.pose_box is not None:
         given["pose"] = {"preset": args.pose_preset or PosePreset.frontal, "box": args.pose_box}
     if args.keypoints is not None:

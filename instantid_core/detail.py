@@ -3,6 +3,9 @@ IdentityNet placed it: the condition's face box) is cropped with a margin, upsca
 at, regenerated with the same identity, prompt and seed through the inpainting path, downscaled and pasted back with
 a feathered mask. Only the face box dilated as `inpaint_face` dilates it, plus the feather, can change: every other
 pixel stays exactly as it was. `auto` runs it only for a face smaller than the configured size.
+
+The report and the decision load no model library (the Ingress reads them); the pixel work imports `img2img` (cv2,
+torch) where it runs, on the Denoiser and in the library pipeline.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from . import img2img
 from .config import GenerateParams
 from .errors import InvalidParameter
 from .handoff import FaceCondition
@@ -78,6 +80,7 @@ def detail_condition(face: FaceCondition, image: np.ndarray, box: tuple[int, int
                      size: int) -> FaceCondition:
     """The regeneration's condition: the crop upscaled to `size` x `size` as init photo, its face box (dilated as
     inpaint_face does) as mask, the keypoint image cropped and scaled alike, the same identity embedding."""
+    from . import img2img
     left, top, right, bottom = box
     scale = size / (right - left)
     crop = Image.fromarray(image[top:bottom, left:right]).resize((size, size), Image.LANCZOS)
@@ -98,6 +101,7 @@ def paste_back(image: np.ndarray, regenerated: np.ndarray, face: FaceCondition,
                box: tuple[int, int, int, int]) -> np.ndarray:
     """The regenerated crop downscaled into `box` and blended over `image` inside the face box dilated as
     inpaint_face does, feathered over img2img.SEAM_PX outside it; every pixel beyond that is `image`'s, exactly."""
+    from . import img2img
     left, top, right, bottom = box
     patch = np.asarray(Image.fromarray(regenerated).resize((right - left, bottom - top), Image.LANCZOS))
     full = image.copy()
@@ -111,4 +115,5 @@ def paste_back(image: np.ndarray, regenerated: np.ndarray, face: FaceCondition,
 
 def changed_region(face: FaceCondition) -> np.ndarray:
     """(H, W) bool: where the detail pass may change pixels (the dilated face box plus the feather)."""
+    from . import img2img
     return img2img.seam_alpha(img2img.face_box_mask_image(face.face_box, (face.width, face.height))) > 0

@@ -94,7 +94,8 @@ def _deploy_served(ray_instance: int, tiny_root: Path, redis_url: str,
             "loras": {"broken": str(bad), "fast-style": fast_style},
             "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")},
             "safety": {"mode": "block", "allow_request_disable": True},
-            "scoring": {"max_candidates": 6}}  # the tiny preset's second recogniser scores every output
+            "scoring": {"max_candidates": 6},  # the tiny preset's second recogniser scores every output
+            "pipeline": {"face_detail_size": 128}}  # face_detail regenerates the crop at 128 px: seconds on CPU
     options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),
                "JobConsumer": jobs_options, "SafetyChecker": SAFETY_OPTIONS}
     live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from instantid_core.config import PipelineSettings
+from instantid_core.config import GenerateParams, PipelineSettings
+from instantid_core.detail import changed_region
 from instantid_core.face import FaceAnalyzer
-from testkit.api import FAST, b64, png_bytes, post, s3_read
+from instantid_core.pipeline import RequestPhotos, face_condition
+from testkit.api import FAST, b64, png_bytes, png_pixels, post, s3_read
 from tests.serve.test_safety import _metric
 
 
@@ -65,3 +67,28 @@ def test_scoring_parameters_out_of_bounds_answer_4xx_naming_the_field(served_app
     for field, value in (("min_identity", 1.5), ("best_of", 9)):
         response = post(served_app, {**body, field: value})
         assert response.status_code in (400, 422) and field in json.dumps(response.json()), response.text
+
+
+def test_face_detail_changes_only_the_dilated_face_box_plus_its_feather(served_app, tiny_root, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 1, "width": 192, "height": 192, "seed": 8}
+    plain, detailed = (post(served_app, {**body, "face_detail": mode}) for mode in ("off", "on"))
+    assert plain.status_code == 200 and detailed.status_code == 200, detailed.text
+    report = detailed.json()["face_detail"]
+    assert report["ran"] == [True] and len(report["identity_before"]) == len(report["identity_after"]) == 1
+    assert json.loads(s3_read(detailed.json()["metadata"]))["face_detail"] == report
+    params = GenerateParams(**{k: v for k, v in body.items() if k != "face_image"})
+    face = face_condition(FaceAnalyzer(tiny_root / "antelopev2", PipelineSettings()), RequestPhotos([astronaut_bytes]),
+                          params, PipelineSettings())
+    region = changed_region(face)
+    before, after = (png_pixels(s3_read(r.json()["images"][0])) for r in (plain, detailed))
+    assert np.array_equal(after[~region], before[~region]) and not np.array_equal(after[region], before[region])
+
+
+def test_face_detail_on_without_a_face_on_the_canvas_or_an_unknown_mode_answers_4xx_naming_the_field(
+        served_app, astronaut_bytes):
+    body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
+    off_canvas = [[100, 100], [120, 100], [110, 110], [102, 120], [118, 120]]  # a face placed beyond the 64 px canvas
+    for extra in ({"face_detail": "on", "keypoints": off_canvas}, {"face_detail": "sometimes"}):
+        response = post(served_app, {**body, **extra})
+        assert response.status_code in (400, 422), response.text
+        assert "face_detail" in json.dumps(response.json()), response.text
