@@ -87,8 +87,11 @@ def test_face_detail_changes_only_the_dilated_face_box_plus_its_feather(served_a
 def test_face_detail_on_without_a_face_on_the_canvas_or_an_unknown_mode_answers_4xx_naming_the_field(
         served_app, astronaut_bytes):
     body = {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST}
-    off_canvas = [[100, 100], [120, 100], [110, 110], [102, 120], [118, 120]]  # a face placed beyond the 64 px canvas
-    for extra in ({"face_detail": "on", "keypoints": off_canvas}, {"face_detail": "sometimes"}):
+    # a pose photo whose face the square output's centre crop cuts away: the astronaut at the left of a wide canvas
+    photo = np.asarray(Image.open(io.BytesIO(astronaut_bytes)).convert("RGB"))
+    wide = np.pad(photo, ((0, 0), (0, 3 * photo.shape[1]), (0, 0)), constant_values=128)
+    off_canvas = b64(png_bytes(Image.fromarray(wide)))
+    for extra in ({"face_detail": "on", "pose_image": off_canvas}, {"face_detail": "sometimes"}):
         response = post(served_app, {**body, **extra})
         assert response.status_code in (400, 422), response.text
         assert "face_detail" in json.dumps(response.json()), response.text
