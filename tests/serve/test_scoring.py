@@ -95,3 +95,15 @@ def test_face_detail_on_without_a_face_on_the_canvas_or_an_unknown_mode_answers_
         response = post(served_app, {**body, **extra})
         assert response.status_code in (400, 422), response.text
         assert "face_detail" in json.dumps(response.json()), response.text
+
+
+def test_a_jobs_result_carries_the_identity_of_its_best_of_candidates(served_app, astronaut_bytes):
+    from tests.serve.test_jobs import submit, wait_for
+
+    submitted = submit(served_app, {"face_image": b64(astronaut_bytes), "prompt": "x", **FAST, "seed": 30,
+                                    "best_of": 2})
+    assert submitted.status_code == 202, submitted.text
+    final = wait_for(served_app, submitted.json()["job_id"])
+    assert final["status"] == "done", final
+    identity = final["result"]["identity"]
+    assert identity["candidates"] == 2 and len(identity["scores"]) == 1 and identity["seeds"][0] in (30, 31)
