@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import InstantIDError, InvalidParameter
+from instantid_core.scoring import DEFAULT_MAX_CANDIDATES, check_scoring_params
 from instantid_core.storage import OutputStore
 
 from .manifest import Manifest, recover_written
@@ -102,6 +103,13 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
     if any(p.controls for p in per_prompt.values()):  # the face actors keep no photo bytes for canny/depth maps
         raise InvalidParameter("controls: the batch job does not run extra ControlNets (the HTTP API and the "
                                "library do); LoRAs (`loras`) work here", field="controls")
+    if any(p.face_detail != "off" for p in per_prompt.values()):
+        raise InvalidParameter("face_detail: the batch job does not run the detail pass (the HTTP API, the library "
+                               "and the CLI do)", field="face_detail")
+    scoring = settings.app.scoring if settings.app is not None else None
+    for prompt_params in per_prompt.values():  # best_of / min_identity need the config's `scoring`, within its bound
+        check_scoring_params(prompt_params, scoring is not None,
+                             scoring.max_candidates if scoring else DEFAULT_MAX_CANDIDATES)
     base_seed = {pid: p.seed for pid, p in per_prompt.items()}
     pairs = [(image, p.id) for image in images for p in prompts]
 
@@ -136,7 +144,8 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
             "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed,
             "default_scheduler": settings.pipeline.default_scheduler,
-            "safety_mode": settings.app.safety.mode if settings.app and settings.app.safety else None},
+            "safety_mode": settings.app.safety.mode if settings.app and settings.app.safety else None,
+            "scoring": settings if scoring is not None else None},
             batch_size=8, concurrency=1, num_cpus=0.5)
         with tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress, file=sys.stderr) as bar:
             for row in dataset.iter_rows():

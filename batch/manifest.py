@@ -62,5 +62,5 @@ def recover_written(store: OutputStore, pairs: Iterable[tuple[str, str]], day: s
             found[(image_uri, prompt_id)] = {"image": image_uri, "prompt_id": prompt_id, "status": "ok",
                                              "request_id": request_id, "outputs": meta.get("images", []),
                                              "metadata": f"{base}/{meta_key}",
-                                             **({"safety": meta["safety"]} if "safety" in meta else {})}
+                                             **{key: meta[key] for key in ("safety", "identity") if key in meta}}
     return found

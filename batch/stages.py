@@ -1,9 +1,13 @@
 """The Ray Data stages of a batch run (classes: one model per actor, loaded once): face analysis, denoising with
 the Denoiser's grouping (`instantid_core.batching.run_grouped`) and, with the config's `safety`, the safety checker on
-the same actor, writing with the one sidecar builder and the serving app's safety modes (`apply_safety`)."""
+the same actor, writing with the one sidecar builder and the serving app's safety modes (`apply_safety`). With the
+config's `scoring`, the face actors embed the reference with the scoring recogniser and the (CPU) writer scores every
+candidate and keeps the best (`best_of`; `min_identity` is recorded per image, without the serving app's extra
+rounds)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -13,7 +17,9 @@ from typing import Any
 from instantid_app.cache import LRUCache
 from instantid_core.config import GenerateParams, SafetyMode, Scheduler
 from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
+from instantid_core.images import load_image
 from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
+from instantid_core.scoring import IdentityReport, below_floor, identity_record, keep_best
 from instantid_core.sidecar import identities_record
 from instantid_core.storage import OutputStore
 
@@ -26,7 +32,9 @@ class FaceStage:
         from instantid_core.face import FaceAnalyzer
 
         self.settings = settings
-        self.analyzer = FaceAnalyzer(resolve_models(settings).face_pack, settings.pipeline)
+        weights = resolve_models(settings)
+        self.analyzer = FaceAnalyzer(weights.face_pack, settings.pipeline)
+        self.scorer = _scorer(settings, weights)
         self.params = params
         self.photos = photos or {}  # --params init_image / mask_image, read once by the driver
         self.store = OutputStore("file:///")
@@ -59,7 +67,15 @@ class FaceStage:
                     data = self.store.read_bytes(image_uri)
                     photos = RequestPhotos([data], init=self._photo("init_image", data),
                                            mask=self._photo("mask_image", data), face_names=[image_uri])
-                    face = pickle.dumps(face_condition(self.analyzer, photos, params, self.settings.pipeline))
+                    condition = face_condition(self.analyzer, photos, params, self.settings.pipeline)
+                    if self.scorer is not None:
+                        from instantid_core.pipeline import reference_embedding
+
+                        reference = reference_embedding(self.scorer, [load_image(
+                            data, name=image_uri, max_pixels=self.settings.pipeline.max_image_pixels,
+                            max_side=self.settings.pipeline.max_image_side)], params.face_index)
+                        condition = dataclasses.replace(condition, identity_reference=reference)
+                    face = pickle.dumps(condition)
                     if not self.photos:
                         cache.put(key, face)
             except NoFaceDetected as exc:
@@ -125,14 +141,15 @@ class DenoiseStage:
                 if self.checker is not None:
                     flagged[i] = json.dumps(self.checker.check(output).flagged)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
-                "images": images, "flagged": flagged, "layout": batch["layout"]}
+                "images": images, "flagged": flagged, "layout": batch["layout"], "face": batch["face"]}
 
 
 class WriteStage:
     def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
                  base_seed: dict[str, int | None], default_scheduler: Scheduler,
-                 safety_mode: SafetyMode | None = None) -> None:
+                 safety_mode: SafetyMode | None = None, scoring: BatchSettings | None = None) -> None:
         self.store = OutputStore(output_uri)
+        self.scorer = _scorer(scoring, resolve_models(scoring)) if scoring is not None else None
         self.fmt, self.params, self.base_seed = fmt, params, base_seed
         self.safety_mode = safety_mode  # the config's safety.mode; None: no checker ran
         self.default_scheduler = default_scheduler
@@ -151,15 +168,21 @@ class WriteStage:
                 try:
                     arrays = pickle.loads(batch["images"][i])
                     height, width = arrays.shape[1:3]
-                    kept, safety = safety_outcome(arrays, json.loads(batch["flagged"][i]), self.safety_mode,
-                                                  NOT_CONFIGURED)
+                    seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
+                    flagged = json.loads(batch["flagged"][i])
+                    if self.scorer is not None and not self.params[prompt_id].identities:  # one reference face
+                        arrays, flagged, identity = self._best(arrays, flagged, pickle.loads(batch["face"][i]),
+                                                               self.params[prompt_id], seed)
+                        record.update(identity_record(identity))
+                    kept, safety = safety_outcome(arrays, flagged, self.safety_mode, NOT_CONFIGURED)
                     record["safety"] = safety.model_dump(mode="json", exclude_none=True)
                     meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
                                                                                 self.base_seed[prompt_id]),
                                          width=width, height=height, inputs={"face": [image_uri]},
                                          default_scheduler=self.default_scheduler, prompt_id=prompt_id,
                                          safety=record["safety"], **({"identities": json.loads(batch["layout"][i])}
-                                                                     if batch["layout"][i] else {}))
+                                                                     if batch["layout"][i] else {}),
+                                         **({"identity": record["identity"]} if "identity" in record else {}))
                     stored = self.store.write_request(record["request_id"],
                                                       [encode_image(a, self.fmt) for a in kept], self.fmt, meta,
                                                       now=self.now)
@@ -174,3 +197,23 @@ class WriteStage:
                 record["message"] = batch["message"][i]
             records.append(json.dumps(record))
         return {"record": records}
+
+    def _best(self, images: Any, flagged: list[bool] | None, face: Any, params: GenerateParams,
+              seed: int) -> tuple[Any, list[bool] | None, IdentityReport]:
+        """Every candidate scored (image i of seed + i), the num_images best kept, with their safety verdicts."""
+        scores = self.scorer.score(images, face.identity_reference, face.face_box)
+        kept = keep_best(scores, params.num_images)
+        chosen = [scores[i] for i in kept]
+        identity = IdentityReport(scores=chosen, seeds=[(seed + i) % 2**63 for i in kept], candidates=len(scores),
+                                  same_model=self.scorer.same_model, min_identity=params.min_identity,
+                                  below_floor=below_floor(chosen, params.min_identity))
+        return images[kept], [flagged[i] for i in kept] if flagged is not None else None, identity
+
+
+def _scorer(settings: BatchSettings, weights: Any) -> Any:
+    """The identity scorer when the job's config has `scoring` (loaded once per actor), else None."""
+    if settings.app is None or settings.app.scoring is None:
+        return None
+    from instantid_core.scorer import scorer_for
+
+    return scorer_for(weights.face_pack, weights.scoring_face_pack, settings.pipeline)

@@ -20,6 +20,7 @@ adapters on a replica's first use of the set.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -36,6 +37,15 @@ from instantid_core.batching import describe_size, run_grouped
 from instantid_core.config import GenerateParams
 from instantid_core.denoise import IdentityDenoiser
 from instantid_core.denoise_types import BatchKey, DenoiseRequest
+from instantid_core.detail import (
+    FaceDetailReport,
+    crop_box,
+    detail_condition,
+    detail_params,
+    face_side,
+    paste_back,
+    wants_detail,
+)
 from instantid_core.loras import lora_set_id
 from instantid_core.pipeline import denoise_request
 
@@ -162,6 +172,30 @@ class Denoiser:
                   for person in face.condition.identities] if params.identities else None
         return DenoiseResult(images, key.width, key.height, batch_size, timings, cache_hits,
                              replica_id=self.replica_id, as_run=as_run, layout=layout)
+
+    async def detail(self, result: DenoiseResult, face: FaceResult, prompt: PromptResult, params: GenerateParams,
+                     seed: int, job_id: str | None = None) -> DenoiseResult:
+        """face_detail: each image's face crop regenerated at pipeline.face_detail_size (its own seed, through the
+        batcher like any request) and pasted back feathered (`instantid_core.detail`); auto runs it for a face
+        below pipeline.face_detail_below (FaceAnalysis refused `on` without a face). Crops and pastes run in a
+        worker thread."""
+        run = wants_detail(params, face.condition, self.config.pipeline.face_detail_below)
+        report = FaceDetailReport(mode=params.face_detail, ran=[run] * len(result.images),
+                                  face_side=face_side(face.condition),
+                                  identity_before=result.identity.scores if result.identity and run else None)
+        if not run:
+            return dataclasses.replace(result, face_detail=report)
+        start = time.perf_counter()
+        seeds = result.identity.seeds if result.identity else [(seed + i) % 2**63 for i in range(len(result.images))]
+        box, size = crop_box(face.condition), self.config.pipeline.face_detail_size
+        detailed = []
+        for image, image_seed in zip(result.images, seeds, strict=True):
+            condition = await asyncio.to_thread(detail_condition, face.condition, image, box, size)
+            crop = await self._generate(dataclasses.replace(face, condition=condition), prompt, detail_params(params),
+                                        image_seed, None, None, job_id)
+            detailed.append(await asyncio.to_thread(paste_back, image, crop.images[0], face.condition, box))
+        timings = {**result.timings, "face_detail": time.perf_counter() - start}
+        return dataclasses.replace(result, images=np.stack(detailed), face_detail=report, timings=timings)
 
     @serve.multiplexed(max_num_models_per_replica=MAX_LORA_SETS_PER_REPLICA)
     async def load_lora_set(self, model_id: str) -> tuple[str, ...]:

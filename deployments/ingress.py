@@ -10,12 +10,14 @@ awaits once, at the end. The same `generate` method serves HTTP and Python `Depl
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -27,10 +29,18 @@ from ray.serve.handle import DeploymentHandle
 from instantid_app.config import AppConfig
 from instantid_app.settings import IngressSettings
 from instantid_core.config import GenerateParams
+from instantid_core.detail import FaceDetailReport
 from instantid_core.errors import InstantIDError, InvalidParameter
 from instantid_core.loras import lora_set, lora_set_id
 from instantid_core.request_rules import check_init_inputs, draw_seed
 from instantid_core.safety import DISABLED_BY_REQUEST, NOT_CONFIGURED, SafetyReport
+from instantid_core.scoring import (
+    DEFAULT_MAX_CANDIDATES,
+    IdentityReport,
+    check_scoring_params,
+    merge_rounds,
+    next_round,
+)
 from instantid_core.storage import OutputStore
 
 from . import metrics, openai_api, playground
@@ -48,7 +58,7 @@ from .errors import (
 from .inputs import MAX_FACE_IMAGES, InputReader, RequestInputs
 from .jobs.api import JobsAPI
 from .links import OutputLinks, link_ttl, public_url
-from .schemas import ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
+from .schemas import DenoiseResult, ErrorBody, GenerateRequest, GenerateResponse, JobRequest, JobStatus
 
 logger = logging.getLogger("ray.serve")
 
@@ -144,6 +154,13 @@ async def _none() -> None:
     return None
 
 
+def _cancel(*stages: Any) -> None:
+    """Cancel the stage calls made so far (DeploymentResponses; an awaited result or None is left alone)."""
+    for stage in stages:
+        if hasattr(stage, "cancel"):
+            stage.cancel()
+
+
 app.include_router(playground.router)  # the page at / and /v1/options, /v1/outputs (deployments/playground)
 app.include_router(openai_api.router)  # /v1/images/generations and /v1/images/edits (OpenAI's shapes)
 
@@ -213,9 +230,11 @@ class Ingress:
                 return None
             meta = await asyncio.to_thread(self.outputs.get_json, uri)
             safety = SafetyReport.model_validate(meta["safety"]) if meta.get("safety") else None
+            identity = IdentityReport.model_validate(meta["identity"]) if meta.get("identity") else None
+            detail = FaceDetailReport.model_validate(meta["face_detail"]) if meta.get("face_detail") else None
             return GenerateResponse(request_id=job_id, seed=meta["seed"], width=meta["width"], height=meta["height"],
                                     images=meta["images"], metadata=uri, batch_size=meta.get("batch_size", 1),
-                                    safety=safety)
+                                    safety=safety, identity=identity, face_detail=detail)
         except (InstantIDError, KeyError, TypeError) as exc:
             logger.warning("job %s: the outputs of an earlier run are unreadable (%s); running it again", job_id, exc)
             return None
@@ -227,6 +246,8 @@ class Ingress:
         if new_id:
             await self._refuse_taken_id(request_id, request.output.prefix)
         params = request.params()
+        scoring = self.config.scoring
+        check_scoring_params(params, scoring is not None, scoring.max_candidates if scoring else DEFAULT_MAX_CANDIDATES)
         self._check_safety_opt_out(request)
         seed = params.seed if params.seed is not None else draw_seed()
         inputs = await self._read_inputs(request, params)
@@ -281,6 +302,7 @@ class Ingress:
         """Face and prompt concurrently, then the Denoiser, then the writer; every failure mapped to a typed error,
         and every stage still running cancelled when the caller goes away or the request times out."""
         params = inputs.params
+        face = prompt = images = checked = written = None
         try:
             # Several identities: one call places them all (a pose photo's faces are shared out left to right).
             face = self.face.analyze.remote(inputs.faces, inputs.pose, params, inputs.init, inputs.mask,
@@ -289,8 +311,25 @@ class Ingress:
             # A LoRA set is a multiplexed model: Serve sends the request to a Denoiser replica that holds it.
             denoiser = (self.denoiser.options(multiplexed_model_id=lora_set_id(params.loras)) if lora_set(params.loras)
                         else self.denoiser)
-            images = denoiser.generate.remote(face, prompt, params, seed, inputs.control_images,
-                                             inputs.pose or (inputs.faces or inputs.identities[0])[0], job_id=job_id)
+
+            def candidates(first_seed: int) -> Any:
+                """One round: params.candidates images on seeds first_seed.., scored (with `scoring`) on the face
+                stage, a CPU replica, never the Denoiser's."""
+                round_images = denoiser.generate.remote(
+                    face, prompt, params, first_seed, inputs.control_images,
+                    inputs.pose or (inputs.faces or inputs.identities[0])[0], job_id=job_id)
+                if self.config.scoring is None or params.identities:  # several people: no one reference face
+                    return round_images
+                return self.face.score.remote(round_images, face, params.num_images, first_seed, params.min_identity)
+
+            images = candidates(seed)
+            if params.min_identity is not None:
+                images = await asyncio.wait_for(self._rounds(images, candidates, params, seed),
+                                                timeout=self.settings.stage_timeout_s)
+            if params.face_detail != "off":  # the face crops regenerated on the Denoiser, then scored again
+                images = denoiser.detail.remote(images, face, prompt, params, seed, job_id=job_id)
+                if self.config.scoring is not None:
+                    images = self.face.score_detail.remote(images, face)
             checked, unchecked = self._check_safety(images, request.safety_checker)
             written = self.writer.write.remote(checked, request_id, seed, params, inputs.recorded,
                                                request.output.format, request.output.prefix, inline, unchecked)
@@ -300,12 +339,10 @@ class Ingress:
         except asyncio.CancelledError:
             # The caller went away (HTTP client disconnected, or a handle caller cancelled): every stage still
             # running for it stops (the Denoiser drops its samples at the next step) and the writer never starts.
-            for stage in (face, prompt, images, checked, written):
-                stage.cancel()
+            _cancel(face, prompt, images, checked, written)
             raise
         except asyncio.TimeoutError as exc:
-            for stage in (face, prompt, images, checked, written):  # nobody waits for them: free the replicas
-                stage.cancel()
+            _cancel(face, prompt, images, checked, written)  # nobody waits for them: free the replicas
             raise StageTimeout(f"the request took longer than {self.settings.stage_timeout_s:.0f}s; retry later or "
                                "ask for fewer steps/images") from exc
         except BackPressureError as exc:
@@ -316,6 +353,21 @@ class Ingress:
         except RayTaskError as exc:  # a bug in a stage: a 500 that names the request, never the internals
             logger.error("request %s: stage error: %s", request_id, exc)
             raise InternalError(f"internal error in request {request_id}; it has been logged") from exc
+
+    async def _rounds(self, first: Any, candidates: Any, params: GenerateParams, seed: int) -> DenoiseResult:
+        """min_identity: more rounds on the next seeds while a kept image misses the floor and the server's bound
+        on candidates allows another round; the best of every round's candidates."""
+        result: DenoiseResult = await first
+        bound = self.config.scoring.max_candidates
+        while next_round(result.identity.scores, params.min_identity, result.identity.candidates, params.candidates,
+                         bound):
+            more: DenoiseResult = await candidates((seed + result.identity.candidates) % 2**63)
+            kept, identity = merge_rounds(result.identity, more.identity, params.num_images)
+            images = np.concatenate([result.images, more.images])[kept]
+            timings = {**result.timings, "denoise": result.timings["denoise"] + more.timings["denoise"],
+                       "score": result.timings.get("score", 0.0) + more.timings.get("score", 0.0)}
+            result = dataclasses.replace(result, images=images, identity=identity, timings=timings)
+        return result
 
     def _check_safety(self, images: Any, wanted: bool) -> tuple[Any, str | None]:
         """The Denoiser's result through the SafetyChecker (a response passed on, awaited by the writer), or the

@@ -24,6 +24,9 @@ from ray.serve import metrics as serve_metrics
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 240, 300, 330]
 STEP_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
 BATCH_BUCKETS_IMAGES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+# Cosine similarity to the reference: ArcFace-style recognisers put the same person above ~0.3-0.4, others near 0.
+# Ray takes positive boundaries only: a negative score lands in the first bucket (le 0.05), as it should.
+IDENTITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 # Exported names (after Ray's `ray_` prefix and the `_total` of counters; histograms add _bucket/_sum/_count).
 EXPORTED = {
@@ -47,6 +50,9 @@ EXPORTED = {
     "ray_instantid_safety_checked_images_total": "images the safety checker looked at, by `mode`",
     "ray_instantid_safety_flagged_images_total": "images the safety checker flagged, by `mode` (block: not "
                                                  "written, blur: written blurred, flag: written marked)",
+    "ray_instantid_identity_score": "identity score (cosine to the reference) of every candidate image the "
+                                    "scorer found a face in, by `same_model` (histogram)",
+    "ray_instantid_identity_no_face_images_total": "candidate images in which the scorer found no face",
 }
 
 
@@ -175,6 +181,24 @@ class SafetyMetrics:
             self.checked_images.inc(len(flagged), tags={"mode": mode})
         if any(flagged):
             self.flagged_images.inc(sum(flagged), tags={"mode": mode})
+
+
+class IdentityMetrics:
+    """Identity scores of the images a FaceAnalysis replica scored (Ray tags them with the deployment)."""
+
+    def __init__(self) -> None:
+        self.scores = serve_metrics.Histogram(
+            "instantid_identity_score", description=EXPORTED["ray_instantid_identity_score"],
+            boundaries=IDENTITY_BUCKETS, tag_keys=("same_model",))
+        self.no_face = serve_metrics.Counter(
+            "instantid_identity_no_face_images", description=EXPORTED["ray_instantid_identity_no_face_images_total"])
+
+    def scored(self, scores: list[float | None], same_model: bool) -> None:
+        for score in scores:
+            if score is None:
+                self.no_face.inc()
+            else:
+                self.scores.observe(score, tags={"same_model": str(same_model).lower()})
 
 
 class AccessMetrics:

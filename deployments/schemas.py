@@ -10,9 +10,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from instantid_core.config import MAX_IDENTITIES, GenerateParams, IdentityParams
+from instantid_core.detail import FaceDetailReport
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition, PromptEmbeds
 from instantid_core.safety import SafetyReport
+from instantid_core.scoring import IdentityReport
 from instantid_core.storage import check_prefix
 
 
@@ -105,6 +107,12 @@ class GenerateResponse(BaseModel):
     safety: SafetyReport | None = Field(None, description="The safety stage: per generated image `flagged` (block "
                                         "mode: flagged ones are `withheld`, not in `images`), or `checked: false` "
                                         "and the reason.")
+    identity: IdentityReport | None = Field(None, description="With the server's `scoring`: per image its identity "
+                                            "score (cosine to the reference; null: no face found) and seed, and how "
+                                            "many candidates ran (best_of, min_identity).")
+    face_detail: FaceDetailReport | None = Field(None, description="With face_detail auto | on: whether the detail "
+                                                 "pass ran per image, and (with scoring) the identity score before "
+                                                 "and after.")
 
 
 class ErrorDetail(BaseModel):
@@ -184,3 +192,5 @@ class DenoiseResult:
     # the identities form: (box, keypoints) per identity as placed on the output, for the sidecar
     layout: list[tuple[list[float], list[list[float]]]] | None = None
     flagged: list[bool] | None = None  # per image, set by the SafetyChecker; None: no checker looked at them
+    identity: IdentityReport | None = None  # per image score and seed, set by FaceAnalysis.score (with `scoring`)
+    face_detail: FaceDetailReport | None = None  # set by Denoiser.detail (face_detail auto | on)

@@ -14,6 +14,7 @@ from instantid_app.config import AppConfig
 from instantid_app.settings import WriterSettings
 from instantid_core.config import GenerateParams
 from instantid_core.safety import safety_outcome
+from instantid_core.scoring import identity_record
 from instantid_core.sidecar import build_sidecar, identities_record
 from instantid_core.storage import OutputStore, StoredOutput, encode_image
 
@@ -61,7 +62,10 @@ class OutputWriter:
                              timings_s=timings, safety=safety.model_dump(mode="json", exclude_none=True),
                              **({"identities": identities_record(
                                  params, result.layout, recorded["inputs"]["identities_face_image_sha256"])}
-                                if result.layout is not None else {}))
+                                if result.layout is not None else {}),
+                             **identity_record(result.identity),
+                             **({"face_detail": result.face_detail.model_dump(mode="json", exclude_none=True)}
+                                if result.face_detail is not None else {}))
         stored: StoredOutput = await asyncio.to_thread(
             self.store.write_request, request_id, encoded, fmt, meta, prefix=prefix)
         timings["write"] = time.perf_counter() - start - timings["encode"]
@@ -71,7 +75,7 @@ class OutputWriter:
             metadata=stored.meta_uri, timings_ms={k: round(v * 1000, 2) for k, v in timings.items()},
             batch_size=result.batch_size, cache_hits=result.cache_hits, denoiser_replica=result.replica_id,
             inline_images=[base64.b64encode(data).decode() for data in encoded] if inline and small else None,
-            safety=safety,
+            safety=safety, identity=result.identity, face_detail=result.face_detail,
         )
 
     async def live_settings(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from instantid_core.config import ControlType, LoraEntry, ModelSources, PipelineSettings, SafetyMode
+from instantid_core.config import MAX_BEST_OF, ControlType, LoraEntry, ModelSources, PipelineSettings, SafetyMode
+from instantid_core.scoring import DEFAULT_MAX_CANDIDATES
 
 from .settings import SETTINGS, DenoiserSettings, IngressSettings
 
@@ -230,6 +231,18 @@ class SafetyConfig(BaseModel):
                                "and no num_gpus.")
 
 
+class ScoringConfig(BaseModel):
+    """The identity score (issue 26): every output's face scored against the reference on the FaceAnalysis
+    deployment (CPU), by `weights.sources.scoring_face_pack` (unset: the conditioning face_pack, reported as
+    `same_model`; the tiny preset has a second tiny recogniser). Enables `best_of` and `min_identity`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_candidates: int = Field(DEFAULT_MAX_CANDIDATES, ge=1, le=64, description="Images one request may generate "
+                                "in all (best_of, times the rounds min_identity adds); a best_of above it (or "
+                                f"above {MAX_BEST_OF}) answers 400.")
+
+
 class AppConfig(BaseModel):
     """The application's `args`: only what builds the models and where things are stored. Ray hashes `args` into
     the code version, so a change here restarts every replica; live knobs are each deployment's `user_config`."""
@@ -249,6 +262,9 @@ class AppConfig(BaseModel):
                                     "/v1/jobs answers 503. With it the app has a sixth deployment, JobConsumer.")
     safety: SafetyConfig | None = Field(None, description="The safety stage (a SafetyChecker deployment between the "
                                         "Denoiser and the writer); null: none, and outputs say `checked: false`.")
+    scoring: ScoringConfig | None = Field(None, description="Score each output's identity (per image in the "
+                                          "response, sidecar, job result and metrics) and allow best_of / "
+                                          "min_identity; null: no scores, and best_of > 1 answers 400.")
     loras: dict[str, str | LoraEntry | None] = Field(
         default_factory=dict, description="LoRA registry added over the weights' own (the tiny preset registers "
         "tiny-style): name -> source (file, folder or s3:// prefix whose .safetensors files become names, hub id) "

@@ -19,6 +19,7 @@ FACE_PARTS = ("face_pack",)
 PROMPT_PARTS = ("sdxl_text",)  # tokenizers and text encoders of the SDXL folder
 DENOISER_PARTS = ("sdxl", "identitynet", "adapter", "lcm_lora", "extensions")
 SAFETY_PARTS = ("safety_checker",)
+SCORING_PARTS = ("scoring_face_pack",)  # the FaceAnalysis stage's too, with `scoring` in args
 STAGE_PARTS = {"FaceAnalysis": FACE_PARTS, "PromptEncoder": PROMPT_PARTS, "Denoiser": DENOISER_PARTS,
                "SafetyChecker": SAFETY_PARTS}
 
@@ -31,6 +32,8 @@ def resolve_app_weights(config: AppConfig, parts: Collection[str] | None = None,
     parts it loads (STAGE_PARTS), so the deployments name themselves and the mapping lives here once."""
     if stage is not None:
         parts = STAGE_PARTS[stage]
+        if stage == "FaceAnalysis" and config.scoring is not None:
+            parts = (*parts, *SCORING_PARTS)
     weights, dtype = config.weights, config.pipeline.dtype
     if weights.preset == "tiny":
         return resolve_sources(None, weights.tiny_dir, config, dtype=dtype, parts=parts)

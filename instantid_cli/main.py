@@ -26,6 +26,7 @@ from instantid_core.config import MAX_IDENTITIES, GenerateParams, ModelSources, 
 from instantid_core.errors import InstantIDError, InvalidParameter, WeightsError
 from instantid_core.poses import PosePreset
 from instantid_core.quiet import silence_known_noise
+from instantid_core.scoring import DEFAULT_MAX_CANDIDATES, check_scoring_params, identity_record
 
 EXIT_USAGE = 2
 
@@ -80,13 +81,16 @@ def _generate(args: argparse.Namespace) -> None:
     apply_style(load_styles(settings), params.style, "", "")  # an unknown style: one error line, no model load
     check_init_inputs(params, init is not None, mask is not None, args.init_image or "--init-image",
                       args.mask or "--mask")
+    # best_of / min_identity switch the identity score on; so does --score alone
+    scoring = args.score or params.best_of > 1 or params.min_identity is not None
+    check_scoring_params(params, scoring, args.max_candidates)
     sources = _sources(args)
 
     from instantid_core.pipeline import InstantIDPipeline
     from instantid_core.sidecar import build_sidecar, identities_record
     from instantid_core.storage import OutputStore, encode_image
 
-    pipeline = InstantIDPipeline(sources, settings)
+    pipeline = InstantIDPipeline(sources, settings, scoring=scoring, max_candidates=args.max_candidates)
     result = pipeline.generate(faces, params, pose, face_names=list(args.face or []) or None,
                                pose_name=args.pose or "pose_image", init_image=init, mask_image=mask,
                                init_name=args.init_image or "init_image", mask_name=args.mask or "mask_image",
@@ -103,12 +107,18 @@ def _generate(args: argparse.Namespace) -> None:
                                  "init_image": args.init_image, "mask": args.mask,
                                  **({"identities": [paths for paths, _ in args.identity]} if args.identity else {})},
                          default_scheduler=settings.default_scheduler, weights=pipeline.weights.revisions,
-                         timings_s=result.timings, **identities)
+                         timings_s=result.timings, **identities, **identity_record(result.identity),
+                         **({"face_detail": result.face_detail.model_dump(mode="json", exclude_none=True)}
+                            if result.face_detail is not None else {}))
     stored = OutputStore(args.out).write_request(
         request_id, [encode_image(image, args.format) for image in result.images], args.format, meta)
     for uri in stored.image_uris:
         print(uri)
     print(stored.meta_uri)
+    if result.identity is not None:
+        shown = ", ".join("no face" if score is None else f"{score:.3f}" for score in result.identity.scores)
+        print(f"identity: {shown} (seeds {result.identity.seeds}, {result.identity.candidates} candidates"
+              + (", same model as the conditioning" if result.identity.same_model else "") + ")", file=sys.stderr)
     print("timings: " + ", ".join(f"{k}={v:.2f}s" for k, v in result.timings.items()), file=sys.stderr)
 
 
@@ -137,7 +147,7 @@ def _weights_root(root: str) -> str:
     return str(path.resolve())
 
 
-SOURCE_FLAGS = ("sdxl", "identitynet", "adapter", "face_pack", "lcm_lora")
+SOURCE_FLAGS = ("sdxl", "identitynet", "adapter", "face_pack", "lcm_lora", "scoring_face_pack")
 
 
 def _sources(args: argparse.Namespace) -> ModelSources:
@@ -219,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     gen.add_argument("--out", required=True, help="output prefix: a folder, file:// or s3:// URI")
+    gen.add_argument("--face-detail", dest="face_detail", choices=("off", "auto", "on"),
+                     help=_field_help("face_detail"))
+    gen.add_argument("--score", action="store_true", help="score each image's identity (on with --best-of > 1 or "
+                     "--min-identity) with --scoring-face-pack, else the weights folder's, else the conditioning pack")
+    gen.add_argument("--max-candidates", type=int, default=DEFAULT_MAX_CANDIDATES,
+                     help=f"images best_of and min_identity may generate in all (default {DEFAULT_MAX_CANDIDATES})")
     gen.set_defaults(func=_generate)
 
     from batch.job import add_batch_arguments, run_from_args
@@ -233,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 # defaults, limits and help are the model's, so the CLI cannot drift from HTTP and the library.
 PARAM_FLAGS = ("prompt", "negative_prompt", "style", "seed", "steps", "guidance", "identitynet_strength",
                "adapter_strength", "width", "height", "num_images", "scheduler", "face_index", "pose_face_index",
-               "identity_start", "identity_end", "negative_face_noise", "strength")
+               "identity_start", "identity_end", "negative_face_noise", "strength", "best_of", "min_identity")
 
 
 def params_from_args(args: argparse.Namespace) -> GenerateParams:
@@ -243,6 +259,8 @@ def params_from_args(args: argparse.Namespace) -> GenerateParams:
         raise InvalidParameter("give --face (one person) or --identity (several), one of them", field="identity")
     if args.identity:
         given["identities"] = [{"box": box} if box is not None else {} for _, box in args.identity]
+    if getattr(args, "face_detail", None) is not None:
+        given["face_detail"] = args.face_detail
     if args.pose_preset is not None or args.pose_box is not None:
         given["pose"] = {"preset": args.pose_preset or PosePreset.frontal, "box": args.pose_box}
     if args.keypoints is not None:

@@ -23,6 +23,8 @@ MAX_SIDE = 2048
 LCM_LORA_DIR = "lcm-lora-sdxl"  # where `instantid weights download` puts an LCM-LoRA under a weights root
 LORAS_DIR, CONTROLNETS_DIR, DEPTH_ESTIMATOR_DIR = "loras", "controlnets", "depth-estimator"  # extensions, same root
 SAFETY_CHECKER_DIR = "safety-checker"  # the CompVis checker's layout (config.json, weights, preprocessor_config.json)
+SCORING_FACE_PACK_DIR = "buffalo_l"  # the identity scorer's insightface pack (issue 26), beside antelopev2/
+MAX_BEST_OF = 8  # candidates one request may ask for (`best_of`); an operator may allow fewer
 DEFAULT_CONTROLS = ("canny", "depth")
 
 
@@ -207,6 +209,11 @@ class ModelSources(BaseModel):
     safety_checker: str | None = Field(None, description="diffusers' StableDiffusionSafetyChecker with its "
                                        "CLIPImageProcessor (config.json, weights, preprocessor_config.json), e.g. "
                                        "CompVis/stable-diffusion-safety-checker; read only when the app has `safety`.")
+    scoring_face_pack: str | None = Field(None, description="The insightface pack (a detector and a recogniser, "
+                                          "e.g. buffalo_l) that scores each output's identity against the "
+                                          "reference; unset: the conditioning face_pack, which flatters itself "
+                                          "(responses say `same_model: true`). Read only when the app has "
+                                          "`scoring`.")
 
     @classmethod
     def from_root(cls, root: str, **overrides: str) -> ModelSources:
@@ -227,9 +234,9 @@ class ModelSources(BaseModel):
 
 
 def extension_sources(root: str) -> dict:
-    """The LoRAs, extra ControlNets, depth estimator and safety checker a local root holds (the tiny preset writes
-    them): `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`,
-    `safety-checker/`. `pose` is left
+    """The LoRAs, extra ControlNets, depth estimator, safety checker and scoring pack a local root holds (the tiny
+    preset writes them): `loras/` (each .safetensors file a name), `controlnets/{canny,depth}/`, `depth-estimator/`,
+    `safety-checker/`, `buffalo_l/`. `pose` is left
     out: the issue's default offer is tiny-style, canny and depth; a config adds pose by naming its folder."""
     out: dict = {}
     if Path(f"{root}/{LORAS_DIR}").is_dir():
@@ -242,6 +249,8 @@ def extension_sources(root: str) -> dict:
         out["depth_estimator"] = f"{root}/{DEPTH_ESTIMATOR_DIR}"
     if Path(f"{root}/{SAFETY_CHECKER_DIR}").is_dir():
         out["safety_checker"] = f"{root}/{SAFETY_CHECKER_DIR}"
+    if Path(f"{root}/{SCORING_FACE_PACK_DIR}").is_dir():
+        out["scoring_face_pack"] = f"{root}/{SCORING_FACE_PACK_DIR}"
     return out
 
 
@@ -291,6 +300,10 @@ class PipelineSettings(BaseModel):
     styles: dict[str, StylePreset] = Field(default_factory=dict, description="Extra prompt styles inline; they "
                                            "win over styles_file and the built-ins.")
     max_loaded_loras: int = Field(8, ge=3, le=256, description="LoRA adapters kept loaded per denoiser (LRU).")
+    face_detail_below: int = Field(256, ge=8, le=MAX_SIDE, description="face_detail: auto runs the detail pass "
+                                   "when the face box's larger side is below this (output pixels).")
+    face_detail_size: int = Field(1024, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="The side the face "
+                                  "crop is regenerated at (SDXL works best near 1024).")
 
 
 class GenerateParams(BaseModel):
@@ -349,6 +362,16 @@ class GenerateParams(BaseModel):
     identities: list[IdentityParams] | None = Field(None, min_length=1, max_length=MAX_IDENTITIES, description=(
         f"Up to {MAX_IDENTITIES} identities, each acting only in its own region, instead of the single face (then "
         "not with pose, keypoints, face_index or an init image); one identity gives exactly the single-face image."))
+    # --- issue 26: identity score, best of N, a floor (needs the app's `scoring`)
+    best_of: int = Field(1, ge=1, le=MAX_BEST_OF, description="Generate this many candidates (consecutive seeds, "
+                         "at least num_images) and return the num_images with the highest identity scores.")
+    face_detail: Literal["off", "auto", "on"] = Field("off", description="A detail pass for small faces: the face "
+                                                      "cropped, upscaled, regenerated (same identity, prompt, seed) "
+                                                      "and pasted back feathered; `auto`: only for a face smaller "
+                                                      "than the server's face_detail_below.")
+    min_identity: float | None = Field(None, ge=-1.0, le=1.0, description="A floor on the identity score: while a "
+                                       "returned image scores below it, more candidates run with the next seeds, "
+                                       "up to the server's bound; then the best found, flagged below the floor.")
 
     @field_validator("loras")
     @classmethod
@@ -370,7 +393,7 @@ class GenerateParams(BaseModel):
         return value
 
     @field_validator("guidance", "identitynet_strength", "adapter_strength", "strength", "negative_face_noise",
-                     "identity_start", "identity_end")
+                     "identity_start", "identity_end", "min_identity")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -409,6 +432,11 @@ class GenerateParams(BaseModel):
             raise ValueError(f"must be above identity_start ({start}), got {value}")
         return value
 
+    @property
+    def candidates(self) -> int:
+        """Images one round generates: `best_of`, and never fewer than the images returned."""
+        return max(self.best_of, self.num_images)
+
     @model_validator(mode="after")
     def _both_sides_or_none(self) -> GenerateParams:
         if (self.width is None) != (self.height is None):
@@ -421,4 +449,9 @@ class GenerateParams(BaseModel):
             single = [name for name in ("pose", "keypoints", "face_index") if getattr(self, name) is not None]
             if single:
                 raise ValueError(f"identities: give {single[0]} per identity, not beside identities")
+            # The identity score compares an image with one reference face; several people have no one reference.
+            scored = [name for name, off in (("best_of", 1), ("min_identity", None), ("face_detail", "off"))
+                      if getattr(self, name) != off]
+            if scored:
+                raise ValueError(f"{scored[0]}: scores one identity; not with several identities")
         return self

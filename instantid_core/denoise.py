@@ -3,8 +3,9 @@
 One call takes requests that share size, steps, scheduler and number of identities (`BatchKey`); everything else
 (prompt, seed, guidance, strengths, number of images, face-region masking) is per sample. Identities after the first
 (`Conditioning.other_identities`) each get an IdentityNet pass whose residuals are masked to their region and
-summed, and their own face tokens in every cross-attention layer, masked the same way (`adapter.face_attention`). Every sample draws its noise from its own seeded generator,
-so a batched result equals the same requests run one by one.
+summed, and their own face tokens in every cross-attention layer, masked the same way (`adapter.face_attention`).
+Every sample draws its noise from its own seeded generator, so a batched result equals the same requests run one
+by one.
 
 Speed switches (fused projections, channels_last, SDPA backend, torch.compile, CUDA graphs) live in `accel` and are
 applied once here, at construction; with all of them off (the default) nothing in the computation changes.

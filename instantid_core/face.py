@@ -77,12 +77,14 @@ class FaceAnalyzer:
     Safe to call from several threads at once: detection and recognition are stateless per call.
     """
 
-    def __init__(self, face_pack_dir: Path, settings: PipelineSettings) -> None:
+    def __init__(self, face_pack_dir: Path, settings: PipelineSettings, *, part: str = "face_pack") -> None:
         """Load the pack's detector and recogniser.
 
         Args:
-            face_pack_dir: Folder holding the antelopev2 ONNX files (scrfd_10g_bnkps.onnx, glintr100.onnx).
+            face_pack_dir: Folder holding the antelopev2 ONNX files (scrfd_10g_bnkps.onnx, glintr100.onnx), or any
+                insightface pack with a keypoint detector and a recogniser.
             settings: Uses `det_size` and `face_providers` (the first available provider wins; CPU otherwise).
+            part: The weight part errors name (`scoring_face_pack` for the identity scorer's pack).
 
         Raises:
             WeightsError: The pack cannot be loaded or lacks a detector or recogniser.
@@ -90,7 +92,7 @@ class FaceAnalyzer:
         folder = Path(face_pack_dir)
         if not folder.is_dir() or not any(folder.glob("*.onnx")):
             # checked here: for a name that is not a folder, insightface would try to download a model pack
-            raise WeightsError(f"face_pack: no ONNX files in {folder}", field="face_pack")
+            raise WeightsError(f"{part}: no ONNX files in {folder}", field=part)
         available = set(onnxruntime.get_available_providers())
         providers = [p for p in settings.face_providers if p in available] or ["CPUExecutionProvider"]
         ctx_id = -1 if providers[0] == "CPUExecutionProvider" else 0  # insightface: ctx_id < 0 means CPU
@@ -104,9 +106,9 @@ class FaceAnalyzer:
             self._app.prepare(ctx_id=ctx_id, det_size=(settings.det_size, settings.det_size))
         except Exception as err:  # insightface asserts, onnxruntime raises its own types
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise WeightsError(f"face_pack: cannot load {folder} ({reason})", field="face_pack") from err
+            raise WeightsError(f"{part}: cannot load {folder} ({reason})", field=part) from err
         if "recognition" not in self._app.models or not getattr(self._app.det_model, "use_kps", False):
-            raise WeightsError(f"face_pack: {folder} needs a keypoint detector and a recogniser", field="face_pack")
+            raise WeightsError(f"{part}: {folder} needs a keypoint detector and a recogniser", field=part)
         self._detector = self._app.det_model
         self._recogniser = self._app.models["recognition"]
         self.det_sizes = _retry_sizes(settings.det_size)

@@ -33,6 +33,7 @@ class FaceCondition:
     mask: np.ndarray | None = None  # (H, W) uint8, 255 = regenerate (mask_image and/or inpaint_face)
     # issue 23, the `identities` form: every identity in request order; the fields above are the first one's
     identities: tuple[IdentityFace, ...] = ()
+    identity_reference: np.ndarray | None = None  # (512,) the scoring recogniser's mean embedding (with scoring)
 
 
 @dataclass(frozen=True)

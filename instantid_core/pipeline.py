@@ -23,6 +23,7 @@ from .config import MAX_SIDE, ControlParams, GenerateParams, IdentityParams, Mod
 from .controls import ControlMap
 from .denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from .denoise_types import OtherIdentity
+from .detail import FaceDetailReport, crop_box, detail_condition, detail_params, face_side, paste_back, wants_detail
 from .errors import InvalidParameter, NoFaceDetected
 from .face import FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from .handoff import FaceCondition, IdentityFace, PromptEmbeds
@@ -30,6 +31,16 @@ from .images import bucket_size, load_image, resize_like_reference
 from .loras import lora_set
 from .poses import PosePreset, place_face
 from .request_rules import check_init_inputs, draw_seed
+from .scorer import IdentityScorer, scorer_for
+from .scoring import (
+    DEFAULT_MAX_CANDIDATES,
+    IdentityReport,
+    below_floor,
+    check_scoring_params,
+    keep_best,
+    mean_embedding,
+    next_round,
+)
 from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
 from .weights import resolve_weights
@@ -296,7 +307,7 @@ def denoise_request(face: FaceCondition, prompt: PromptEmbeds, params: GenerateP
                    for person, strength in zip(face.identities[1:], strengths[1:], strict=True))
     request = DenoiseRequest(
         prompt=prompt, face_embedding=face.embedding, kps_image=face.kps_image, seed=seed,
-        num_images=params.num_images, guidance=params.guidance, identitynet_strength=strengths[0][0],
+        num_images=params.candidates, guidance=params.guidance, identitynet_strength=strengths[0][0],
         adapter_strength=strengths[0][1],
         # several identities are always held to their regions: that is what keeps them apart
         face_box=face.face_box if params.enhance_face_region or others else None,
@@ -323,22 +334,43 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     params: GenerateParams | None = None  # the parameters as run: unset steps/guidance/scheduler filled in
     face: FaceCondition | None = None  # where the faces went (the identities form records it in the sidecar)
+    identity: IdentityReport | None = None  # with a scorer: each image's score and seed, candidates run
+    face_detail: FaceDetailReport | None = None  # with face_detail auto | on: whether it ran, scores before/after
+
+
+def reference_embedding(scorer: IdentityScorer, photos: list[Image.Image],
+                        face_index: int | None = None) -> np.ndarray | None:
+    """The scorer's reference: the mean of its embeddings of the face photos (face_index picks the first one's)."""
+    return mean_embedding([scorer.embed(photo, face_index=face_index if i == 0 else None)
+                           for i, photo in enumerate(photos)])
+
+
+def identity_report(scores: list[float | None], seeds: list[int], candidates: int, params: GenerateParams,
+                    same_model: bool) -> IdentityReport:
+    return IdentityReport(scores=scores, seeds=seeds, candidates=candidates, same_model=same_model,
+                          min_identity=params.min_identity, below_floor=below_floor(scores, params.min_identity))
 
 
 class InstantIDPipeline:
     """All three stages in one process."""
 
     def __init__(self, sources: ModelSources, settings: PipelineSettings | None = None,
-                 weights: ResolvedWeights | None = None) -> None:
+                 weights: ResolvedWeights | None = None, *, scoring: bool = False,
+                 max_candidates: int = DEFAULT_MAX_CANDIDATES) -> None:
+        """`scoring`: score every image (the sources' scoring_face_pack, else the conditioning pack) and allow
+        best_of / min_identity, whose rounds stop at `max_candidates` images in all."""
         self.settings = settings or PipelineSettings()
         self.weights = weights or resolve_weights(sources, dtype=self.settings.dtype)
         self.face = FaceAnalyzer(self.weights.face_pack, self.settings)
         self.text = PromptEncoder(self.weights.sdxl, self.settings)
         self.denoiser = IdentityDenoiser.from_weights(self.weights, self.settings)
+        self.scorer = (scorer_for(self.weights.face_pack, self.weights.scoring_face_pack, self.settings)
+                       if scoring else None)
+        self.max_candidates = max_candidates
 
     @classmethod
-    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None) -> InstantIDPipeline:
-        return cls(ModelSources.from_root(str(root)), settings)
+    def from_root(cls, root: str | Path, settings: PipelineSettings | None = None, **options) -> InstantIDPipeline:
+        return cls(ModelSources.from_root(str(root)), settings, **options)
 
     def generate(self, face_images: list[bytes], params: GenerateParams, pose_image: bytes | None = None,
                  seed: int | None = None, *, face_names: list[str] | None = None,
@@ -352,12 +384,14 @@ class InstantIDPipeline:
         `face_names` / `pose_name` / `init_name` / `mask_name` name the inputs in error messages (default the API
         field names); the CLI passes the file paths."""
         timings: dict[str, float] = {}
+        check_scoring_params(params, self.scorer is not None, self.max_candidates)
         params = self.denoiser.loras.with_presets(params).resolved(self.settings.default_scheduler)
         seed = seed if seed is not None else (params.seed if params.seed is not None else draw_seed())
         start = time.perf_counter()
         photos = RequestPhotos(face_images, pose_image, init_image, mask_image, face_names, pose_name, init_name,
                                mask_name, identities=identity_images)
         face = face_condition(self.face, photos, params, self.settings)
+        detail = wants_detail(params, face, self.settings.face_detail_below)  # face_detail: on without a face: 4xx
         timings["face"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -372,7 +406,58 @@ class InstantIDPipeline:
         request, key = denoise_request(face, prompt, params, seed, self.settings.default_scheduler, controls)
         images = self.denoiser([request], key)[0]
         timings["denoise"] = time.perf_counter() - start
-        return GenerationResult(images, seed, face.width, face.height, timings, params, face)
+        if self.scorer is None or params.identities:  # several identities: no one reference to score against
+            seeds = [(seed + i) % 2**63 for i in range(len(images))]
+            images, report = self._face_detail(images, face, prompt, params, seeds, detail, timings)
+            return GenerationResult(images, seed, face.width, face.height, timings, params, face, face_detail=report)
+
+        start = time.perf_counter()
+        photos = [load_image(data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side)
+                  for data in face_images]
+        reference = reference_embedding(self.scorer, photos, params.face_index)
+        box = face.face_box
+        scores = self.scorer.score(images, reference, box)
+        seeds = [(seed + i) % 2**63 for i in range(len(images))]
+        kept = keep_best(scores, params.num_images)
+        while next_round([scores[i] for i in kept], params.min_identity, len(seeds), params.candidates,
+                         self.max_candidates):
+            request = replace(request, seed=(seed + len(seeds)) % 2**63)
+            more = self.denoiser([request], key)[0]
+            seeds += [(request.seed + i) % 2**63 for i in range(len(more))]
+            scores += self.scorer.score(more, reference, box)
+            images = np.concatenate([images, more])
+            kept = keep_best(scores, params.num_images)
+        timings["score"] = time.perf_counter() - start
+        identity = identity_report([scores[i] for i in kept], [seeds[i] for i in kept], len(seeds), params,
+                                   self.scorer.same_model)
+        images, report = self._face_detail(images[kept], face, prompt, params, identity.seeds, detail, timings,
+                                           (reference, identity.scores))
+        return GenerationResult(images, seed, face.width, face.height, timings, params, face, identity, report)
+
+    def _face_detail(self, images: np.ndarray, face: FaceCondition, prompt: PromptEmbeds, params: GenerateParams,
+                     seeds: list[int], run: bool, timings: dict[str, float],
+                     scored: tuple[np.ndarray | None, list[float | None]] | None = None
+                     ) -> tuple[np.ndarray, FaceDetailReport | None]:
+        """The detail pass on each image (its own seed), when `run`; the report whenever face_detail is not off."""
+        if params.face_detail == "off":
+            return images, None
+        report = FaceDetailReport(mode=params.face_detail, ran=[run] * len(images), face_side=face_side(face))
+        if not run:
+            return images, report
+        start = time.perf_counter()
+        box, size = crop_box(face), self.settings.face_detail_size
+        detailed = []
+        for image, image_seed in zip(images, seeds, strict=True):
+            request, key = denoise_request(detail_condition(face, image, box, size), prompt, detail_params(params),
+                                           image_seed, self.settings.default_scheduler)
+            detailed.append(paste_back(image, self.denoiser([request], key)[0][0], face, box))
+        images = np.stack(detailed)
+        if scored is not None and self.scorer is not None:
+            reference, before = scored
+            report.identity_before, report.identity_after = before, self.scorer.score(images, reference,
+                                                                                      face.face_box)
+        timings["face_detail"] = time.perf_counter() - start
+        return images, report
 
 
 def _control_image(control: ControlParams) -> bytes | None:

@@ -111,6 +111,25 @@ def check_safety_checker(path: Path) -> Path:
     return path
 
 
+def check_scoring_face_pack(path: Path) -> Path:
+    """An insightface pack for the identity scorer: any folder (or one nested level) of ONNX files, which
+    insightface's model_zoo routes by their graphs (antelopev2, buffalo_l, ...); each file must parse. Whether it
+    holds a detector and a recogniser is the scorer's check when it loads them.
+
+    Returns:
+        The folder that holds the ONNX files.
+    """
+    part = "scoring_face_pack"
+    need_dir(part, path)
+    folder = path if any(path.glob("*.onnx")) else next(
+        (sub for sub in sorted(path.iterdir()) if sub.is_dir() and any(sub.glob("*.onnx"))), None)
+    if folder is None:
+        raise WeightsError(f"{part}: no ONNX files in {path} (nor in a nested folder)", field=part)
+    for file in sorted(folder.glob("*.onnx")):
+        _check_onnx(part, file)
+    return folder
+
+
 CHECKS: dict[str, Callable[[Path], Path]] = {
     "sdxl": check_sdxl,
     "identitynet": check_identitynet,

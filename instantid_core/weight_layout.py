@@ -57,6 +57,7 @@ FETCH_PATTERNS: dict[str, list[str]] = {
     "controlnets": ["config.json", *without_fp16(UNET_WEIGHTS)],
     "depth_estimator": ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"],
     "safety_checker": ["config.json", "preprocessor_config.json", *SAFETY_CHECKER_WEIGHTS],
+    "scoring_face_pack": ["*.onnx", "*/*.onnx"],
 }
 HALF_DTYPES = ("float16", "bfloat16")
 FP16 = "fp16"  # the published SDXL repo's half-precision files: `<name>.fp16.safetensors` beside `<name>.safetensors`
@@ -93,9 +94,9 @@ PART_ORDER = ("adapter", "face_pack", "identitynet", "lcm_lora", "sdxl")
 
 # What `resolve_weights(parts=...)` may name: a ResolvedWeights part, `sdxl_text` (the SDXL folder with only what the
 # prompt encoder loads: tokenizers and text encoders, not the UNet and VAE), `extensions` (LoRAs, extra ControlNets,
-# the depth estimator) and `safety_checker` (when its source is set). A stage resolves only what it loads: a face
-# replica never lists, fetches or checks SDXL.
-PARTS = (*PART_ORDER, "sdxl_text", "extensions", "safety_checker")
+# the depth estimator), `safety_checker` and `scoring_face_pack` (each when its source is set). A stage resolves only
+# what it loads: a face replica never lists, fetches or checks SDXL.
+PARTS = (*PART_ORDER, "sdxl_text", "extensions", "safety_checker", "scoring_face_pack")
 SDXL_TEXT_MODELS = ("text_encoder", "text_encoder_2")
 
 
@@ -122,5 +123,6 @@ class ResolvedWeights:
     controlnets: dict[str, Path] = field(default_factory=dict)  # control type -> ControlNet folder
     depth_estimator: Path | None = None
     safety_checker: Path | None = None  # a StableDiffusionSafetyChecker folder (with its preprocessor_config.json)
+    scoring_face_pack: Path | None = None  # the identity scorer's insightface pack (its ONNX files' folder)
     revisions: dict[str, str] = field(default_factory=dict)  # part -> commit sha | "etag:<digest>" | "local"
     downloaded_files: int = 0

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from .config import LCM_LORA_DIR, SAFETY_CHECKER_DIR, ModelSources
+from .config import LCM_LORA_DIR, SAFETY_CHECKER_DIR, SCORING_FACE_PACK_DIR, ModelSources
 from .errors import WeightsError
 from .weight_checks import (
     CHECKS,
@@ -19,6 +19,7 @@ from .weight_checks import (
     check_json,
     check_safetensors,
     check_safety_checker,
+    check_scoring_face_pack,
     check_sdxl_text,
     need_dir,
     need_file,
@@ -113,23 +114,37 @@ def resolve_weights(
         safety, revisions["safety_checker"], count = _resolve_safety_checker(
             sources.safety_checker, offline=offline, cache_root=cache_root, client=s3_client)
         downloaded += count
-    return ResolvedWeights(**paths, **extensions, safety_checker=safety, revisions=revisions,  # type: ignore[arg-type]
-                           downloaded_files=downloaded)
+    scoring = None
+    if "scoring_face_pack" in wanted and sources.scoring_face_pack:
+        scoring, revisions["scoring_face_pack"], count = _resolve_optional_part(
+            "scoring_face_pack", sources.scoring_face_pack, offline=offline, cache_root=cache_root, client=s3_client)
+        downloaded += count
+    return ResolvedWeights(**paths, **extensions, safety_checker=safety,  # type: ignore[arg-type]
+                           scoring_face_pack=scoring, revisions=revisions, downloaded_files=downloaded)
 
 
 def _resolve_safety_checker(source: str, *, offline: bool | None, cache_root: Path,
                             client: Any) -> tuple[Path, str, int]:
     """The safety checker's folder (path, revision, files downloaded), checked; read only by the safety stage."""
+    return _resolve_optional_part("safety_checker", source, offline=offline, cache_root=cache_root, client=client)
+
+
+OPTIONAL_CHECKS = {"safety_checker": check_safety_checker, "scoring_face_pack": check_scoring_face_pack}
+
+
+def _resolve_optional_part(part: str, source: str, *, offline: bool | None, cache_root: Path,
+                           client: Any) -> tuple[Path, str, int]:
+    """An optional stage's weights (path, revision, files downloaded), fetched and checked like every part."""
     if source.startswith("s3://") and client is None:
         from instantid_core.storage import make_s3_client
 
         client = make_s3_client()
-    path, revision, count = fetch_source("safety_checker", source, offline=offline, cache_root=cache_root,
-                                         client=client)
+    path, revision, count = fetch_source(part, source, offline=offline, cache_root=cache_root, client=client,
+                                         patterns=FETCH_PATTERNS[part])
     try:
-        return check_safety_checker(path), revision, count
+        return OPTIONAL_CHECKS[part](path), revision, count
     except WeightsError as err:
-        raise WeightsError(f"{err.message} (source: {source})", field="safety_checker") from err
+        raise WeightsError(f"{err.message} (source: {source})", field=part) from err
 
 
 def resolve_extensions(sources: ModelSources, *, offline: bool | None, cache_root: Path,
@@ -186,7 +201,7 @@ def download_all(
     dtype: str = "float32",
 ) -> ResolvedWeights:
     """Resolve `sources` and materialise them into the ROOT layout (`ModelSources.from_root(dest_root)`); a safety
-    checker the sources name goes to `safety-checker/`.
+    checker the sources name goes to `safety-checker/`, a scoring pack to `buffalo_l/`.
 
     Files are hard-linked from the hub/S3 cache when on the same filesystem (no second copy of 14 GB), copied
     otherwise; a file already in place with the same size and mtime is kept, so a re-run is cheap. The nested
@@ -212,7 +227,12 @@ def download_all(
         safety = dest_root / SAFETY_CHECKER_DIR
         materialise(resolved.safety_checker, safety, FETCH_PATTERNS["safety_checker"])
         safety = check_safety_checker(safety)
+    scoring = None
+    if resolved.scoring_face_pack is not None:
+        scoring = dest_root / SCORING_FACE_PACK_DIR
+        materialise(resolved.scoring_face_pack, scoring, ["*.onnx"])
+        scoring = check_scoring_face_pack(scoring)
     return ResolvedWeights(
-        **dests, safety_checker=safety, revisions=resolved.revisions,  # type: ignore[arg-type]
+        **dests, safety_checker=safety, scoring_face_pack=scoring, revisions=resolved.revisions,  # type: ignore[arg-type]
         downloaded_files=resolved.downloaded_files,
     )

@@ -24,9 +24,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..config import SAFETY_CHECKER_DIR
+from ..config import SAFETY_CHECKER_DIR, SCORING_FACE_PACK_DIR
 from .extensions import write_tiny_extensions
-from .face import write_tiny_face_pack
+from .face import write_tiny_face_pack, write_tiny_scoring_pack
 from .safety import write_tiny_safety_checker
 
 TEXT_HIDDEN = 32  # each text encoder's width; UNet cross-attention dim = 2 * TEXT_HIDDEN, as in SDXL (768 + 1280)
@@ -191,15 +191,16 @@ def write_tiny_preset(root: Path, *, seed: int = 0) -> Path:
     torch.save(adapter, root / "InstantID" / "ip-adapter.bin")
 
     write_tiny_face_pack(root / "antelopev2")
+    write_tiny_scoring_pack(root / SCORING_FACE_PACK_DIR)  # the identity scorer's own recogniser (issue 26)
     write_tiny_extensions(root, unet, seed=seed)  # LoRAs, extra ControlNets, depth estimator
     write_tiny_safety_checker(root / SAFETY_CHECKER_DIR, seed=seed + 40)
     return root
 
 
 # Written into `.complete`; bumped when the preset gains members, so a folder written by an older version (e.g.
-# without the LoRAs and ControlNets of issue 14, SDXL's fp16 files or the safety checker of issue 24) is rewritten
-# rather than served without them.
-PRESET_VERSION = "4"
+# without the LoRAs and ControlNets of issue 14, SDXL's fp16 files, the safety checker of issue 24 or the scoring pack
+# of issue 26) is rewritten rather than served without them.
+PRESET_VERSION = "5"
 
 
 def _current(root: Path) -> bool:

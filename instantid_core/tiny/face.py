@@ -35,6 +35,11 @@ from skimage import data as skimage_data
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
 RECOGNISER_FILE = "glintr100.onnx"
+# The scoring pack (issue 26) in buffalo_l's file names: the same detector, a recogniser of other random weights,
+# so a score never comes from the model that conditioned the image.
+SCORING_DETECTOR_FILE = "det_10g.onnx"
+SCORING_RECOGNISER_FILE = "w600k_r50.onnx"
+SCORING_RECOGNISER_SEED = 1
 
 _OPSET = 18  # Resize with antialias (proper area downsampling) needs opset 18.
 _IR_VERSION = 9  # old enough for every onnxruntime that supports opset 18
@@ -431,4 +436,17 @@ def write_tiny_face_pack(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     onnx.save(build_detector(), str(dest / DETECTOR_FILE))
     onnx.save(build_recogniser(), str(dest / RECOGNISER_FILE))
+    return dest
+
+
+def write_tiny_scoring_pack(dest: Path) -> Path:
+    """Write the tiny scoring pack (buffalo_l's names: detector + a second, differently seeded recogniser).
+
+    Returns:
+        `dest`, loadable by `FaceAnalysis` like the real buffalo_l.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_detector(), str(dest / SCORING_DETECTOR_FILE))
+    onnx.save(build_recogniser(seed=SCORING_RECOGNISER_SEED), str(dest / SCORING_RECOGNISER_FILE))
     return dest

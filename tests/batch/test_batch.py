@@ -19,7 +19,7 @@ import yaml
 from PIL import Image, ImageOps
 
 from batch.job import run_batch
-from batch.pairs import BatchSettings, list_inputs, load_prompts, pair_id
+from batch.pairs import BatchSettings, list_inputs, load_prompts, pair_id, pair_seed
 from instantid_cli import main as cli_main
 from instantid_core.config import ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
@@ -202,3 +202,33 @@ def test_an_input_prefix_without_files_is_an_error_that_writes_nothing(tmp_path,
     with pytest.raises(InvalidParameter, match="no files under this prefix"):
         run_batch(str(tmp_path / "empty"), [], str(tmp_path / "out"), batch_settings, PARAMS, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_best_of_records_each_images_identity_in_the_manifest_and_sidecar(tmp_path, tiny_root, astronaut_bytes,
+                                                                               ray_instance):
+    from batch.manifest import Manifest
+    from instantid_app.config import AppConfig
+
+    (tmp_path / "faces").mkdir()
+    (tmp_path / "faces" / "face.jpg").write_bytes(astronaut_bytes)
+    app = AppConfig(weights={"preset": "tiny", "preset_dir": str(tiny_root)}, scoring={"max_candidates": 4})
+    settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings(), app=app)
+    prompts = [load_prompts(_write_prompts(tmp_path, PROMPTS[:1]))[0]]
+    with pytest.raises(InvalidParameter, match="best_of: at most 4"):
+        run_batch(str(tmp_path / "faces"), prompts, str(tmp_path / "out"), settings, {**PARAMS, "best_of": 5},
+                  progress=False)
+    summary = run_batch(str(tmp_path / "faces"), prompts, str(tmp_path / "out"), settings,
+                        {**PARAMS, "best_of": 3, "seed": 20}, progress=False)
+    assert summary["status"] == {"ok": 1} and summary["outputs"] == 1
+    (record,) = Manifest(OutputStore(f"file://{tmp_path / 'out'}")).load().values()
+    identity = record["identity"]
+    first_seed = pair_seed(record["image"], record["prompt_id"], 20)  # image i of a pair runs on its seed + i
+    assert identity["candidates"] == 3 and len(identity["scores"]) == 1
+    assert identity["seeds"][0] - first_seed in (0, 1, 2)
+    assert json.loads(Path(record["metadata"].removeprefix("file://")).read_text())["identity"] == identity
+
+
+def _write_prompts(tmp_path: Path, prompts: list[dict]) -> Path:
+    path = tmp_path / "prompts.yaml"
+    path.write_text(yaml.safe_dump(prompts))
+    return path

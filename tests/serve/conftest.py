@@ -75,7 +75,8 @@ def _deploy_served(ray_instance: int, tiny_root: Path, redis_url: str,
     (a request may turn it off); async jobs on the session's Redis (short visibility timeout and lease: a consumer
     killed in a test is replaced in seconds; webhooks to a receiver on loopback, signed); LoRAs: the preset's
     tiny-style, `fast-style` (tiny-style with steps and guidance of its own) and two files that are not LoRAs for
-    this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the preset's canny and depth, and pose."""
+    this UNet (`not-a-lora`, `sdxl-sized`); ControlNets: the preset's canny and depth, and pose; identity scoring
+    (best_of, min_identity) up to 6 candidates."""
     bad = tmp_path_factory.mktemp("bad-loras")
     save_file({"foo.weight": torch.zeros(2, 2)}, str(bad / "not-a-lora.safetensors"))
     # A LoRA for the real SDXL UNet (1280-wide attention) does not fit the tiny one.
@@ -92,7 +93,9 @@ def _deploy_served(ray_instance: int, tiny_root: Path, redis_url: str,
                      "consumer_autoscaling": {"min_replicas": 1, "max_replicas": 1}},
             "loras": {"broken": str(bad), "fast-style": fast_style},
             "controlnets": {"pose": str(tiny_root / "controlnets" / "pose")},
-            "safety": {"mode": "block", "allow_request_disable": True}}
+            "safety": {"mode": "block", "allow_request_disable": True},
+            "scoring": {"max_candidates": 6},  # the tiny preset's second recogniser scores every output
+            "pipeline": {"face_detail_size": 128}}  # face_detail regenerates the crop at 128 px: seconds on CPU
     options = {**small_stage_options(autoscaling_config={"min_replicas": 2, "max_replicas": 2}),
                "JobConsumer": jobs_options, "SafetyChecker": SAFETY_OPTIONS}
     live = {"Denoiser": {"batch_wait_timeout_s": 0.3, "max_batch_size": 8}}

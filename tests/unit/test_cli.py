@@ -190,3 +190,16 @@ def test_generate_with_overlapping_identities_exits_2_naming_the_box(tiny_root: 
                      "--identity", f"{ASTRONAUT}@64,0,128,64", "--prompt", "x", "--steps", "2", "--width", "128",
                      "--height", "64", "--out", tmp_path / "out")
     assert result.error_line().startswith("error: identities[1].box: overlaps identities[0].box")
+
+
+def test_generate_best_of_records_each_images_score_and_seed_and_refuses_above_the_bound(
+        tiny_root: Path, tmp_path: Path) -> None:
+    gen = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", *SMALL, "--seed", "9",
+                  "--best-of", "2", "--out", tmp_path / "out")
+    assert gen.returncode == 0, gen.stderr
+    meta = json.loads(uri_path(gen.stdout.split()[1]).read_text())
+    assert meta["identity"]["candidates"] == 2 and meta["identity"]["seeds"][0] in (9, 10)
+    assert meta["identity"]["same_model"] is False and "identity: " in gen.stderr  # the preset's own scoring pack
+    line = run_cli("generate", "--weights", tiny_root, "--face", ASTRONAUT, "--prompt", "x", *SMALL,
+                   "--best-of", "3", "--max-candidates", "2", "--out", tmp_path / "o2").error_line()
+    assert line.startswith("error: best_of: at most 2"), line
