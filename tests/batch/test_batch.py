@@ -205,7 +205,7 @@ def test_an_input_prefix_without_files_is_an_error_that_writes_nothing(tmp_path,
 
 
 def test_batch_best_of_records_each_images_identity_in_the_manifest_and_sidecar(tmp_path, tiny_root, astronaut_bytes,
-                                                                               ray_instance):
+                                                                               batch_ray):
     from batch.manifest import Manifest
     from instantid_app.config import AppConfig
 
