@@ -63,7 +63,7 @@ demo-cli: setup $(TINY)/.done
 # Two workers: one runs tests/serve (one Ray, two apps) then tests/cluster (clusters of their own), the other
 # tests/unit, tests/batch and the rest, a module at a time (tests/conftest.py). `pytest` alone runs them in one process.
 test: setup redis-server promtool
-	$(PY) -m pytest -q --durations=25 -n 2 --dist loadgroup
+	$(PY) -m pytest -q --durations=25 -n 2
 
 lint: setup
 	$(PY) -m ruff check instantid_core instantid_app instantid_cli deployments batch bench testkit tests

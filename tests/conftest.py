@@ -3,11 +3,11 @@ session's Ray with one app carrying the extensions and one keyed app), tests/clu
 in that order, whatever the command line names first: each package's Ray is shut down (its fixtures are
 package-scoped) before the next starts its own.
 
-`make test` runs the suite on two workers (pytest-xdist, `--dist loadgroup`): the serve and cluster packages are one
-group, so one worker runs them in that order, alone with the Ray they start, while the other runs everything else,
-a module (or the batch package) at a time, so that no module- or package-scoped fixture is built twice. On a 2-core
-machine the serve and cluster tests mostly wait (replicas starting, nodes dying, autoscaling) while the unit tests
-compute, so the two lanes overlap."""
+`make test` runs the suite on two pytest-xdist workers (`-n 2`, scheduled by `work_unit` below): the serve and
+cluster packages are one unit, so one worker runs them in that order, alone with the Ray they start, while the
+other runs everything else, a module (or the batch package) at a time, so that no module- or package-scoped fixture
+is built twice. On a 2-core machine the serve and cluster tests mostly wait (replicas starting, nodes dying,
+autoscaling) while the unit tests compute, so the two lanes overlap."""
 
 from __future__ import annotations
 
@@ -24,23 +24,37 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest_plugins = ["tests.fixtures_tiny", "tests.fixtures_s3", "tests.fixtures_redis"]
 
 ORDER = ("unit", "batch", "serve", "cluster")  # tests directly under tests/ run with the unit tests
-RAY_LANE = ("serve", "cluster")  # one xdist group: one worker, in this order (the cluster tests after serve's Ray)
+RAY_LANE = ("serve", "cluster")  # one unit of work: one worker, in this order (the cluster tests after serve's Ray)
 
 
-def _package(item: pytest.Item) -> str | None:
-    parts = item.path.relative_to(item.session.config.rootpath).parts
-    return parts[1] if len(parts) > 2 and parts[0] == "tests" and parts[1] in ORDER else None
+def _package(path_parts: tuple[str, ...]) -> str | None:
+    return path_parts[1] if len(path_parts) > 2 and path_parts[0] == "tests" and path_parts[1] in ORDER else None
 
 
-def _xdist_group(item: pytest.Item) -> str:
-    """The unit of work a pytest-xdist worker takes whole: the Ray lane, the batch package, or a module."""
-    package = _package(item)
+def work_unit(nodeid: str) -> str:
+    """What a pytest-xdist worker takes whole: the Ray lane, the batch package, or one module."""
+    path = nodeid.split("::")[0]
+    package = _package(tuple(path.split("/")))
     if package in RAY_LANE:
         return "ray-lane"
-    return package if package == "batch" else item.nodeid.split("::")[0]
+    return "batch" if package == "batch" else path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: ORDER.index(_package(item) or "unit"))  # stable: within a package, pytest's order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))  # read only under `-n N --dist loadgroup`
+    def rank(item: pytest.Item) -> int:
+        return ORDER.index(_package(item.path.relative_to(item.session.config.rootpath).parts) or "unit")
+
+    items.sort(key=rank)  # stable: within a package, pytest's own order
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduling with work_unit as the scope: each unit goes whole to one worker, in order, largest
+    first (the Ray lane). Not `--dist loadgroup`'s marks: xdist 3.8 writes a group into a test's id through a private
+    attribute that pytest 9 no longer reads, so the marks are silently ignored."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return LaneScheduling(config, log)
