@@ -140,7 +140,7 @@ def table(summary: dict, meta: dict) -> str:
               f"| {meta['photos']} | {meta['prompts']} | {summary['pairs']} | {summary['faces_found']} | "
               f"{fmt(summary['face_sim'], 3)} | {fmt(summary['clip_t'], 2)} |", "",
               "Face Sim averages the images where the scorer found a face; CLIP-T is 100 x cosine (PuLID's "
-              "protocol). No GPU was lent to this task: no GPU figure is reported."]
+              "protocol)." + ("" if meta["device"].startswith("cuda") else " A CPU run: no GPU figure.")]
     return "\n".join(lines) + "\n"
 
 

@@ -92,7 +92,10 @@ def test_overload_answers_503_with_retry_after_and_the_stage_timeout_504(keyed_a
         return sum(ongoing_requests(name) for name in replica_actors(deployment, app=keyed_app.name))
 
     # Warm the face and prompt caches, so the burst reaches the denoiser at once rather than paced by face analysis.
-    assert send(body).is_success and send(blocker).is_success
+    # The blocker's first (cold) run may pass the 4 s stage timeout on a loaded machine: its face and prompt are
+    # cached either way, and the denoiser is idle again before the burst.
+    assert send(body).is_success and send(blocker).status_code in (200, 504)
+    wait_until(lambda: not ongoing("Denoiser"), 60, "the denoiser is idle after the warm-up", 0.1)
     with ThreadPoolExecutor(10) as pool:
         # The denoiser runs one request and queues one. Serve counts a request as queued once its inputs (the face
         # and prompt stages) are ready, so: the blocker runs, a second request waits in the queue (both in the

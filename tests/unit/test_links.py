@@ -117,8 +117,10 @@ def test_a_signed_file_link_serves_the_image_until_it_expires(outputs_app):
     assert answer.status_code == 200 and answer.content == b"\x89PNG image bytes"
     assert answer.headers["content-type"] == "image/png"
 
-    (short,), _ = links.make(stored.image_uris, ttl_s=1)
-    assert client.get(absolute(client, short)).status_code == 200
+    (short,), short_expires = links.make(stored.image_uris, ttl_s=1)
+    first = client.get(absolute(client, short))
+    # Served until it expires: a 200, unless this loaded machine took the whole second to ask (then a 403 already).
+    assert first.status_code == 200 or time.time() >= short_expires, first.json()
     expired = wait_until(lambda: refused(client.get(absolute(client, short))), 10, "the 1 s link expired")[0]
     assert expired.json()["error"]["code"] == "link_expired" and expired.json()["error"]["field"] == "expires"
 
