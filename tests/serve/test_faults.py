@@ -16,6 +16,7 @@ import pytest
 
 from testkit.api import b64, s3_read
 from testkit.load import answered, audit_outputs, run_load
+from testkit.net import wait_until
 from testkit.serve import kill_replica, replica_actors, wait_replaced
 
 SMALL = {"steps": 2, "width": 64, "height": 64}
@@ -76,6 +77,8 @@ def test_denoiser_killed_under_load_recovers_without_losses_or_orphans(served_ap
         assert recovered, "no request succeeded within 30 s of the kill"
     assert min(recovered) < 30
     wait_replaced("Denoiser", victims)  # as many replicas as before, none of them the killed ones
+    wait_until(lambda: httpx.get(f"{served_app.url}/readyz", timeout=30).status_code == 200, 90,
+               "/readyz reports the new replicas ready", 0.5)
     # Every 200 has all its objects; a request that failed at the kill left none (its images never existed).
     audit = audit_outputs(result, objects_under(served_app.bucket, f"out/{prefix}/"), s3_read)
     assert audit["missing"] == [] and audit["orphans"] == [] and audit["bad_sidecars"] == 0, audit

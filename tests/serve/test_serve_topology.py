@@ -1,17 +1,12 @@
-"""Handle calls from another app, replica death and recovery, and serve_config.yaml as AppConfig."""
+"""Handle calls from another app and serve_config.yaml as AppConfig (replica death: tests/serve/test_faults.py)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
 import yaml
 from ray import serve
 
 from instantid_app.config import SERVE_CONFIG_PATH, AppConfig, app_config_from_serve_config, validate_serve_config
 from testkit.api import b64
-from testkit.net import wait_until
-from testkit.serve import kill_replica, ongoing_requests, replica_actors, wait_replaced
 
 FAST = {"steps": 3, "width": 128, "height": 128}
 
@@ -27,28 +22,6 @@ def test_a_second_app_calls_instantid_through_its_handle(served_app, astronaut_b
         assert isinstance(response, GenerateResponse) and response.seed == 9 and response.images
     finally:
         serve.delete("caller")
-
-
-def test_killing_the_denoiser_replicas_mid_request_recovers(served_app, astronaut_bytes):
-    body = {"face_image": b64(astronaut_bytes), "prompt": "x", "steps": 40, "width": 256, "height": 256}
-    victims = replica_actors("Denoiser")
-    with ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(httpx.post, f"{served_app.url}/v1/generate", json=body, timeout=120)
-        # Mid-request: once it has reached a Denoiser replica (its ongoing count, as Serve's router sees it).
-        wait_until(lambda: in_flight.done() or any(ongoing_requests(name) for name in victims), 60,
-                   "the request reached a Denoiser replica", 0.05)
-        for victim in victims:  # every one: nothing else could take the request over
-            kill_replica(victim)
-        answer = in_flight.result()
-    # In flight at the kill: either it finished first, or it gets a 503 that says to retry. Never a hang or a 500.
-    assert answer.status_code in (200, 503), answer.text
-    if answer.status_code == 503:
-        assert "retry" in answer.json()["error"]["message"] and answer.headers["Retry-After"]
-
-    wait_replaced("Denoiser", victims)
-    wait_until(lambda: httpx.get(f"{served_app.url}/readyz", timeout=30).status_code == 200, 90,
-               "/readyz reports the new replicas ready", 0.5)
-    assert httpx.post(f"{served_app.url}/v1/generate", json={**body, **FAST}, timeout=120).status_code == 200
 
 
 def test_serve_config_yaml_is_an_appconfig_with_serve_build_structure():
