@@ -65,6 +65,33 @@ def test_one_identity_equals_the_single_face_request_and_two_record_their_layout
     assert [who["box"] for who in meta["params"]["identities"]] == [LEFT, None]  # the request as given
 
 
+def test_changing_identity_bs_photo_changes_bs_region_and_spills_little_into_as(served_app, astronaut_bytes):
+    # A at the left end, B at the right end of a 256 x 64 image; B's photo, then A's, changed (the mirrored
+    # astronaut is another face to the recogniser).
+    mirrored = b64(png_bytes(ImageOps.mirror(Image.open(FACE))))
+    astronaut, left, right = b64(astronaut_bytes), [0, 0, 64, 64], [192, 0, 256, 64]
+
+    def image(photo_a: str, photo_b: str) -> np.ndarray:
+        answer = post(served_app, {"prompt": "two people", "steps": 4, "width": 256, "height": 64, "seed": 5,
+                                   "identities": [{"face_image": photo_a, "box": left},
+                                                  {"face_image": photo_b, "box": right}]})
+        assert answer.status_code == 200, answer.text
+        return png_pixels(s3_read(answer.json()["images"][0])).astype(int)
+
+    def change(first: np.ndarray, second: np.ndarray, box: list[int]) -> float:
+        return float(np.abs(first - second)[:, box[0]:box[2]].mean())  # mean per channel over the box's columns
+
+    base = image(astronaut, mirrored)
+    b_changed, a_changed = image(astronaut, astronaut), image(mirrored, mirrored)
+    in_b, in_a, a_own = change(base, b_changed, right), change(base, b_changed, left), change(base, a_changed, left)
+    assert in_b > 0.5  # B's new face shows in B's region
+    # B's face tokens and IdentityNet residuals are exactly zero inside A (tests/unit/test_identities.py), but the
+    # two share the latents (the UNet's self-attention is global), so A is not bit-equal. Measured on the tiny
+    # preset: 2.37 in B, 0.47 in A, and A's own photo change moves A by 1.48. The bound: what B's change does to A
+    # stays under half of what it does to B, and under half of what A's own photo does to A.
+    assert in_a < 0.5 * in_b and in_a < 0.5 * a_own, (in_b, in_a, a_own)
+
+
 def test_the_handle_takes_identities_and_the_sidecar_replays_in_the_library(served_app, astronaut_bytes, library):
     from ray import serve
 
