@@ -9,13 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 from skimage import data as skimage_data
-from torch import nn
 
-from instantid_core.adapter import NUM_FACE_TOKENS, IdentityAttnProcessor
+from instantid_core.adapter import NUM_FACE_TOKENS
 from instantid_core.batching import run_grouped
 from instantid_core.config import GenerateParams, PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
@@ -27,6 +25,7 @@ from instantid_core.poses import PosePreset, preset_keypoints
 from instantid_core.regions import attention_masks, face_box_mask, latent_levels
 from instantid_core.tiny.face import write_tiny_face_pack
 from testkit.api import FACE, png_bytes
+from testkit.attention import face_attention_layer
 
 WIDTH, HEIGHT = 128, 64
 LEFT, RIGHT = (0.0, 0.0, 64.0, 64.0), (64.0, 0.0, 128.0, 64.0)  # two regions side by side, touching
@@ -86,26 +85,17 @@ def test_each_identitys_masks_at_every_layer_match_a_plain_nearest_resize(denois
 
 
 def test_face_attention_sums_each_identity_in_its_own_region():
-    torch.manual_seed(0)
+    layer = face_attention_layer()
+    attention, processor, attend = layer.attention, layer.processor, layer.plain
     h, w = HEIGHT // 16, WIDTH // 16
-    heads, dim_head, query_dim, cross_dim = 2, 16, 32, 24
-    attention = Attention(query_dim=query_dim, cross_attention_dim=cross_dim, heads=heads, dim_head=dim_head).eval()
-    processor = IdentityAttnProcessor(hidden_size=query_dim, cross_attention_dim=cross_dim)
-    nn.init.normal_(processor.to_k_ip.weight)
-    nn.init.normal_(processor.to_v_ip.weight)
-    hidden = torch.randn(2, h * w, query_dim)
-    text = torch.randn(2, 7, cross_dim)
-    faces = [torch.randn(2, NUM_FACE_TOKENS, cross_dim) for _ in range(3)]
+    hidden = torch.randn(2, h * w, layer.query_dim)
+    text = torch.randn(2, 7, layer.cross_dim)
+    faces = [torch.randn(2, NUM_FACE_TOKENS, layer.cross_dim) for _ in range(3)]
     boxes = [(0, 0, 40, 64), (40, 0, 88, 64), (88, 0, 128, 64)]
     scales = [torch.tensor([0.8, 0.3]), torch.tensor([1.2, 0.5]), torch.tensor([0.4, 1.0])]
     masks = [attention_masks(torch.stack([face_box_mask(box, (HEIGHT, WIDTH))] * 2), [(h, w)]) for box in boxes]
     ours = processor(attention, hidden, torch.cat([text, faces[0]], dim=1), ip_adapter_scale=scales[0],
                      face_region=masks[0], other_faces=list(zip(faces[1:], scales[1:], masks[1:], strict=True)))
-
-    def attend(q, k, v):  # per head: softmax(q k^T / sqrt(d)) v
-        q, k, v = (x.view(x.shape[0], -1, heads, dim_head).transpose(1, 2) for x in (q, k, v))
-        weights = (q @ k.transpose(-1, -2) / dim_head ** 0.5).softmax(-1)
-        return (weights @ v).transpose(1, 2).reshape(q.shape[0], -1, heads * dim_head)
 
     query = attention.to_q(hidden)
     expected = attend(query, attention.to_k(text), attention.to_v(text))

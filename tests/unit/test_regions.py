@@ -14,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from torch import nn
 
-from instantid_core.adapter import NUM_FACE_TOKENS, IdentityAttnProcessor, load_adapter_state
+from instantid_core.adapter import NUM_FACE_TOKENS, load_adapter_state
 from instantid_core.config import Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.regions import attention_masks, face_box_mask, latent_levels
+from testkit.attention import face_attention_layer
 
 WIDTH, HEIGHT = 128, 96
 BOX = (20.7, 10.2, 90.9, 80.6)  # fractional corners: int() truncation decides the edge pixels
@@ -45,25 +46,16 @@ def test_face_box_mask_truncates_corners_like_the_demo():
 
 def test_masked_face_attention_matches_an_independent_computation():
     # One layer at 1/16 of an image of HEIGHT x WIDTH; three samples: two boxes and no box.
-    torch.manual_seed(0)
+    layer = face_attention_layer()
+    attention, processor, attend = layer.attention, layer.processor, layer.plain
     h, w = HEIGHT // 16, WIDTH // 16
-    heads, dim_head, query_dim, cross_dim = 2, 16, 32, 24
-    attention = Attention(query_dim=query_dim, cross_attention_dim=cross_dim, heads=heads, dim_head=dim_head).eval()
-    processor = IdentityAttnProcessor(hidden_size=query_dim, cross_attention_dim=cross_dim)
-    nn.init.normal_(processor.to_k_ip.weight)
-    nn.init.normal_(processor.to_v_ip.weight)
-    hidden = torch.randn(3, h * w, query_dim)
-    text, face = torch.randn(3, 7, cross_dim), torch.randn(3, NUM_FACE_TOKENS, cross_dim)
+    hidden = torch.randn(3, h * w, layer.query_dim)
+    text, face = torch.randn(3, 7, layer.cross_dim), torch.randn(3, NUM_FACE_TOKENS, layer.cross_dim)
     boxes = [BOX, (0.0, 0.0, 40.0, 33.0), None]
     scales = torch.tensor([0.8, 1.2, 0.5])
     masks = torch.stack([face_box_mask(box, (HEIGHT, WIDTH)) for box in boxes])
     ours = processor(attention, hidden, torch.cat([text, face], dim=1), ip_adapter_scale=scales,
                      face_region=attention_masks(masks, [(h, w)]))
-
-    def attend(q, k, v):  # per head: softmax(q k^T / sqrt(d)) v
-        q, k, v = (x.view(x.shape[0], -1, heads, dim_head).transpose(1, 2) for x in (q, k, v))
-        weights = (q @ k.transpose(-1, -2) / dim_head ** 0.5).softmax(-1)
-        return (weights @ v).transpose(1, 2).reshape(q.shape[0], -1, heads * dim_head)
 
     query = attention.to_q(hidden)
     text_out = attend(query, attention.to_k(text), attention.to_v(text))
