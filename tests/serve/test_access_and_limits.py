@@ -253,7 +253,10 @@ def test_readyz_answers_from_health_state_while_the_denoiser_is_saturated(keyed_
     def ongoing(deployment: str) -> int:
         return sum(ongoing_requests(name) for name in replica_actors(deployment, app=keyed_app.name))
 
-    assert send(body).is_success  # face and prompt cached: the next ones go straight to the denoiser
+    # Face and prompt cached: the next ones go straight to the denoiser. This first (cold) run may pass the 4 s stage
+    # timeout on a loaded machine; they are cached either way, and the denoiser is idle again before the test.
+    assert send(body).status_code in (200, 504)
+    wait_until(lambda: not ongoing("Denoiser"), 60, "the denoiser is idle after the warm-up", 0.1)
     with ThreadPoolExecutor(2) as pool:
         busy = pool.submit(send, {**body, "seed": 1})
         wait_until(lambda: busy.done() or ongoing("Denoiser"), 60, "the first request runs in the denoiser", 0.05)
