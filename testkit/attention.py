@@ -16,10 +16,10 @@ from instantid_core.adapter import IdentityAttnProcessor
 class FaceAttentionLayer:
     attention: Attention
     processor: IdentityAttnProcessor
-    heads: int = 2
-    dim_head: int = 16
-    query_dim: int = 32
-    cross_dim: int = 24
+    heads: int
+    dim_head: int
+    query_dim: int
+    cross_dim: int
 
     def plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per head: softmax(q k^T / sqrt(d)) v, for (B, N, heads * d) inputs."""
@@ -31,11 +31,9 @@ class FaceAttentionLayer:
 def face_attention_layer(seed: int = 0) -> FaceAttentionLayer:
     """A seeded layer whose face-token projections are random (an untrained adapter's are not zero either)."""
     torch.manual_seed(seed)
-    sizes = FaceAttentionLayer.__dataclass_fields__
-    heads, dim_head = sizes["heads"].default, sizes["dim_head"].default
-    query_dim, cross_dim = sizes["query_dim"].default, sizes["cross_dim"].default
+    heads, dim_head, query_dim, cross_dim = 2, 16, 32, 24
     attention = Attention(query_dim=query_dim, cross_attention_dim=cross_dim, heads=heads, dim_head=dim_head).eval()
     processor = IdentityAttnProcessor(hidden_size=query_dim, cross_attention_dim=cross_dim)
     nn.init.normal_(processor.to_k_ip.weight)
     nn.init.normal_(processor.to_v_ip.weight)
-    return FaceAttentionLayer(attention, processor)
+    return FaceAttentionLayer(attention, processor, heads, dim_head, query_dim, cross_dim)
