@@ -23,12 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
-from testkit.net import free_port, wait_ready
+from testkit.api import FAST, b64
+from testkit.net import free_port, wait_ready, wait_until
 from testkit.serve import ServedApp, deploy, small_stage_options
 
 WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer environment
@@ -132,17 +134,28 @@ def _deploy_keyed(ray_instance: int, tiny_root: Path, api_keys: dict[str, str],
                   options={**stages, "SafetyChecker": SAFETY_OPTIONS}, user_config=live, wait=False)
 
 
+def _warm_up(app: ServedApp, face: bytes, headers: dict[str, str]) -> None:
+    """One cheap request answered 200, so no test's first request pays for cold models and caches. The keyed app's
+    4 s stage timeout can cut a cold request short while the other xdist worker loads the machine (seen in CI); a
+    504 leaves its work running and warming, so the warm-up asks again until one is answered in time."""
+    body = {"face_image": b64(face), "prompt": "x", **FAST}
+    wait_until(lambda: httpx.post(f"{app.url}/v1/generate", json=body, headers=headers, timeout=60).status_code == 200,
+               120, f"a warm-up request to {app.name} answered 200", 1)
+
+
 @pytest.fixture(scope="package")
 def session_apps(ray_instance: int, tiny_root: Path, redis_url: str, api_keys: dict[str, str],
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServedApp]]:
+                 astronaut_bytes: bytes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServedApp]]:
     """Both apps, deployed together so that their replicas start side by side (the package's longest wait), both
-    ready before a test uses either; deleted when the package ends."""
+    ready and warmed before a test uses either; deleted when the package ends."""
     from ray import serve
 
     apps = {"served": _deploy_served(ray_instance, tiny_root, redis_url, tmp_path_factory),
             "keyed": _deploy_keyed(ray_instance, tiny_root, api_keys, tmp_path_factory)}
     for app in apps.values():
         wait_ready(app.url)
+    _warm_up(apps["served"], astronaut_bytes, {})
+    _warm_up(apps["keyed"], astronaut_bytes, {"Authorization": f"Bearer {api_keys['full']}"})
     yield apps
     for app in apps.values():
         serve.delete(app.name)
