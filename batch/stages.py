@@ -41,7 +41,7 @@ class FaceStage:
         self.cache = LRUCache(64 * 2**20)  # pickled FaceConditions (keypoint image included), by bytes
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from instantid_core.pipeline import RequestPhotos, face_condition
+        from instantid_core.conditioning import RequestPhotos, face_condition
 
         out: dict[str, list] = {"image": [], "prompt_id": [], "status": [], "message": [], "face": [], "layout": []}
         cache = self.cache  # one analysis per (image, output size, face index), across batches
@@ -69,7 +69,7 @@ class FaceStage:
                                            mask=self._photo("mask_image", data), face_names=[image_uri])
                     condition = face_condition(self.analyzer, photos, params, self.settings.pipeline)
                     if self.scorer is not None:
-                        from instantid_core.pipeline import reference_embedding
+                        from instantid_core.scorer import reference_embedding
 
                         reference = reference_embedding(self.scorer, [load_image(
                             data, name=image_uri, max_pixels=self.settings.pipeline.max_image_pixels,

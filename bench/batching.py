@@ -58,8 +58,9 @@ def padded(photo: Image.Image, ratio: tuple[int, int]) -> bytes:
 
 
 def run_mode(buckets: bool, photos: list[bytes], args: argparse.Namespace, parts: dict) -> dict:
+    from instantid_core.conditioning import RequestPhotos, face_condition
     from instantid_core.face import FaceAnalyzer
-    from instantid_core.pipeline import RequestPhotos, denoise_request, face_condition
+    from instantid_core.pipeline import denoise_request
 
     settings = PipelineSettings(size_buckets=buckets)
     analyzer = FaceAnalyzer(parts["weights"].face_pack, settings)

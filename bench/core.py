@@ -114,7 +114,8 @@ def bench_load(root: Path, settings: PipelineSettings, warmup: int, repeats: int
 
 def bench_size(pipeline, size: int, steps: int, warmup: int, repeats: int, out_dir: Path) -> dict:
     """One request at `size` x `size`, stage by stage, then the denoiser's own call as a check."""
-    from instantid_core.pipeline import RequestPhotos, denoise_request, face_condition
+    from instantid_core.conditioning import RequestPhotos, face_condition
+    from instantid_core.pipeline import denoise_request
     from instantid_core.storage import OutputStore, encode_image
 
     params = GenerateParams(prompt=PROMPT, negative_prompt=NEGATIVE, style=Style.none, seed=SEED, steps=steps,

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import ControlParams, GenerateParams, ModelSources, PipelineSettings
-from instantid_core.pipeline import InstantIDPipeline, RequestPhotos, denoise_request, face_condition
+from instantid_core.pipeline import InstantIDPipeline, denoise_request
 from instantid_core.tiny import ensure_tiny_preset
 
 BENCH_DIR = Path(__file__).resolve().parent

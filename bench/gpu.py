@@ -206,7 +206,7 @@ def write_random_sdxl(root: Path, device: str, shrunk: bool = False, seed: int =
         return root
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from instantid_core.tiny import write_tiny_tokenizer
+    from instantid_core.tiny.models import write_tiny_tokenizer
 
     published = published_configs()
     arch = published.SHRUNK if shrunk else published.PUBLISHED

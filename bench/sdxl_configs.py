@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from instantid_core.tiny import SDXL_SCHEDULER_CONFIG
+from instantid_core.tiny.models import SDXL_SCHEDULER_CONFIG
 
 UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,

@@ -140,9 +140,9 @@ def stage_payloads(config, params: dict[str, Any]):
     """The face and prompt stages' real outputs for the benchmark's photo, size and prompt (the no-op DAG returns
     these), computed once here by the library on the tiny preset."""
     from instantid_app.weights import resolve_app_weights
+    from instantid_core.conditioning import RequestPhotos, face_condition
     from instantid_core.config import GenerateParams
     from instantid_core.face import FaceAnalyzer
-    from instantid_core.pipeline import RequestPhotos, face_condition
     from instantid_core.text import PromptEncoder
 
     weights = resolve_app_weights(config.args)

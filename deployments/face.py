@@ -21,11 +21,11 @@ from instantid_app.cache import LRUCache, nbytes
 from instantid_app.config import AppConfig
 from instantid_app.settings import FaceSettings
 from instantid_app.weights import resolve_app_weights
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams
 from instantid_core.detail import wants_detail
 from instantid_core.face import FaceAnalyzer, FaceInfo
 from instantid_core.images import load_image
-from instantid_core.pipeline import RequestPhotos, face_condition
 from instantid_core.scorer import scorer_for
 from instantid_core.scoring import IdentityReport, below_floor, keep_best, mean_embedding
 

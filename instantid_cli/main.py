@@ -37,7 +37,7 @@ def _weights_tiny(args: argparse.Namespace) -> None:
     if target.exists() and not target.is_dir():
         raise WeightsError(f"cannot write the tiny preset to {target}: it is a file, not a folder", field="dir")
 
-    from instantid_core.tiny import write_tiny_preset
+    from instantid_core.tiny.models import write_tiny_preset
 
     try:
         root = write_tiny_preset(target)

@@ -12,7 +12,7 @@ from PIL import Image
 from .config import PipelineSettings
 from .errors import NoFaceDetected
 from .face import FaceAnalyzer
-from .scoring import cosine, region_slices
+from .scoring import cosine, mean_embedding, region_slices
 
 SCORING_PART = "scoring_face_pack"
 
@@ -72,3 +72,10 @@ def scorer_for(face_pack: Path, scoring_face_pack: Path | None, settings: Pipeli
     if scoring_face_pack is None:
         return IdentityScorer(face_pack, settings, same_model=True)
     return IdentityScorer(scoring_face_pack, settings)
+
+
+def reference_embedding(scorer: IdentityScorer, photos: list[Image.Image],
+                        face_index: int | None = None) -> np.ndarray | None:
+    """The scorer's reference: the mean of its embeddings of the face photos (face_index picks the first one's)."""
+    return mean_embedding([scorer.embed(photo, face_index=face_index if i == 0 else None)
+                           for i, photo in enumerate(photos)])

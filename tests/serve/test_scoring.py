@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, PipelineSettings
 from instantid_core.detail import changed_region
 from instantid_core.face import FaceAnalyzer
-from instantid_core.pipeline import RequestPhotos, face_condition
 from testkit.api import FAST, b64, png_bytes, png_pixels, post, s3_read
 from tests.serve.test_safety import _metric
 

@@ -17,11 +17,11 @@ from insightface.model_zoo.scrfd import SCRFD
 from PIL import Image, ImageOps
 from skimage import data as skimage_data
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, PipelineSettings
 from instantid_core.errors import NoFaceDetected, WeightsError
 from instantid_core.face import KPS_COLORS, FaceAnalyzer, FaceInfo, draw_kps, map_kps_to_output
 from instantid_core.images import load_image
-from instantid_core.pipeline import RequestPhotos, face_condition
 from instantid_core.tiny.face import DETECTOR_FILE, RECOGNISER_FILE, write_tiny_face_pack
 from testkit.api import png_bytes
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
 from instantid_core.detail import changed_region, wants_detail
 from instantid_core.errors import InvalidParameter
 from instantid_core.handoff import FaceCondition
-from instantid_core.pipeline import InstantIDPipeline, RequestPhotos, face_condition
+from instantid_core.pipeline import InstantIDPipeline
 
 
 @pytest.fixture(scope="module")

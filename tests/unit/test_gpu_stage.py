@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from instantid_app.cache import LRUCache, nbytes
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest, IdentityDenoiser
 from instantid_core.errors import GPUMemoryError
 from instantid_core.images import bucket_size, size_buckets
 from instantid_core.memory import run_splitting
-from instantid_core.pipeline import RequestPhotos, face_condition
 
 WIDTH, HEIGHT = 64, 64
 KEY = BatchKey(WIDTH, HEIGHT, steps=2, scheduler=Scheduler.euler)

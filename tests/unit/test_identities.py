@@ -15,12 +15,13 @@ from skimage import data as skimage_data
 
 from instantid_core.adapter import NUM_FACE_TOKENS
 from instantid_core.batching import run_grouped
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, PipelineSettings, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.denoise_types import OtherIdentity
 from instantid_core.errors import InvalidParameter
 from instantid_core.face import FaceAnalyzer, draw_kps
-from instantid_core.pipeline import RequestPhotos, denoise_request, face_condition
+from instantid_core.pipeline import denoise_request
 from instantid_core.poses import PosePreset, preset_keypoints
 from instantid_core.regions import attention_masks, face_box_mask, latent_levels
 from instantid_core.tiny.face import write_tiny_face_pack

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from skimage import data as skimage_data
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, Scheduler
 from instantid_core.denoise import BatchKey, DenoiseRequest
 from instantid_core.identity import active
-from instantid_core.pipeline import RequestPhotos, face_condition
 from testkit.api import png_bytes
 
 WIDTH, HEIGHT = 128, 96

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams, PipelineSettings
 from instantid_core.errors import InvalidParameter
 from instantid_core.face import FaceAnalyzer, draw_kps
-from instantid_core.pipeline import RequestPhotos, face_condition
 from instantid_core.poses import ARCFACE_TEMPLATE, MIN_BOX_SIDE, PosePreset, preset_keypoints
 from instantid_core.tiny.face import write_tiny_face_pack
 from testkit.api import FACE, png_bytes

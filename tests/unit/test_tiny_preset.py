@@ -7,7 +7,7 @@ import json
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
-from instantid_core.tiny import CROSS_ATTENTION_DIM, write_tiny_preset
+from instantid_core.tiny.models import CROSS_ATTENTION_DIM, write_tiny_preset
 
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
