@@ -5,7 +5,8 @@
 
 Stages (the core library's, not the HTTP app's): face analysis on a CPU actor pool, prompt encoding once per prompt
 (in one task before the dataset runs), the denoiser on an actor pool that asks for GPUs when the pipeline runs on
-CUDA, writing through OutputStore. Each (image, prompt) pair has a deterministic request id and seed, so a rerun
+CUDA (with the config's `scoring` it also chooses by identity score: best_of, min_identity's rounds), writing through
+OutputStore. Each (image, prompt) pair has a deterministic request id and seed, so a rerun
 writes the same keys and reproduces the same images; finished pairs are read back from the manifest (and from
 sidecars already written) and skipped.
 """
@@ -144,8 +145,7 @@ def run_batch(input_uri: str, prompts: list[PromptSpec], output_uri: str, settin
         dataset = dataset.map_batches(WriteStage, fn_constructor_kwargs={
             "output_uri": output_uri, "fmt": fmt, "params": per_prompt, "day": state["day"], "base_seed": base_seed,
             "default_scheduler": settings.pipeline.default_scheduler,
-            "safety_mode": settings.app.safety.mode if settings.app and settings.app.safety else None,
-            "scoring": settings if scoring is not None else None},
+            "safety_mode": settings.app.safety.mode if settings.app and settings.app.safety else None},
             batch_size=8, concurrency=1, num_cpus=0.5)
         with tqdm(total=len(todo), desc="pairs", unit="pair", disable=not progress, file=sys.stderr) as bar:
             for row in dataset.iter_rows():

@@ -1,9 +1,9 @@
 """The Ray Data stages of a batch run (classes: one model per actor, loaded once): face analysis, denoising with
 the Denoiser's grouping (`instantid_core.batching.run_grouped`) and, with the config's `safety`, the safety checker on
 the same actor, writing with the one sidecar builder and the serving app's safety modes (`apply_safety`). With the
-config's `scoring`, the face actors embed the reference with the scoring recogniser and the (CPU) writer scores every
-candidate and keeps the best (`best_of`; `min_identity` is recorded per image, without the serving app's extra
-rounds)."""
+config's `scoring`, the face actors embed the reference with the scoring recogniser and the denoise actors score
+every candidate and choose as the serving app does (`run_rounds`: `best_of`, and `min_identity`'s extra rounds on the
+next seeds up to `scoring.max_candidates`); the writer records what they chose."""
 
 from __future__ import annotations
 
@@ -11,15 +11,25 @@ import dataclasses
 import hashlib
 import json
 import pickle
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
+
+import numpy as np
 
 from instantid_app.cache import LRUCache
 from instantid_core.config import GenerateParams, SafetyMode, Scheduler
 from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
 from instantid_core.images import load_image
 from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
-from instantid_core.scoring import IdentityReport, below_floor, identity_record, keep_best
+from instantid_core.scoring import (
+    IdentityReport,
+    below_floor,
+    identity_record,
+    keep_best,
+    merge_rounds,
+    next_round,
+)
 from instantid_core.sidecar import identities_record
 from instantid_core.storage import OutputStore
 
@@ -104,6 +114,11 @@ class DenoiseStage:
         weights = resolve_models(settings)
         self.denoiser = IdentityDenoiser.from_weights(weights, settings.pipeline)
         self.settings, self.params, self.prompts, self.base_seed = settings, params, prompts, base_seed
+        # With `scoring`, candidates are scored here, between rounds: a min_identity round needs the denoiser, and a
+        # batch actor has no per-request GPU thread to keep free (the serving app scores on the CPU FaceAnalysis).
+        # The GPU waits for one recogniser pass per candidate, against a whole denoising run per candidate.
+        self.scorer = _scorer(settings, weights)
+        self.max_candidates = settings.app.scoring.max_candidates if self.scorer is not None else 0
         self.checker = None
         if settings.app is not None and settings.app.safety is not None:
             from instantid_core.safety import SafetyChecker
@@ -120,36 +135,104 @@ class DenoiseStage:
         rows = len(batch["image"])
         images: list[bytes] = [b""] * rows
         flagged: list[str] = ["null"] * rows  # JSON per row: the checker's verdict per image, null when none ran
+        identity: list[str] = ["{}"] * rows  # JSON per row: the manifest's `identity` entry, {} when none was scored
         status, message = list(batch["status"]), list(batch["message"])
-        work, rows_of_work = [], []
+        work, faces, params, seeds, rows_of_work = [], [], [], [], []
         for i in range(rows):
             if status[i] != "ok":
                 continue
             prompt_id, image_uri = batch["prompt_id"][i], batch["image"][i]
             seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
-            work.append(denoise_request(pickle.loads(batch["face"][i]), self.prompts[prompt_id],
-                                        self.denoiser.loras.with_presets(self.params[prompt_id]), seed,
-                                        self.settings.pipeline.default_scheduler))
+            face, pair_params = pickle.loads(batch["face"][i]), self.params[prompt_id]
+            work.append(denoise_request(face, self.prompts[prompt_id], self.denoiser.loras.with_presets(pair_params),
+                                        seed, self.settings.pipeline.default_scheduler))
+            faces.append(face)
+            params.append(pair_params)
+            seeds.append(seed)
             rows_of_work.append(i)
-        # Rows sharing size/steps/scheduler/LoRA set run as one GPU batch (split when out of device memory); an
-        # error is recorded on its rows (retried next run) and the job goes on.
-        for i, output in zip(rows_of_work, run_grouped(self.denoiser, work, catch=(Exception,)), strict=True):
-            if isinstance(output, Exception):
-                status[i], message[i] = "error", f"{type(output).__name__}: {output}"
-            else:
-                images[i] = pickle.dumps(output)
-                if self.checker is not None:
-                    flagged[i] = json.dumps(self.checker.check(output).flagged)
+
+        def run_round(pairs: list[int], first_seeds: list[int]) -> list[np.ndarray | Exception]:
+            # Pairs sharing size/steps/scheduler/LoRA set run as one GPU batch (split when out of device memory); an
+            # error is recorded on its pairs (retried next run) and the job goes on.
+            return run_grouped(self.denoiser, [(dataclasses.replace(work[p][0], seed=s), work[p][1])
+                                               for p, s in zip(pairs, first_seeds, strict=True)], catch=(Exception,))
+
+        def score(pair: int, candidates: np.ndarray) -> list[float | None] | None:
+            if params[pair].identities:  # several people: no one reference face to score against
+                return None
+            return self.scorer.score(candidates, faces[pair].identity_reference, faces[pair].face_box)
+
+        outcomes = run_rounds(run_round, seeds, params, score if self.scorer is not None else None,
+                              self.max_candidates, self.scorer is not None and self.scorer.same_model)
+        for i, outcome in zip(rows_of_work, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                status[i], message[i] = "error", f"{type(outcome).__name__}: {outcome}"
+                continue
+            kept, report = outcome
+            images[i], identity[i] = pickle.dumps(kept), json.dumps(identity_record(report))
+            if self.checker is not None:  # the returned images only, as the serving app checks them
+                flagged[i] = json.dumps(self.checker.check(kept).flagged)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
-                "images": images, "flagged": flagged, "layout": batch["layout"], "face": batch["face"]}
+                "images": images, "flagged": flagged, "identity": identity, "layout": batch["layout"]}
+
+
+Candidates = tuple[np.ndarray, IdentityReport | None]
+"""A pair's chosen images (num_images, H, W, 3) uint8, and their identity report (None when nothing scored them)."""
+
+
+def run_rounds(run_round: Callable[[list[int], list[int]], Sequence[np.ndarray | Exception]], seeds: Sequence[int],
+               params: Sequence[GenerateParams],
+               score: Callable[[int, np.ndarray], list[float | None] | None] | None,
+               max_candidates: int, same_model: bool) -> list[Candidates | Exception]:
+    """Each pair's images, chosen by identity score as the serving app chooses them (best_of, min_identity).
+
+    Round one runs every pair: `run_round(pairs, first_seeds)` generates `params[p].candidates` images for each
+    pair p of `pairs`, image i on `first_seeds[k] + i`. `score(p, images)` scores pair p's candidates (None: the
+    pair is not scored, e.g. several identities; `score` None: nothing is); the `num_images` best are kept
+    (`keep_best`). A pair with `min_identity` whose kept images miss it runs another round on the next seeds (its
+    seed + the candidates so far) while `next_round` allows within `max_candidates`, and keeps the best of every
+    round (`merge_rounds`). The pairs due for another round run in one `run_round` call, so they share GPU batches
+    as in round one.
+
+    Returns:
+        Per pair: its kept images and report, or the exception of its failed round (the pair is then retried by
+        the job's next run, from round one: the same seeds, the same images).
+    """
+    results: list[Candidates | Exception | None] = [None] * len(seeds)
+    due, first_seeds = list(range(len(seeds))), list(seeds)
+    while due:
+        again = []
+        for pair, first, outcome in zip(due, first_seeds, run_round(due, first_seeds), strict=True):
+            if isinstance(outcome, Exception):
+                results[pair] = outcome
+                continue
+            scores = score(pair, outcome) if score is not None else None
+            if scores is None:
+                results[pair] = (outcome, None)
+                continue
+            floor, keep = params[pair].min_identity, params[pair].num_images
+            kept = keep_best(scores, keep)
+            chosen = [scores[i] for i in kept]
+            report = IdentityReport(scores=chosen, seeds=[(first + i) % 2**63 for i in kept], candidates=len(scores),
+                                    same_model=same_model, min_identity=floor, below_floor=below_floor(chosen, floor))
+            images = outcome[kept]
+            if results[pair] is not None:  # a later round: the best of this one and those before
+                before, before_report = results[pair]
+                merged, report = merge_rounds(before_report, report, keep)
+                images = np.concatenate([before, images])[merged]
+            results[pair] = (images, report)
+            if next_round(report.scores, floor, report.candidates, params[pair].candidates, max_candidates):
+                again.append(pair)
+        due = again
+        first_seeds = [(seeds[pair] + results[pair][1].candidates) % 2**63 for pair in again]
+    return results
 
 
 class WriteStage:
     def __init__(self, output_uri: str, fmt: str, params: dict[str, GenerateParams], day: str,
                  base_seed: dict[str, int | None], default_scheduler: Scheduler,
-                 safety_mode: SafetyMode | None = None, scoring: BatchSettings | None = None) -> None:
+                 safety_mode: SafetyMode | None = None) -> None:
         self.store = OutputStore(output_uri)
-        self.scorer = _scorer(scoring, resolve_models(scoring)) if scoring is not None else None
         self.fmt, self.params, self.base_seed = fmt, params, base_seed
         self.safety_mode = safety_mode  # the config's safety.mode; None: no checker ran
         self.default_scheduler = default_scheduler
@@ -170,16 +253,12 @@ class WriteStage:
                     height, width = arrays.shape[1:3]
                     seed = pair_seed(image_uri, prompt_id, self.base_seed[prompt_id])
                     flagged = json.loads(batch["flagged"][i])
-                    if self.scorer is not None and not self.params[prompt_id].identities:  # one reference face
-                        arrays, flagged, identity = self._best(arrays, flagged, pickle.loads(batch["face"][i]),
-                                                               self.params[prompt_id], seed)
-                        record.update(identity_record(identity))
+                    record.update(json.loads(batch["identity"][i]))  # the denoise actor's choice, when it scored
                     kept, safety = safety_outcome(arrays, flagged, self.safety_mode, NOT_CONFIGURED)
                     record["safety"] = safety.model_dump(mode="json", exclude_none=True)
-                    meta = build_sidecar(self.params[prompt_id], seed=pair_seed(image_uri, prompt_id,
-                                                                                self.base_seed[prompt_id]),
-                                         width=width, height=height, inputs={"face": [image_uri]},
-                                         default_scheduler=self.default_scheduler, prompt_id=prompt_id,
+                    meta = build_sidecar(self.params[prompt_id], seed=seed, width=width, height=height,
+                                         inputs={"face": [image_uri]}, default_scheduler=self.default_scheduler,
+                                         prompt_id=prompt_id,
                                          safety=record["safety"], **({"identities": json.loads(batch["layout"][i])}
                                                                      if batch["layout"][i] else {}),
                                          **({"identity": record["identity"]} if "identity" in record else {}))
@@ -197,17 +276,6 @@ class WriteStage:
                 record["message"] = batch["message"][i]
             records.append(json.dumps(record))
         return {"record": records}
-
-    def _best(self, images: Any, flagged: list[bool] | None, face: Any, params: GenerateParams,
-              seed: int) -> tuple[Any, list[bool] | None, IdentityReport]:
-        """Every candidate scored (image i of seed + i), the num_images best kept, with their safety verdicts."""
-        scores = self.scorer.score(images, face.identity_reference, face.face_box)
-        kept = keep_best(scores, params.num_images)
-        chosen = [scores[i] for i in kept]
-        identity = IdentityReport(scores=chosen, seeds=[(seed + i) % 2**63 for i in kept], candidates=len(scores),
-                                  same_model=self.scorer.same_model, min_identity=params.min_identity,
-                                  below_floor=below_floor(chosen, params.min_identity))
-        return images[kept], [flagged[i] for i in kept] if flagged is not None else None, identity
 
 
 def _scorer(settings: BatchSettings, weights: Any) -> Any:

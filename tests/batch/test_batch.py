@@ -204,28 +204,48 @@ def test_an_input_prefix_without_files_is_an_error_that_writes_nothing(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_batch_best_of_records_each_images_identity_in_the_manifest_and_sidecar(tmp_path, tiny_root, astronaut_bytes,
-                                                                               batch_ray):
+def test_batch_best_of_and_min_identity_record_each_images_identity_in_the_manifest_and_sidecar(
+        tmp_path, tiny_root, astronaut_bytes, batch_ray):
     from batch.manifest import Manifest
     from instantid_app.config import AppConfig
+    from instantid_core.scoring import next_round
 
     (tmp_path / "faces").mkdir()
     (tmp_path / "faces" / "face.jpg").write_bytes(astronaut_bytes)
-    app = AppConfig(weights={"preset": "tiny", "preset_dir": str(tiny_root)}, scoring={"max_candidates": 4})
+    bound = 4
+    app = AppConfig(weights={"preset": "tiny", "preset_dir": str(tiny_root)}, scoring={"max_candidates": bound})
     settings = BatchSettings(ModelSources.from_root(str(tiny_root)), None, PipelineSettings(), app=app)
     prompts = [load_prompts(_write_prompts(tmp_path, PROMPTS[:1]))[0]]
     with pytest.raises(InvalidParameter, match="best_of: at most 4"):
         run_batch(str(tmp_path / "faces"), prompts, str(tmp_path / "out"), settings, {**PARAMS, "best_of": 5},
                   progress=False)
-    summary = run_batch(str(tmp_path / "faces"), prompts, str(tmp_path / "out"), settings,
-                        {**PARAMS, "best_of": 3, "seed": 20}, progress=False)
-    assert summary["status"] == {"ok": 1} and summary["outputs"] == 1
-    (record,) = Manifest(OutputStore(f"file://{tmp_path / 'out'}")).load().values()
-    identity = record["identity"]
-    first_seed = pair_seed(record["image"], record["prompt_id"], 20)  # image i of a pair runs on its seed + i
-    assert identity["candidates"] == 3 and len(identity["scores"]) == 1
-    assert identity["seeds"][0] - first_seed in (0, 1, 2)
-    assert json.loads(Path(record["metadata"].removeprefix("file://")).read_text())["identity"] == identity
+    # One prompt chooses the best of 3; the other asks for a floor that no tiny output reaches (the tiny
+    # recogniser's cosines are low, or it finds no face): rounds of 2 on the next seeds until the bound.
+    floor = 0.99
+    prompts = load_prompts(_write_prompts(tmp_path, [{**PROMPTS[0], "params": {"best_of": 3}},
+                                                     {**PROMPTS[1], "params": {"best_of": 2, "min_identity": floor}}]))
+    summary = run_batch(str(tmp_path / "faces"), prompts, str(tmp_path / "out"), settings, {**PARAMS, "seed": 20},
+                        progress=False)
+    assert summary["status"] == {"ok": 2} and summary["outputs"] == 2
+    records = {r["prompt_id"]: r for r in Manifest(OutputStore(f"file://{tmp_path / 'out'}")).load().values()}
+    for record in records.values():
+        sidecar = json.loads(Path(record["metadata"].removeprefix("file://")).read_text())
+        assert sidecar["identity"] == record["identity"]
+
+    best = records["oil"]["identity"]
+    first_seed = pair_seed(records["oil"]["image"], "oil", 20)  # image i of a pair runs on its seed + i
+    assert best["candidates"] == 3 and len(best["scores"]) == 1
+    assert best["seeds"][0] - first_seed in (0, 1, 2) and "below_floor" not in best
+
+    rounds = records["ink"]["identity"]
+    ran = 2  # the serving app's rule: another round of 2 while a kept image misses the floor, within the bound
+    while next_round([None], floor, ran, 2, bound):
+        ran += 2
+    assert ran == bound and rounds["candidates"] == ran  # two rounds ran
+    first_seed = pair_seed(records["ink"]["image"], "ink", 20)  # round two starts at seed + 2
+    assert len(rounds["seeds"]) == 1 and rounds["seeds"][0] - first_seed in range(ran)
+    assert rounds["below_floor"] == [True] and rounds["min_identity"] == floor
+    assert rounds["scores"][0] is None or rounds["scores"][0] < floor
 
 
 def _write_prompts(tmp_path: Path, prompts: list[dict]) -> Path:

@@ -159,7 +159,8 @@ def test_the_batch_jobs_writer_records_the_verdict_and_applies_the_mode(tmp_path
     images = np.stack([flagged_pattern(64), np.zeros((64, 64, 3), np.uint8)])
     (line,) = stage({"image": ["file:///a.png"], "prompt_id": ["p"], "status": ["ok"], "message": [""],
                      "images": [pickle.dumps(images)],
-                     "flagged": [json.dumps([True, False] if mode else None)], "layout": [""]})["record"]
+                     "flagged": [json.dumps([True, False] if mode else None)], "identity": ["{}"],
+                     "layout": [""]})["record"]
     record = json.loads(line)
     meta = json.loads(Path(record["metadata"].removeprefix("file://")).read_text())
     assert record["status"] == "ok" and meta["safety"] == record["safety"]
