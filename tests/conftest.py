@@ -1,13 +1,14 @@
-"""The suite: tests/unit (in-process, no Ray), tests/batch (the Ray Data job on a Ray of its own), tests/serve (the
-session's Ray with one app carrying the extensions and one keyed app), tests/cluster (clusters of their own). They run
-in that order, whatever the command line names first: each package's Ray is shut down (its fixtures are
-package-scoped) before the next starts its own.
+"""The suite: tests/unit (in-process, no Ray), tests/batch (the Ray Data job on a Ray of its own), tests/cluster
+(clusters of their own), tests/serve (the session's Ray with one app carrying the extensions and one keyed app). They
+run in that order, whatever the command line names first: each package's Ray is shut down (its fixtures are
+package- or module-scoped) before the next starts its own.
 
-`make test` runs the suite on two pytest-xdist workers (`-n 2`, scheduled by `work_unit` below): the serve and
-cluster packages are one unit, so one worker runs them in that order, alone with the Ray they start, while the
-other runs everything else, a module (or the batch package) at a time, so that no module- or package-scoped fixture
-is built twice. On a 2-core machine the serve and cluster tests mostly wait (replicas starting, nodes dying,
-autoscaling) while the unit tests compute, so the two lanes overlap."""
+`make test` runs the suite on two pytest-xdist workers (`-n 2`, scheduled by `work_unit` below): the cluster and
+serve packages are one unit, so one worker runs them in that order, alone with the Ray they start, while the other
+runs everything else, a module (or the batch package) at a time, so that no module- or package-scoped fixture is
+built twice. On a 2-core machine the cluster tests mostly wait (nodes starting and dying, autoscaling): run first,
+they overlap the other worker's computing; the serve tests, which keep both cores busy, run last, when the other
+worker has finished (cluster last left the machine half idle for the last ~2 minutes)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = ["tests.fixtures_tiny", "tests.fixtures_s3", "tests.fixtures_redis"]
 
-ORDER = ("unit", "batch", "serve", "cluster")  # tests directly under tests/ run with the unit tests
-RAY_LANE = ("serve", "cluster")  # one unit of work: one worker, in this order (the cluster tests after serve's Ray)
+ORDER = ("unit", "batch", "cluster", "serve")  # tests directly under tests/ run with the unit tests
+RAY_LANE = ("cluster", "serve")  # one unit of work: one worker, in this order (serve's Ray after the clusters)
 
 
 def _package(path_parts: tuple[str, ...]) -> str | None:

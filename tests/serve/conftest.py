@@ -12,7 +12,8 @@ Both apps' tiny safety checker flags only images close to its pattern (tests/ser
 pipeline's ordinary outputs score far below its threshold (tests/unit/test_safety.py), so no other test is flagged.
 
 Package-scoped: both apps are deployed together (the first serve test waits for both) and deleted, and Ray shut
-down, when the last serve test has run, before any cluster test starts a Ray of its own.
+down, when the last serve test has run; the cluster tests, which start Rays of their own, have ended before the first
+serve test starts this one.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
     # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
     # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
     assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    # Replicas' logs stay in the session's logs folder, where the log tests read them;
+    # streaming every access-log line to this process cost it CPU the other worker wants.
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             _node_ip_address="127.0.0.1")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
