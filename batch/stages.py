@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import pickle
-from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,12 +22,8 @@ from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, U
 from instantid_core.images import load_image
 from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
 from instantid_core.scoring import (
-    IdentityReport,
-    below_floor,
     identity_record,
-    keep_best,
-    merge_rounds,
-    next_round,
+    run_rounds,
 )
 from instantid_core.sidecar import identities_record
 from instantid_core.storage import OutputStore
@@ -174,58 +169,6 @@ class DenoiseStage:
                 flagged[i] = json.dumps(self.checker.check(kept).flagged)
         return {"image": batch["image"], "prompt_id": batch["prompt_id"], "status": status, "message": message,
                 "images": images, "flagged": flagged, "identity": identity, "layout": batch["layout"]}
-
-
-Candidates = tuple[np.ndarray, IdentityReport | None]
-"""A pair's chosen images (num_images, H, W, 3) uint8, and their identity report (None when nothing scored them)."""
-
-
-def run_rounds(run_round: Callable[[list[int], list[int]], Sequence[np.ndarray | Exception]], seeds: Sequence[int],
-               params: Sequence[GenerateParams],
-               score: Callable[[int, np.ndarray], list[float | None] | None] | None,
-               max_candidates: int, same_model: bool) -> list[Candidates | Exception]:
-    """Each pair's images, chosen by identity score as the serving app chooses them (best_of, min_identity).
-
-    Round one runs every pair: `run_round(pairs, first_seeds)` generates `params[p].candidates` images for each
-    pair p of `pairs`, image i on `first_seeds[k] + i`. `score(p, images)` scores pair p's candidates (None: the
-    pair is not scored, e.g. several identities; `score` None: nothing is); the `num_images` best are kept
-    (`keep_best`). A pair with `min_identity` whose kept images miss it runs another round on the next seeds (its
-    seed + the candidates so far) while `next_round` allows within `max_candidates`, and keeps the best of every
-    round (`merge_rounds`). The pairs due for another round run in one `run_round` call, so they share GPU batches
-    as in round one.
-
-    Returns:
-        Per pair: its kept images and report, or the exception of its failed round (the pair is then retried by
-        the job's next run, from round one: the same seeds, the same images).
-    """
-    results: list[Candidates | Exception | None] = [None] * len(seeds)
-    due, first_seeds = list(range(len(seeds))), list(seeds)
-    while due:
-        again = []
-        for pair, first, outcome in zip(due, first_seeds, run_round(due, first_seeds), strict=True):
-            if isinstance(outcome, Exception):
-                results[pair] = outcome
-                continue
-            scores = score(pair, outcome) if score is not None else None
-            if scores is None:
-                results[pair] = (outcome, None)
-                continue
-            floor, keep = params[pair].min_identity, params[pair].num_images
-            kept = keep_best(scores, keep)
-            chosen = [scores[i] for i in kept]
-            report = IdentityReport(scores=chosen, seeds=[(first + i) % 2**63 for i in kept], candidates=len(scores),
-                                    same_model=same_model, min_identity=floor, below_floor=below_floor(chosen, floor))
-            images = outcome[kept]
-            if results[pair] is not None:  # a later round: the best of this one and those before
-                before, before_report = results[pair]
-                merged, report = merge_rounds(before_report, report, keep)
-                images = np.concatenate([before, images])[merged]
-            results[pair] = (images, report)
-            if next_round(report.scores, floor, report.candidates, params[pair].candidates, max_candidates):
-                again.append(pair)
-        due = again
-        first_seeds = [(seeds[pair] + results[pair][1].candidates) % 2**63 for pair in again]
-    return results
 
 
 class WriteStage:

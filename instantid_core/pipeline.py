@@ -31,10 +31,8 @@ from .scorer import reference_embedding, scorer_for
 from .scoring import (
     DEFAULT_MAX_CANDIDATES,
     IdentityReport,
-    below_floor,
     check_scoring_params,
-    keep_best,
-    next_round,
+    run_rounds,
 )
 from .text import PromptEncoder
 from .weight_layout import ResolvedWeights
@@ -84,12 +82,6 @@ class GenerationResult:
     face: FaceCondition | None = None  # where the faces went (the identities form records it in the sidecar)
     identity: IdentityReport | None = None  # with a scorer: each image's score and seed, candidates run
     face_detail: FaceDetailReport | None = None  # with face_detail auto | on: whether it ran, scores before/after
-
-
-def identity_report(scores: list[float | None], seeds: list[int], candidates: int, params: GenerateParams,
-                    same_model: bool) -> IdentityReport:
-    return IdentityReport(scores=scores, seeds=seeds, candidates=candidates, same_model=same_model,
-                          min_identity=params.min_identity, below_floor=below_floor(scores, params.min_identity))
 
 
 class InstantIDPipeline:
@@ -156,22 +148,16 @@ class InstantIDPipeline:
         photos = [load_image(data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side)
                   for data in face_images]
         reference = reference_embedding(self.scorer, photos, params.face_index)
-        box = face.face_box
-        scores = self.scorer.score(images, reference, box)
-        seeds = [(seed + i) % 2**63 for i in range(len(images))]
-        kept = keep_best(scores, params.num_images)
-        while next_round([scores[i] for i in kept], params.min_identity, len(seeds), params.candidates,
-                         self.max_candidates):
-            request = replace(request, seed=(seed + len(seeds)) % 2**63)
-            more = self.denoiser([request], key)[0]
-            seeds += [(request.seed + i) % 2**63 for i in range(len(more))]
-            scores += self.scorer.score(more, reference, box)
-            images = np.concatenate([images, more])
-            kept = keep_best(scores, params.num_images)
+
+        def run_round(_pairs: list[int], first_seeds: list[int]) -> list[np.ndarray]:
+            return [self.denoiser([replace(request, seed=first)], key)[0] for first in first_seeds]
+
+        ((images, identity),) = run_rounds(run_round, [seed], [params],
+                                           lambda _pair, candidates: self.scorer.score(candidates, reference,
+                                                                                       face.face_box),
+                                           self.max_candidates, self.scorer.same_model)
         timings["score"] = time.perf_counter() - start
-        identity = identity_report([scores[i] for i in kept], [seeds[i] for i in kept], len(seeds), params,
-                                   self.scorer.same_model)
-        images, report = self._face_detail(images[kept], face, prompt, params, identity.seeds, detail, timings,
+        images, report = self._face_detail(images, face, prompt, params, identity.seeds, detail, timings,
                                            (reference, identity.scores))
         return GenerationResult(images, seed, face.width, face.height, timings, params, face, identity, report)
 

@@ -7,12 +7,13 @@ reference's (the mean embedding when several photos were given), or None when no
 
 `best_of` / `min_identity`: a round generates `params.candidates` images on consecutive seeds; `keep_best` picks the
 `num_images` to return, `below_floor` says which of them miss the floor (another round runs on the next seeds while
-the operator's bound on candidates allows). This module loads no model: the Ingress chooses with it.
+the operator's bound on candidates allows; `run_rounds` for the library and the batch job). This module loads no
+model: the Ingress chooses with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -118,3 +119,57 @@ def merge_rounds(first: IdentityReport, more: IdentityReport, keep: int) -> tupl
 def identity_record(report: IdentityReport | None) -> dict:
     """The sidecar's (and batch manifest's) `identity` entry: nothing when no scorer ran."""
     return {"identity": report.model_dump(mode="json", exclude_none=True)} if report is not None else {}
+
+
+Candidates = tuple[np.ndarray, IdentityReport | None]
+"""A pair's chosen images (num_images, H, W, 3) uint8, and their identity report (None when nothing scored them)."""
+
+
+def run_rounds(run_round: Callable[[list[int], list[int]], Sequence[np.ndarray | Exception]], seeds: Sequence[int],
+               params: Sequence[GenerateParams],
+               score: Callable[[int, np.ndarray], list[float | None] | None] | None,
+               max_candidates: int, same_model: bool) -> list[Candidates | Exception]:
+    """Each pair's images, chosen by identity score as the serving app chooses them (best_of, min_identity):
+    the rounds of the library (one pair) and of the batch job (a batch of pairs; the serving app's are async, in its
+    Ingress).
+
+    Round one runs every pair: `run_round(pairs, first_seeds)` generates `params[p].candidates` images for each
+    pair p of `pairs`, image i on `first_seeds[k] + i`. `score(p, images)` scores pair p's candidates (None: the
+    pair is not scored, e.g. several identities; `score` None: nothing is); the `num_images` best are kept
+    (`keep_best`). A pair with `min_identity` whose kept images miss it runs another round on the next seeds (its
+    seed + the candidates so far) while `next_round` allows within `max_candidates`, and keeps the best of every
+    round (`merge_rounds`). The pairs due for another round run in one `run_round` call, so they share GPU batches
+    as in round one.
+
+    Returns:
+        Per pair: its kept images and report, or the exception `run_round` returned for it (the batch job records
+        the pair as an error and retries it on its next run, from round one: the same seeds, the same images).
+    """
+    results: list[Candidates | Exception | None] = [None] * len(seeds)
+    due, first_seeds = list(range(len(seeds))), list(seeds)
+    while due:
+        again = []
+        for pair, first, outcome in zip(due, first_seeds, run_round(due, first_seeds), strict=True):
+            if isinstance(outcome, Exception):
+                results[pair] = outcome
+                continue
+            scores = score(pair, outcome) if score is not None else None
+            if scores is None:
+                results[pair] = (outcome, None)
+                continue
+            floor, keep = params[pair].min_identity, params[pair].num_images
+            kept = keep_best(scores, keep)
+            chosen = [scores[i] for i in kept]
+            report = IdentityReport(scores=chosen, seeds=[(first + i) % 2**63 for i in kept], candidates=len(scores),
+                                    same_model=same_model, min_identity=floor, below_floor=below_floor(chosen, floor))
+            images = outcome[kept]
+            if results[pair] is not None:  # a later round: the best of this one and those before
+                before, before_report = results[pair]
+                merged, report = merge_rounds(before_report, report, keep)
+                images = np.concatenate([before, images])[merged]
+            results[pair] = (images, report)
+            if next_round(report.scores, floor, report.candidates, params[pair].candidates, max_candidates):
+                again.append(pair)
+        due = again
+        first_seeds = [(seeds[pair] + results[pair][1].candidates) % 2**63 for pair in again]
+    return results

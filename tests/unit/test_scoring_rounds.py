@@ -1,14 +1,14 @@
-"""The batch job's choice by identity score (`batch.stages.run_rounds`), without Ray or models: best_of keeps the
-best candidates, min_identity runs more rounds on the next seeds up to the bound, as the serving app does. Each
-"image" here carries its seed, and its score is a fixed function of that seed, so every choice can be recomputed."""
+"""The choice by identity score of the library and the batch job (`instantid_core.scoring.run_rounds`), without
+Ray or models: best_of keeps the best candidates, min_identity runs more rounds on the next seeds up to the bound, as
+the serving app does. Each "image" here carries its seed, and its score is a fixed function of that seed, so every
+choice can be recomputed."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from batch.stages import run_rounds
 from instantid_core.config import GenerateParams
-from instantid_core.scoring import next_round
+from instantid_core.scoring import next_round, run_rounds
 
 
 def score_of(seed: int) -> float:
