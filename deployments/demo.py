@@ -97,6 +97,11 @@ def main() -> int:
         print(result["metadata"])
         timings = ", ".join(f"{stage}={ms:.0f}ms" for stage, ms in result["timings_ms"].items())
         print(f"POST /v1/generate -> 200, seed {result['seed']}, {timings}", file=sys.stderr)
+        if result.get("identity"):  # with `scoring` (serve_config.yaml has it): how much each image looks like the face
+            identity = result["identity"]
+            scores = ", ".join("no face" if score is None else f"{score:.3f}" for score in identity["scores"])
+            same = str(identity["same_model"]).lower()
+            print(f"identity score: {scores} (cosine to the photo's face; same_model: {same})", file=sys.stderr)
         for link in result.get("urls", []):  # what a client without the output folder opens
             print(f"link (expires at {time.strftime('%H:%M', time.localtime(result['urls_expire_at']))}): {link}",
                   file=sys.stderr)
