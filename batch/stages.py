@@ -21,10 +21,7 @@ from instantid_core.config import GenerateParams, SafetyMode, Scheduler
 from instantid_core.errors import ImageTooLarge, InvalidImage, NoFaceDetected, UnsafeContent
 from instantid_core.images import load_image
 from instantid_core.safety import NOT_CONFIGURED, SafetyReport, safety_outcome
-from instantid_core.scoring import (
-    identity_record,
-    run_rounds,
-)
+from instantid_core.scoring import identity_record, run_rounds
 from instantid_core.sidecar import identities_record
 from instantid_core.storage import OutputStore
 

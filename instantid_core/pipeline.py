@@ -152,10 +152,11 @@ class InstantIDPipeline:
         def run_round(_pairs: list[int], first_seeds: list[int]) -> list[np.ndarray]:
             return [self.denoiser([replace(request, seed=first)], key)[0] for first in first_seeds]
 
-        ((images, identity),) = run_rounds(run_round, [seed], [params],
-                                           lambda _pair, candidates: self.scorer.score(candidates, reference,
-                                                                                       face.face_box),
-                                           self.max_candidates, self.scorer.same_model)
+        def score(_pair: int, candidates: np.ndarray) -> list[float | None]:
+            return self.scorer.score(candidates, reference, face.face_box)
+
+        ((images, identity),) = run_rounds(run_round, [seed], [params], score, self.max_candidates,
+                                           self.scorer.same_model)
         timings["score"] = time.perf_counter() - start
         images, report = self._face_detail(images, face, prompt, params, identity.seeds, detail, timings,
                                            (reference, identity.scores))

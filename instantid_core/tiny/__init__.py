@@ -2,8 +2,9 @@
 `instantid_core.tiny.models`), for tests, the demo and benchmarks on CPU.
 
 This module only checks and places the preset; the writer, which needs diffusers and transformers, is imported when
-a preset is actually written. Every serving replica resolves its weights through here, and the CPU stages (face
-analysis, the writer, the ingress) would otherwise import diffusers at start for nothing (~5 s of CPU each).
+a preset is actually written. Every serving replica resolves its weights through here, and the stages that run no
+diffusion model (face analysis, the safety checker) would otherwise import diffusers at start for nothing (~5 s of
+CPU each).
 """
 
 from __future__ import annotations

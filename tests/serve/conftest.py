@@ -53,8 +53,8 @@ def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
     # Workers inherit the S3 test server's AWS_* variables from this process (s3_server set them), as pods do from
     # their environment; putting credentials in a runtime_env would write them into Ray's own logs.
     assert all(name in os.environ for name in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY"))
-    # Replicas' logs stay in the session's logs folder, where the log tests read them;
-    # streaming every access-log line to this process cost it CPU the other worker wants.
+    # Replicas' logs stay in the session's logs folder, where the log tests read them; streaming every access-log
+    # line to this process cost it CPU the other worker wants.
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              _node_ip_address="127.0.0.1")
     port = free_port()

@@ -70,8 +70,8 @@ def test_denoiser_killed_under_load_recovers_without_losses_or_orphans(served_ap
     recovered = [a.started + a.seconds - killed_at[0] for a in result.answers
                  if a.status == 200 and a.started > killed_at[0]]
     # Recovery is Serve noticing the dead replicas, starting new actors and loading the tiny models: 32 s once in CI
-    # on 2 cores with the other xdist worker busy. The bound catches a replica that never
-    # comes back, not a speed figure (bench/load.py's kill run reports that).
+    # on 2 cores with the other xdist worker busy. The bound catches a replica that never comes back; it is not a
+    # speed figure (bench/load.py's kill run reports that).
     if not recovered:  # the run ended before the new replica was up: keep asking
         probe = body_factory(f"{prefix}-probe")(999)
         while time.monotonic() < killed_at[0] + RECOVERY_BOUND_S and not recovered:
