@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
@@ -33,10 +33,7 @@ from ray import serve
 from instantid_app.config import AppConfig
 from instantid_app.settings import DenoiserSettings
 from instantid_app.weights import resolve_app_weights
-from instantid_core.batching import describe_size, run_grouped
 from instantid_core.config import GenerateParams
-from instantid_core.denoise import IdentityDenoiser
-from instantid_core.denoise_types import BatchKey, DenoiseRequest
 from instantid_core.detail import (
     FaceDetailReport,
     crop_box,
@@ -47,13 +44,15 @@ from instantid_core.detail import (
     wants_detail,
 )
 from instantid_core.loras import lora_set_id
-from instantid_core.pipeline import denoise_request
 
 from .errors import JobCancelled
 from .jobs.progress import JobProgressRelay, TrackedJob
 from .jobs.store import JobStore
 from .metrics import DenoiserMetrics, StageMetrics
 from .schemas import DenoiseResult, FaceResult, PromptResult
+
+if TYPE_CHECKING:
+    from instantid_core.denoise_types import BatchKey, DenoiseRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -86,11 +85,17 @@ def _images_in(items: list[_Item]) -> int:
 
 
 def _size(item: _Item) -> str:
+    from instantid_core.batching import describe_size
+
     return describe_size(item.key, item.request)
 
 
 class Denoiser:
     def __init__(self, config: dict[str, Any]) -> None:
+        # The model code (torch, diffusers) is imported in the replica, not with this module: Serve's app build
+        # (`serve deploy` on the controller, a driver's `serve.run`) imports it only to bind the graph.
+        from instantid_core.denoise import IdentityDenoiser
+
         self.config = AppConfig.model_validate(config)
         self.denoiser = IdentityDenoiser.from_weights(resolve_app_weights(self.config, stage="Denoiser"),
                                                       self.config.pipeline)
@@ -130,6 +135,8 @@ class Denoiser:
     async def _generate(self, face: FaceResult, prompt: PromptResult, params: GenerateParams, seed: int,
                         control_images: list[bytes | None] | None,
                         control_fallback: bytes | None, job_id: str | None) -> DenoiseResult:
+        from instantid_core.pipeline import denoise_request  # lazily, as in __init__
+
         self.denoiser.loras.check(params.loras)  # 400 naming an unknown LoRA before anything is loaded
         params = self.denoiser.loras.with_presets(params)  # a few-step LoRA's scheduler/steps/guidance if unset
         controls = ()
@@ -215,6 +222,8 @@ class Denoiser:
     async def _run_items(self, items: list[_Item]) -> list[Any]:
         """One IdentityDenoiser call per BatchKey among `items` (split when out of memory): per item, (images, batch
         images, queue s, denoise s), the typed error that item gets, or None when it left its batch."""
+        from instantid_core.batching import run_grouped  # lazily, as in __init__
+
         started_at: dict[int, tuple[float, float, int]] = {}  # item index -> (group start, seconds, group images)
 
         def still_wanted(indices: list[int]):

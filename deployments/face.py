@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,16 +21,16 @@ from instantid_app.cache import LRUCache, nbytes
 from instantid_app.config import AppConfig
 from instantid_app.settings import FaceSettings
 from instantid_app.weights import resolve_app_weights
-from instantid_core.conditioning import RequestPhotos, face_condition
 from instantid_core.config import GenerateParams
 from instantid_core.detail import wants_detail
-from instantid_core.face import FaceAnalyzer, FaceInfo
 from instantid_core.images import load_image
-from instantid_core.scorer import scorer_for
 from instantid_core.scoring import IdentityReport, below_floor, keep_best, mean_embedding
 
 from .metrics import CacheMetrics, IdentityMetrics, StageMetrics
 from .schemas import DenoiseResult, FaceResult
+
+if TYPE_CHECKING:
+    from instantid_core.face import FaceInfo
 
 
 def replica_cpus(default: int = 1) -> int:
@@ -62,6 +62,12 @@ class _Lookups:
 
 class FaceAnalysis:
     def __init__(self, config: dict[str, Any]) -> None:
+        # The face models' code (onnxruntime, insightface, OpenCV) is imported in the replica, not with this module:
+        # Serve's app build (`serve deploy` on the controller, a driver's `serve.run`) imports it only to bind the
+        # graph.
+        from instantid_core.face import FaceAnalyzer
+        from instantid_core.scorer import scorer_for
+
         self.config = AppConfig.model_validate(config)
         settings = self.config.pipeline
         if settings.face_threads is None:
@@ -95,6 +101,8 @@ class FaceAnalysis:
     async def _analyze_cached(self, face_images: list[bytes], pose_image: bytes | None, params: GenerateParams,
                               init_image: bytes | None, mask_image: bytes | None,
                               identity_images: list[list[bytes]] | None) -> FaceResult:
+        from instantid_core.conditioning import RequestPhotos, face_condition  # lazily, as in __init__
+
         start = time.perf_counter()
         lookups = _Lookups(self.cache)
         # onnxruntime releases the GIL: run in a thread so the replica keeps answering health checks.

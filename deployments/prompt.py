@@ -12,7 +12,6 @@ from instantid_app.settings import PromptSettings
 from instantid_app.weights import resolve_app_weights
 from instantid_core.config import Style
 from instantid_core.handoff import PromptEmbeds
-from instantid_core.text import PromptEncoder
 
 from .metrics import CacheMetrics, StageMetrics
 from .schemas import PromptResult
@@ -20,6 +19,10 @@ from .schemas import PromptResult
 
 class PromptEncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
+        # The text encoders' code (compel, transformers) is imported in the replica, not with this module: Serve's
+        # app build (`serve deploy` on the controller, a driver's `serve.run`) imports it only to bind the graph.
+        from instantid_core.text import PromptEncoder
+
         self.config = AppConfig.model_validate(config)
         self.encoder = PromptEncoder(resolve_app_weights(self.config, stage="PromptEncoder").sdxl,
                                      self.config.prompt_pipeline())

@@ -106,6 +106,7 @@ def test_a_cancel_in_redis_stops_the_job_at_a_later_step_and_its_batch_mate_fini
             batch = asyncio.create_task(denoiser._run_items(
                 [item(denoiser, prompt, params, 1, "job-2"), item(denoiser, prompt, params, 2)]))
             while (record := await asyncio.to_thread(store.get, "job-2")) is None or record.progress is None:
+                assert not batch.done(), batch.result()  # it ended (or failed) before reporting any progress
                 await asyncio.sleep(0.02)
             await asyncio.to_thread(store.request_cancel, "job-2")
             return await batch
