@@ -38,6 +38,9 @@ WEBHOOK_SECRET = "test-webhook-secret"  # only ever in this test app's consumer 
 # Logical CPUs for the session's Ray: the two apps' 14 replicas ask 0.1 each, a batch job's tasks and actors 3.5
 # (prompt encoding 1, face 1, denoise 1, writer 0.5), the caller app 0.1; the rest is headroom, not parallelism.
 RAY_CPUS = 6
+# Each worker hands its metrics to Ray's exporter every 10 s by default; the metric tests (jobs backlog, safety
+# counters) wait for what a request changed to show on the metrics port, so the session's Ray reports every 2 s.
+METRICS_SYSTEM_CONFIG = {"metrics_report_interval_ms": 2000}
 SAFETY_OPTIONS = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.1}}
 
 
@@ -56,7 +59,7 @@ def ray_instance(s3_server: str, redis_url: str) -> Iterator[int]:
     # Replicas' logs stay in the session's logs folder, where the log tests read them; streaming every access-log
     # line to this process cost it CPU the other worker wants.
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", _system_config=METRICS_SYSTEM_CONFIG)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
