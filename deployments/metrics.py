@@ -56,16 +56,25 @@ EXPORTED = {
 }
 
 
+def _counter(name: str, *tag_keys: str) -> serve_metrics.Counter:
+    """Counter `name`, described by its EXPORTED entry (Ray exports it as `ray_<name>_total`)."""
+    return serve_metrics.Counter(name, description=EXPORTED[f"ray_{name}_total"], tag_keys=tag_keys)
+
+
+def _histogram(name: str, boundaries: list[float], *tag_keys: str) -> serve_metrics.Histogram:
+    return serve_metrics.Histogram(name, description=EXPORTED[f"ray_{name}"], boundaries=boundaries, tag_keys=tag_keys)
+
+
+def _gauge(name: str, *tag_keys: str) -> serve_metrics.Gauge:
+    return serve_metrics.Gauge(name, description=EXPORTED[f"ray_{name}"], tag_keys=tag_keys)
+
+
 class StageMetrics:
     """Requests by outcome and latency of one stage, recorded by that stage's replica."""
 
     def __init__(self) -> None:
-        self.requests = serve_metrics.Counter(
-            "instantid_stage_requests", description=EXPORTED["ray_instantid_stage_requests_total"],
-            tag_keys=("code",))
-        self.latency = serve_metrics.Histogram(
-            "instantid_stage_latency_seconds", description=EXPORTED["ray_instantid_stage_latency_seconds"],
-            boundaries=LATENCY_BUCKETS_S)
+        self.requests = _counter("instantid_stage_requests", "code")
+        self.latency = _histogram("instantid_stage_latency_seconds", LATENCY_BUCKETS_S)
 
     @contextmanager
     def track(self) -> Iterator[None]:
@@ -84,9 +93,7 @@ class StageMetrics:
 
 class CacheMetrics:
     def __init__(self) -> None:
-        self.lookups = serve_metrics.Counter(
-            "instantid_cache_lookups", description=EXPORTED["ray_instantid_cache_lookups_total"],
-            tag_keys=("result",))
+        self.lookups = _counter("instantid_cache_lookups", "result")
 
     def lookup(self, hit: bool) -> None:
         self.lookups.inc(tags={"result": "hit" if hit else "miss"})
@@ -95,23 +102,12 @@ class CacheMetrics:
 class DenoiserMetrics:
     def __init__(self, device: str) -> None:
         self.device = device
-        self.queue_wait = serve_metrics.Histogram(
-            "instantid_denoiser_queue_wait_seconds", description=EXPORTED["ray_instantid_denoiser_queue_wait_seconds"],
-            boundaries=LATENCY_BUCKETS_S)
-        self.batch_images = serve_metrics.Histogram(
-            "instantid_denoiser_batch_images", description=EXPORTED["ray_instantid_denoiser_batch_images"],
-            boundaries=BATCH_BUCKETS_IMAGES)
-        self.step_seconds = serve_metrics.Histogram(
-            "instantid_denoiser_step_seconds", description=EXPORTED["ray_instantid_denoiser_step_seconds"],
-            boundaries=STEP_BUCKETS_S)
-        self.images = serve_metrics.Counter(
-            "instantid_images_generated", description=EXPORTED["ray_instantid_images_generated_total"])
-        self.gpu_allocated = serve_metrics.Gauge(
-            "instantid_gpu_memory_allocated_bytes", tag_keys=("device",),
-            description=EXPORTED["ray_instantid_gpu_memory_allocated_bytes"])
-        self.gpu_reserved = serve_metrics.Gauge(
-            "instantid_gpu_memory_reserved_bytes", tag_keys=("device",),
-            description=EXPORTED["ray_instantid_gpu_memory_reserved_bytes"])
+        self.queue_wait = _histogram("instantid_denoiser_queue_wait_seconds", LATENCY_BUCKETS_S)
+        self.batch_images = _histogram("instantid_denoiser_batch_images", BATCH_BUCKETS_IMAGES)
+        self.step_seconds = _histogram("instantid_denoiser_step_seconds", STEP_BUCKETS_S)
+        self.images = _counter("instantid_images_generated")
+        self.gpu_allocated = _gauge("instantid_gpu_memory_allocated_bytes", "device")
+        self.gpu_reserved = _gauge("instantid_gpu_memory_reserved_bytes", "device")
         self.record_gpu_memory()
 
     def batch(self, images: int, queue_waits_s: list[float], seconds: float, steps: int | None) -> None:
@@ -135,12 +131,8 @@ class DenoiserMetrics:
 
 class IngressMetrics:
     def __init__(self) -> None:
-        self.http_requests = serve_metrics.Counter(
-            "instantid_http_requests", description=EXPORTED["ray_instantid_http_requests_total"],
-            tag_keys=("route", "code"))
-        self.request_latency = serve_metrics.Histogram(
-            "instantid_request_latency_seconds", description=EXPORTED["ray_instantid_request_latency_seconds"],
-            boundaries=LATENCY_BUCKETS_S, tag_keys=("route",))
+        self.http_requests = _counter("instantid_http_requests", "route", "code")
+        self.request_latency = _histogram("instantid_request_latency_seconds", LATENCY_BUCKETS_S, "route")
 
     def http(self, route: str, code: int, seconds: float) -> None:
         self.http_requests.inc(tags={"route": route, "code": str(code)})
@@ -152,12 +144,9 @@ class JobsMetrics:
     replica, so dashboards and alerts take the max; an Ingress-side count would vanish with scale-to-zero)."""
 
     def __init__(self) -> None:
-        self.queued = serve_metrics.Gauge("instantid_jobs_queued", description=EXPORTED["ray_instantid_jobs_queued"])
-        self.running = serve_metrics.Gauge("instantid_jobs_running",
-                                           description=EXPORTED["ray_instantid_jobs_running"])
-        self.oldest_age = serve_metrics.Gauge(
-            "instantid_jobs_oldest_queued_age_seconds",
-            description=EXPORTED["ray_instantid_jobs_oldest_queued_age_seconds"])
+        self.queued = _gauge("instantid_jobs_queued")
+        self.running = _gauge("instantid_jobs_running")
+        self.oldest_age = _gauge("instantid_jobs_oldest_queued_age_seconds")
 
     def backlog(self, queued: int, running: int, oldest_queued_age_s: float) -> None:
         self.queued.set(queued)
@@ -169,12 +158,8 @@ class SafetyMetrics:
     """Images checked and flagged by the SafetyChecker replica (a flag rate is flagged / checked)."""
 
     def __init__(self) -> None:
-        self.checked_images = serve_metrics.Counter(
-            "instantid_safety_checked_images", description=EXPORTED["ray_instantid_safety_checked_images_total"],
-            tag_keys=("mode",))
-        self.flagged_images = serve_metrics.Counter(
-            "instantid_safety_flagged_images", description=EXPORTED["ray_instantid_safety_flagged_images_total"],
-            tag_keys=("mode",))
+        self.checked_images = _counter("instantid_safety_checked_images", "mode")
+        self.flagged_images = _counter("instantid_safety_flagged_images", "mode")
 
     def checked(self, flagged: list[bool], mode: str) -> None:
         if flagged:
@@ -187,11 +172,8 @@ class IdentityMetrics:
     """Identity scores of the images a FaceAnalysis replica scored (Ray tags them with the deployment)."""
 
     def __init__(self) -> None:
-        self.scores = serve_metrics.Histogram(
-            "instantid_identity_score", description=EXPORTED["ray_instantid_identity_score"],
-            boundaries=IDENTITY_BUCKETS, tag_keys=("same_model",))
-        self.no_face = serve_metrics.Counter(
-            "instantid_identity_no_face_images", description=EXPORTED["ray_instantid_identity_no_face_images_total"])
+        self.scores = _histogram("instantid_identity_score", IDENTITY_BUCKETS, "same_model")
+        self.no_face = _counter("instantid_identity_no_face_images")
 
     def scored(self, scores: list[float | None], same_model: bool) -> None:
         for score in scores:
@@ -203,8 +185,7 @@ class IdentityMetrics:
 
 class AccessMetrics:
     def __init__(self) -> None:
-        self.fallbacks = serve_metrics.Counter(
-            "instantid_rate_limit_fallbacks", description=EXPORTED["ray_instantid_rate_limit_fallbacks_total"])
+        self.fallbacks = _counter("instantid_rate_limit_fallbacks")
 
     def fallback(self) -> None:
         self.fallbacks.inc()
