@@ -262,5 +262,8 @@ class Denoiser:
         return results
 
     async def check_health(self) -> None:
-        """A tiny forward pass on the replica's device (Serve restarts the replica when it raises)."""
+        """A tiny forward pass on the replica's device (Serve restarts the replica when it raises); and the GPU
+        memory gauges again: Ray's exporter drops a gauge two report intervals (20 s) after its last value, so an
+        idle Denoiser's would vanish from the dashboard between batches (Serve checks health every 10 s)."""
         await asyncio.to_thread(self.denoiser.probe)
+        self.gpu_metrics.record_gpu_memory()
