@@ -4,13 +4,13 @@ run in that order, whatever the command line names first: each package's Ray is 
 package- or module-scoped) before the next starts its own.
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2`, scheduled by `work_unit` below): the cluster and
-serve packages are one unit, so one worker runs them in that order, alone with the Ray they
-start, while the other runs everything else, a module (or the batch package) at a time, so that no module- or
-package-scoped fixture is built twice. On a 2-core machine the cluster tests mostly wait (nodes starting and dying,
-autoscaling): run first, they overlap the other worker's computing; the serve tests, which keep both cores busy, run
-last, when the other worker has finished (cluster last left the machine half idle for the last ~2 minutes). A
-cluster module outside the lane met `ray start` timing out ("the node timed out during startup") beside the serve
-package's replicas starting: every cluster stays in the lane."""
+serve packages are one unit, so one worker runs them in that order, alone with the Ray they start, while the other
+runs everything else, a module (or the batch package) at a time, so that no module- or package-scoped fixture is
+built twice. On a 2-core machine the cluster tests mostly wait (nodes starting and dying, autoscaling): run first,
+they overlap the other worker's computing; the serve tests, which keep both cores busy, run last, when the other
+worker has finished (cluster last left the machine half idle for the last ~2 minutes). Every cluster module stays
+in the lane: one run beside the serve package's replicas starting met `ray start` timing out ("the node timed out
+during startup")."""
 
 from __future__ import annotations
 

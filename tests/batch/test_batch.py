@@ -25,6 +25,7 @@ from instantid_core.config import GenerateParams, ModelSources, PipelineSettings
 from instantid_core.errors import InvalidParameter
 from instantid_core.pipeline import InstantIDPipeline
 from instantid_core.storage import OutputStore
+from testkit.api import png_pixels, s3_read
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = {"steps": 2, "width": 64, "height": 64}
@@ -63,11 +64,6 @@ def upload_image_set(bucket: str, astronaut: bytes) -> dict[str, str]:
         s3.put_object(Bucket=bucket, Key=key, Body=body)
         expected[key] = "bad_image"
     return expected
-
-
-def s3_object(uri: str) -> bytes:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def manifest_records(bucket: str) -> list[dict]:
@@ -136,11 +132,11 @@ def test_batch_job_writes_every_pair_an_exact_manifest_and_the_same_pixels_again
 
     # Seeds are per image and prompt, and an output's sidecar replays it in the library: the same pixels again.
     record = by_pair[("faces/face-00.png", "oil")]
-    sidecar = json.loads(s3_object(record["metadata"]))
-    photo = s3_object(record["image"])
+    sidecar = json.loads(s3_read(record["metadata"]))
+    photo = s3_read(record["image"])
     replay = InstantIDPipeline.from_root(tiny_root).generate([photo], GenerateParams.model_validate(sidecar["params"]),
                                                               seed=sidecar["seed"])
-    written = np.asarray(Image.open(io.BytesIO(s3_object(record["outputs"][0]))))
+    written = png_pixels(s3_read(record["outputs"][0]))
     assert sidecar["seed"] == pair_seed(record["image"], "oil", None) and written.shape == replay.images[0].shape
     assert np.abs(written.astype(int) - replay.images[0].astype(int)).max() <= 1  # as the served app's replay
 

@@ -139,7 +139,7 @@ def denoiser_entry(config: dict[str, Any]) -> dict[str, Any]:
 # failure, the same DEPLOY_FAILED status and message, a third of the replica starts (Serve's own setting, read by its
 # controller from the cluster's environment; nothing in the app or the deployed file changes). Ray's own metrics
 # report interval (10 s) stays: its exporter keeps a gauge for two intervals after its last report, and the Denoiser
-# sets its GPU memory gauges once per batch, so a shorter interval let them age out before the scrape.
+# sets its GPU memory gauges per batch and per health check (every 10 s), so a shorter interval lets them age out.
 SERVE_ENV = {"RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1"}
 
 
